@@ -1,0 +1,11 @@
+//! balancer: PM2's cluster mode for servers in any language.
+//!
+//! A master process forks N workers per app on private loopback ports, owns the public
+//! listeners, and spreads connections over the ready workers. This crate is the data plane and
+//! the CLI; `balancer-workers` is the control plane and `balancer-config` the configuration.
+
+pub mod cli;
+pub mod listener;
+pub mod master;
+pub mod policy;
+pub mod proxy;

@@ -1,0 +1,3 @@
+//! Public listeners owned by the master.
+
+pub mod tcp;

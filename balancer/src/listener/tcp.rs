@@ -1,0 +1,83 @@
+//! The public TCP listener: bind it, and accept forever, whatever accept says.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proxy::tcp::{ProxyError, TcpRoute, proxy};
+
+/// Backlog of public listeners: large, because connections wait there while workers restart.
+const BACKLOG: i32 = 1024;
+/// Pause after running out of file descriptors, so the loop does not spin on EMFILE.
+const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// Binds a public TCP listener (SO_REUSEADDR so a restarted master can rebind at once; IPv6
+/// wildcards are v6-only so `[::]` and `0.0.0.0` can be bound side by side).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts connections until `stop` is cancelled, proxying each on a task tracked by `tracker`.
+/// Connection tasks end early when `abort` is cancelled (the end of a shutdown).
+pub async fn serve(
+    listener: TcpListener,
+    route: Arc<TcpRoute>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let route = Arc::clone(&route);
+                let (stop, abort) = (stop.clone(), abort.clone());
+                tracker.spawn(async move {
+                    tokio::select! {
+                        // `stop` ends only the wait for a worker: once shutdown starts, no new
+                        // worker will become ready. Established copies go on until `abort`.
+                        result = proxy(client, &route, &stop) => match result {
+                            Ok(_) | Err(ProxyError::Shutdown) => {}
+                            Err(e @ ProxyError::NoWorker(_)) => {
+                                tracing::warn!(app = %route.app, %peer, "connection closed: {e}");
+                            }
+                            Err(e) => tracing::debug!(app = %route.app, %peer, "{e}"),
+                        },
+                        _ = abort.cancelled() => {}
+                    }
+                });
+            }
+            Err(e) if is_fd_exhaustion(&e) => {
+                tracing::error!("accept: {e}; pausing {FD_EXHAUSTED_PAUSE:?}");
+                tokio::time::sleep(FD_EXHAUSTED_PAUSE).await;
+            }
+            // ECONNABORTED and friends concern one connection, never the listener.
+            Err(e) => tracing::debug!("accept: {e}"),
+        }
+    }
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE
+            || code == nix::libc::ENOBUFS || code == nix::libc::ENOMEM
+    )
+}

@@ -1,0 +1,3 @@
+//! Proxies: moving a client's bytes to the worker the policy picked.
+
+pub mod tcp;

@@ -1,0 +1,122 @@
+//! TCP proxying: connect to a ready worker (retrying the next one on refusal or timeout, waiting
+//! up to `queue_timeout` when none is ready), then copy both ways with half-close preserved.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use balancer_workers::{ConnGuard, Pool};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::policy::round_robin;
+
+/// After every ready worker refused, wait this long (or for a pool change) before trying again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Where one public TCP listener sends its connections.
+#[derive(Debug, Clone)]
+pub struct TcpRoute {
+    /// The app's name, for logs.
+    pub app: String,
+    /// The app's ready workers.
+    pub pool: Arc<Pool>,
+    /// Which of the worker's private addresses belongs to this listener.
+    pub listener_index: usize,
+    /// Time allowed for one connect to a worker.
+    pub connect_timeout: Duration,
+    /// Time a connection may wait for a ready worker.
+    pub queue_timeout: Duration,
+}
+
+/// Why a connection could not be proxied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No worker accepted within `queue_timeout`.
+    #[error("no ready worker accepted the connection within queue_timeout {0:?}")]
+    NoWorker(Duration),
+    /// The master is shutting down.
+    #[error("shutting down")]
+    Shutdown,
+    /// Copying failed after the connection was established.
+    #[error("copy between client and worker failed")]
+    Copy(#[source] io::Error),
+}
+
+/// Bytes moved by one proxied connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// Client to worker.
+    pub to_worker: u64,
+    /// Worker to client.
+    pub to_client: u64,
+}
+
+/// Connects to a ready worker: every ready worker is tried once per pass, starting at the
+/// round-robin cursor; when a pass fails or the pool is empty, waits for the pool to change (or a
+/// short pause) and tries again, until `queue_timeout`.
+pub async fn connect(
+    route: &TcpRoute,
+    shutdown: &CancellationToken,
+) -> Result<(TcpStream, ConnGuard), ProxyError> {
+    let deadline = Instant::now() + route.queue_timeout;
+    let mut changes = route.pool.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let mut tried = 0;
+        for worker in round_robin::candidates(&route.pool) {
+            let Some(guard) = worker.acquire() else {
+                continue;
+            };
+            let Some(&addr) = worker.addrs.get(route.listener_index) else {
+                continue;
+            };
+            tried += 1;
+            match timeout(route.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => return Ok((stream, guard)),
+                Ok(Err(e)) => {
+                    tracing::debug!(app = %route.app, id = worker.id, %addr, "connect failed: {e}; trying the next worker");
+                }
+                Err(_) => {
+                    tracing::debug!(app = %route.app, id = worker.id, %addr, "connect timed out; trying the next worker");
+                }
+            }
+        }
+        // Nothing ready (wait for a change), or every ready worker refused (they are probably
+        // dying and about to leave the pool: pause briefly rather than spin).
+        let pause = async {
+            if tried > 0 {
+                sleep(RETRY_PAUSE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = pause => {}
+            _ = sleep_until(deadline) => return Err(ProxyError::NoWorker(route.queue_timeout)),
+            _ = shutdown.cancelled() => return Err(ProxyError::Shutdown),
+        }
+    }
+}
+
+/// Proxies one client connection to a worker until both directions are closed.
+pub async fn proxy(
+    mut client: TcpStream,
+    route: &TcpRoute,
+    shutdown: &CancellationToken,
+) -> Result<Transferred, ProxyError> {
+    let (mut upstream, _guard) = connect(route, shutdown).await?;
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    // copy_bidirectional shuts down each write side when its read side hits EOF and keeps the
+    // other direction going: half-close passes through in both directions.
+    let (to_worker, to_client) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .map_err(ProxyError::Copy)?;
+    Ok(Transferred {
+        to_worker,
+        to_client,
+    })
+}

@@ -1,0 +1,163 @@
+//! The TCP proxy path against a direct connection, in the same run.
+//!
+//! A tokio echo server stands in for a worker (a real socket, not a mock); the balancer's own
+//! listener, round-robin policy and proxy sit in front of it exactly as in the binary. Each
+//! benchmark is measured twice — `direct` (client → worker) and `balancer` (client → proxy →
+//! worker) — so the ratio between the two is the proxy's overhead on this machine.
+//!
+//! `cargo bench --bench tcp_proxy`
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use balancer::listener;
+use balancer::proxy::tcp::TcpRoute;
+use balancer_workers::{Pool, WorkerHandle};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct Setup {
+    _runtime: tokio::runtime::Runtime,
+    direct: SocketAddr,
+    proxied: SocketAddr,
+    stop: CancellationToken,
+}
+
+fn setup() -> Setup {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stop = CancellationToken::new();
+    let (direct, proxied) = runtime.block_on(async {
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind echo");
+        let direct = echo.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = echo.accept().await else {
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let pool = Arc::new(Pool::new());
+        pool.insert(Arc::new(WorkerHandle::new(
+            0,
+            0,
+            std::process::id(),
+            vec![direct],
+        )));
+        let public = listener::tcp::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let proxied = public.local_addr().expect("addr");
+        let route = Arc::new(TcpRoute {
+            app: "bench".into(),
+            pool,
+            listener_index: 0,
+            connect_timeout: Duration::from_secs(3),
+            queue_timeout: Duration::from_secs(3),
+        });
+        tokio::spawn(listener::tcp::serve(
+            public,
+            route,
+            stop.clone(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        ));
+        (direct, proxied)
+    });
+    Setup {
+        _runtime: runtime,
+        direct,
+        proxied,
+        stop,
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s
+}
+
+fn exchange(stream: &mut TcpStream, out: &[u8], back: &mut [u8]) {
+    stream.write_all(out).expect("write");
+    stream.read_exact(back).expect("read");
+}
+
+fn benches(c: &mut Criterion) {
+    let s = setup();
+    let targets = [("direct", s.direct), ("balancer", s.proxied)];
+
+    // A fresh connection per request: accept, pick, connect, one exchange, close.
+    let mut group = c.benchmark_group("connection_per_request");
+    for (name, addr) in targets {
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            let mut back = [0u8; 64];
+            b.iter(|| {
+                let mut stream = connect(addr);
+                exchange(&mut stream, &[7u8; 64], &mut back);
+            })
+        });
+    }
+    group.finish();
+
+    // Round trips on one established connection: the copy loop's latency.
+    let mut group = c.benchmark_group("roundtrip_64B");
+    for (name, addr) in targets {
+        let mut stream = connect(addr);
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            let mut back = [0u8; 64];
+            b.iter(|| exchange(&mut stream, &[7u8; 64], &mut back))
+        });
+    }
+    group.finish();
+
+    // Bulk transfer on one connection: the copy loop's throughput.
+    let size = 1 << 20;
+    let mut group = c.benchmark_group("bulk_1MiB");
+    group.throughput(Throughput::Bytes(size as u64));
+    for (name, addr) in targets {
+        let mut stream = connect(addr);
+        let out = vec![42u8; size];
+        let mut back = vec![0u8; size];
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                // Write and read concurrently so neither side's buffers fill up.
+                let mut writer = stream.try_clone().expect("clone");
+                std::thread::scope(|scope| {
+                    scope.spawn(|| writer.write_all(&out).expect("write"));
+                    stream.read_exact(&mut back).expect("read");
+                });
+            })
+        });
+    }
+    group.finish();
+    s.stop.cancel();
+}
+
+criterion_group! {
+    name = tcp_proxy;
+    config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(3));
+    targets = benches
+}
+criterion_main!(tcp_proxy);

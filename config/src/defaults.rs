@@ -1,0 +1,90 @@
+//! Every default of `balancer.toml`, in one place, so `show` and the docs can quote them.
+//!
+//! Where PM2 has a default we keep its meaning but not always its value: PM2's 1.6 s
+//! `kill_timeout` and 3 s `listen_timeout` are too short for servers that drain.
+
+use std::time::Duration;
+
+use crate::model::{Check, Health, Signal};
+
+/// `instances`: one worker.
+pub const INSTANCES: u32 = 1;
+/// `health.check`: a TCP connect to the worker's first private port.
+pub const HEALTH_CHECK: Check = Check::Tcp;
+/// `health.path` when `check = "http"`.
+pub const HEALTH_PATH: &str = "/";
+/// `health.interval`.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// `health.timeout`.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// `health.rise`: one success makes a worker ready.
+pub const HEALTH_RISE: u32 = 1;
+/// `health.fall`: two failures in a row take it out of the pool.
+pub const HEALTH_FALL: u32 = 2;
+/// `kill_signal`.
+pub const KILL_SIGNAL: Signal = Signal::SIGTERM;
+/// `kill_timeout`: from `kill_signal` to SIGKILL.
+pub const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// `drain_timeout`.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `listen_timeout`: how long a new worker has to become ready.
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(8);
+/// `queue_timeout`: how long a connection waits for a ready worker.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `connect_timeout`: master to worker.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// `autorestart`.
+pub const AUTORESTART: bool = true;
+/// `max_restarts`: unstable exits in a row before `errored` (PM2's value).
+pub const MAX_RESTARTS: u32 = 16;
+/// `min_uptime`: shorter runs are unstable (PM2's value).
+pub const MIN_UPTIME: Duration = Duration::from_secs(1);
+/// `restart_delay`.
+pub const RESTART_DELAY: Duration = Duration::ZERO;
+/// `exp_backoff_restart_delay`: on by default, unlike PM2, so a crash loop never spins.
+pub const EXP_BACKOFF_RESTART_DELAY: Option<Duration> = Some(Duration::from_millis(100));
+/// `max_memory_restart`: no limit.
+pub const MAX_MEMORY_RESTART: Option<u64> = None;
+
+/// The env var of the first listener's private port; later ones get `PORT_1`, `PORT_2`, …
+pub const PORT_ENV: &str = "PORT";
+
+/// The env var of listener number `index` (0-based) when it does not name one.
+pub fn port_env(index: usize) -> String {
+    if index == 0 {
+        PORT_ENV.to_owned()
+    } else {
+        format!("{PORT_ENV}_{index}")
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            check: HEALTH_CHECK,
+            interval: HEALTH_INTERVAL,
+            timeout: HEALTH_TIMEOUT,
+            rise: HEALTH_RISE,
+            fall: HEALTH_FALL,
+        }
+    }
+}
+
+/// The interpreter PM2 would pick for a script by its extension; `None` runs the script itself.
+pub const INTERPRETERS: &[(&str, &str)] = &[
+    ("js", "node"),
+    ("mjs", "node"),
+    ("cjs", "node"),
+    ("py", "python3"),
+    ("sh", "bash"),
+    ("rb", "ruby"),
+];
+
+/// The interpreter for `script`, inferred from its extension like PM2 does.
+pub fn interpreter_for(script: &std::path::Path) -> Option<&'static str> {
+    let ext = script.extension()?.to_str()?;
+    INTERPRETERS
+        .iter()
+        .find(|(e, _)| *e == ext)
+        .map(|(_, interpreter)| *interpreter)
+}

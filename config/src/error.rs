@@ -1,0 +1,205 @@
+//! Positioned configuration errors: every problem found in a file, each at `PATH:LINE:COL`.
+//!
+//! Validation never stops at the first problem: it pushes each one into a [`Sink`] with the byte
+//! offset TOML gave it, and the sink turns offsets into 1-based lines and columns (in characters,
+//! as editors count them) once, at the end, sorted in file order.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// One problem in a configuration file, printed as `PATH:LINE:COL: message` (or `PATH: message`
+/// when it concerns the file as a whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// The file, as the user named it.
+    pub path: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// 1-based column in characters, when the problem has a place in the file.
+    pub col: Option<usize>,
+    /// What is wrong, and what was expected.
+    pub message: String,
+}
+
+impl Diagnostic {
+    /// A problem with the file as a whole (unreadable, nothing to run): no line or column.
+    pub fn whole_file(path: &Path, message: impl Into<String>) -> Self {
+        Diagnostic {
+            path: path.to_path_buf(),
+            line: None,
+            col: None,
+            message: message.into(),
+        }
+    }
+
+    /// A problem at byte `offset` of `source`.
+    pub fn at(path: &Path, source: &str, offset: usize, message: impl Into<String>) -> Self {
+        let (line, col) = line_col(source, offset);
+        Diagnostic {
+            path: path.to_path_buf(),
+            line: Some(line),
+            col: Some(col),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path.display();
+        match (self.line, self.col) {
+            (Some(line), Some(col)) => write!(f, "{path}:{line}:{col}: {}", self.message),
+            (Some(line), None) => write!(f, "{path}:{line}: {}", self.message),
+            _ => write!(f, "{path}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for Diagnostic {}
+
+/// Every problem found in one file, in file order. Displayed one diagnostic per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, diagnostic) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{diagnostic}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<Diagnostic> for ConfigErrors {
+    fn from(diagnostic: Diagnostic) -> Self {
+        ConfigErrors(vec![diagnostic])
+    }
+}
+
+/// 1-based (line, column) of byte `offset` in `source`; the column counts characters.
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(source.len());
+    while !source.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &source[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    // A byte-order mark is not a column anyone can see.
+    let text = before[line_start..].trim_start_matches('\u{feff}');
+    (line, text.chars().count() + 1)
+}
+
+/// Collects the problems of one file while validation carries on.
+pub(crate) struct Sink<'s> {
+    path: &'s Path,
+    source: &'s str,
+    /// (byte offset, message); `None` sorts after every position.
+    found: Vec<(Option<usize>, String)>,
+}
+
+impl<'s> Sink<'s> {
+    /// An empty sink for `source`, read from `path`.
+    pub(crate) fn new(path: &'s Path, source: &'s str) -> Self {
+        Sink {
+            path,
+            source,
+            found: Vec::new(),
+        }
+    }
+
+    /// Records a problem at the start of `span`.
+    pub(crate) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.found.push((Some(span.start), message.into()));
+    }
+
+    /// Records a problem with the file as a whole.
+    pub(crate) fn whole_file(&mut self, message: impl Into<String>) {
+        self.found.push((None, message.into()));
+    }
+
+    /// The 1-based line where `span` starts, to refer to an earlier definition in a message.
+    pub(crate) fn line_of(&self, span: &Range<usize>) -> usize {
+        line_col(self.source, span.start).0
+    }
+
+    /// Whether nothing was recorded.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
+
+    /// `Ok` when nothing was recorded, else every problem in file order.
+    pub(crate) fn finish(self) -> Result<(), ConfigErrors> {
+        if self.found.is_empty() {
+            return Ok(());
+        }
+        let mut found = self.found;
+        found.sort_by_key(|(offset, _)| offset.unwrap_or(usize::MAX));
+        Err(ConfigErrors(
+            found
+                .into_iter()
+                .map(|(offset, message)| match offset {
+                    Some(offset) => Diagnostic::at(self.path, self.source, offset, message),
+                    None => Diagnostic::whole_file(self.path, message),
+                })
+                .collect(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_are_one_based_and_count_characters() {
+        let source = "a = 1\nbé = \"x\"\n";
+        assert_eq!(line_col(source, 0), (1, 1));
+        assert_eq!(line_col(source, 6), (2, 1));
+        // After "bé = " (6 bytes, 5 characters).
+        assert_eq!(line_col(source, 12), (2, 6));
+        assert_eq!(line_col(source, 999), (3, 1));
+    }
+
+    #[test]
+    fn display_with_and_without_position() {
+        let path = Path::new("balancer.toml");
+        let at = Diagnostic::at(path, "x\ny", 2, "bad");
+        assert_eq!(at.to_string(), "balancer.toml:2:1: bad");
+        let whole = Diagnostic::whole_file(path, "cannot read");
+        assert_eq!(whole.to_string(), "balancer.toml: cannot read");
+        assert_eq!(
+            ConfigErrors(vec![at, whole]).to_string(),
+            "balancer.toml:2:1: bad\nbalancer.toml: cannot read"
+        );
+    }
+
+    #[test]
+    fn sink_sorts_in_file_order() {
+        let path = Path::new("f.toml");
+        let mut sink = Sink::new(path, "a\nb\nc");
+        sink.whole_file("whole");
+        sink.error(4..5, "third line");
+        sink.error(0..1, "first line");
+        let errors = sink.finish().unwrap_err();
+        let lines: Vec<_> = errors
+            .0
+            .iter()
+            .map(|d| (d.line, d.message.as_str()))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                (Some(1), "first line"),
+                (Some(3), "third line"),
+                (None, "whole")
+            ]
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! The validated configuration: every default applied, every value checked.
+//!
+//! Nothing here can be wrong: `validate.rs` only builds these types from input it has checked,
+//! so the supervisor and the listeners never re-validate.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use nix::sys::signal::Signal;
+
+/// A whole `balancer.toml`, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this was read from (absolute), for messages and for `reload <file>`.
+    pub source: PathBuf,
+    /// The `[balancer]` table.
+    pub balancer: Global,
+    /// The `[[app]]` tables, in file order.
+    pub apps: Vec<App>,
+}
+
+/// The `[balancer]` table: settings of the master itself.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Global {
+    /// `metrics = "127.0.0.1:9615"`: where the Prometheus endpoint listens, if anywhere.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// One `[[app]]`: a program run as `instances` workers behind `listen`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct App {
+    /// Unique within the file; `[A-Za-z0-9_.-]+`.
+    pub name: String,
+    /// What to exec: `program` then `args` (interpreter and script already resolved).
+    pub program: String,
+    /// Arguments after the program (the script first when an interpreter runs one).
+    pub args: Vec<String>,
+    /// Working directory of the workers (absolute).
+    pub cwd: PathBuf,
+    /// How many workers, resolved against the CPU count. 0 is allowed (a parked app).
+    pub instances: u32,
+    /// What the user wrote for `instances`, so `scale max` and `show` can say it again.
+    pub instances_spec: Instances,
+    /// Public listeners owned by the master for this app.
+    pub listen: Vec<Listener>,
+    /// How connections reach the workers.
+    pub policy: Policy,
+    /// Environment given to every worker: `env`, then `env_<name>` selected by `--env name` on top.
+    pub env: BTreeMap<String, String>,
+    /// How readiness is decided.
+    pub health: Health,
+    /// Signal asking a worker to stop gracefully.
+    pub kill_signal: Signal,
+    /// Time between `kill_signal` and SIGKILL.
+    pub kill_timeout: Duration,
+    /// How long a worker taken out of the pool may keep its live connections.
+    pub drain_timeout: Duration,
+    /// How long a new worker has to become ready.
+    pub listen_timeout: Duration,
+    /// How long a connection is held when no worker is ready, before it is closed.
+    pub queue_timeout: Duration,
+    /// How long the master waits for a worker to accept a proxied connection.
+    pub connect_timeout: Duration,
+    /// Restart a worker that exits on its own.
+    pub autorestart: bool,
+    /// Consecutive unstable exits (each under `min_uptime`) before the worker is `errored`.
+    pub max_restarts: u32,
+    /// A run shorter than this counts as unstable.
+    pub min_uptime: Duration,
+    /// Fixed delay before a restart.
+    pub restart_delay: Duration,
+    /// First delay of the exponential backoff (×1.5, capped at 15 s); `None` disables it.
+    pub exp_backoff_restart_delay: Option<Duration>,
+    /// Resident memory above which a worker is replaced gracefully (bytes).
+    pub max_memory_restart: Option<u64>,
+}
+
+/// What `instances` said, before it was resolved against the CPU count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    /// A fixed count.
+    Count(u32),
+    /// `"max"`: one per CPU.
+    Max,
+    /// A negative integer: CPUs minus this many (at least 1).
+    CpusMinus(u32),
+}
+
+impl Instances {
+    /// The worker count on a machine with `cpus` CPUs.
+    pub fn resolve(self, cpus: u32) -> u32 {
+        match self {
+            Instances::Count(n) => n,
+            Instances::Max => cpus.max(1),
+            Instances::CpusMinus(n) => cpus.saturating_sub(n).max(1),
+        }
+    }
+}
+
+/// One public listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// The protocol the master speaks on the public side.
+    pub proto: Proto,
+    /// The public address the master binds.
+    pub addr: SocketAddr,
+    /// The env var carrying this listener's private port to workers (`PORT`, `PORT_1`, … unless set).
+    pub port_env: String,
+}
+
+/// The protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// `tcp://`: layer-4 proxying of byte streams.
+    Tcp,
+    /// `udp://`: datagram flows.
+    Udp,
+    /// `http://`: per-request proxying.
+    Http,
+}
+
+impl Proto {
+    /// The URL scheme, as written in `listen`.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Http => "http",
+        }
+    }
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.proto.scheme(), self.addr)
+    }
+}
+
+/// Scheduling policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// The master accepts and round-robins each connection to a ready worker.
+    #[default]
+    RoundRobin,
+    /// Each worker accepts on its own `SO_REUSEPORT` socket.
+    ReusePort,
+}
+
+impl Policy {
+    /// The name used in `balancer.toml` and `ls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "rr",
+            Policy::ReusePort => "reuseport",
+        }
+    }
+}
+
+/// Readiness checking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// What is probed.
+    pub check: Check,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Time one probe may take.
+    pub timeout: Duration,
+    /// Consecutive successes that make a worker ready.
+    pub rise: u32,
+    /// Consecutive failures that take a ready worker out of the pool.
+    pub fall: u32,
+}
+
+/// The kind of health probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// A TCP connect to the worker's first private port.
+    Tcp,
+    /// `GET path` on the worker's first private port, expecting a 2xx status.
+    Http {
+        /// The request path, starting with `/`.
+        path: String,
+    },
+    /// No probe: ready as soon as the process is spawned.
+    None,
+}

@@ -1,0 +1,872 @@
+//! From the spanned document to the model: one function per table, each applying its defaults
+//! and reporting every problem where it is written; then the checks that span apps (unique
+//! names, no two listeners on one address).
+//!
+//! A function that finds a problem reports it and carries on with the default, so one pass finds
+//! everything; the caller discards the result when anything was reported.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use toml::de::DeValue;
+
+use crate::defaults;
+use crate::error::Sink;
+use crate::model::{
+    App, Check, Config, Global, Health, Instances, Listener, Policy, Proto, Signal,
+};
+use crate::raw::{self, Reader, Table, Value};
+use crate::values::{parse_host_port, parse_listen_url, parse_signal, parse_size};
+use crate::{LoadOptions, SCHED_POLICY_ENV};
+
+/// Keys of `[[app]]`, besides any `env_<name>`.
+const APP_KEYS: &[&str] = &[
+    "name",
+    "script",
+    "command",
+    "args",
+    "interpreter",
+    "interpreter_args",
+    "cwd",
+    "instances",
+    "listen",
+    "policy",
+    "env",
+    "health",
+    "kill_signal",
+    "kill_timeout",
+    "drain_timeout",
+    "listen_timeout",
+    "queue_timeout",
+    "connect_timeout",
+    "autorestart",
+    "max_restarts",
+    "min_uptime",
+    "restart_delay",
+    "exp_backoff_restart_delay",
+    "max_memory_restart",
+];
+const BALANCER_KEYS: &[&str] = &["metrics"];
+const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
+const LISTENER_KEYS: &[&str] = &["url", "port_env"];
+
+/// Features parsed and validated but refused until they are implemented. Each refusal lives
+/// here and only here, so lifting one is deleting one line.
+mod not_yet {
+    use crate::model::{Policy, Proto};
+
+    /// Why a listener of `proto` cannot be used yet.
+    pub(super) fn proto(proto: Proto) -> Option<String> {
+        match proto {
+            Proto::Tcp => None,
+            Proto::Udp | Proto::Http => Some(format!(
+                "{} listeners are not supported yet; use tcp://",
+                proto.scheme()
+            )),
+        }
+    }
+
+    /// Why `policy` cannot be used yet.
+    pub(super) fn policy(policy: Policy) -> Option<String> {
+        match policy {
+            Policy::RoundRobin => None,
+            Policy::ReusePort => {
+                Some("policy \"reuseport\" is not supported yet; use \"rr\"".to_owned())
+            }
+        }
+    }
+}
+
+/// What validation needs besides the document.
+pub(crate) struct Context<'o> {
+    /// The absolute path of the file; relative paths in it are relative to its directory.
+    pub(crate) source: PathBuf,
+    /// The command line's choices and the machine's CPU count.
+    pub(crate) opts: &'o LoadOptions,
+}
+
+impl Context<'_> {
+    /// The directory of the file: default `cwd`, and base of relative paths.
+    fn dir(&self) -> &Path {
+        self.source.parent().unwrap_or(Path::new("/"))
+    }
+}
+
+/// What earlier tables hold, so a later one repeating it is caught where it repeats it.
+#[derive(Default)]
+struct Taken {
+    /// App names and where they are written.
+    names: Vec<(String, Range<usize>)>,
+    /// Public addresses and who holds them.
+    addrs: Vec<Claim>,
+}
+
+/// One public address in use.
+struct Claim {
+    proto: Proto,
+    addr: SocketAddr,
+    /// "app `web`" or "[balancer] metrics", for messages.
+    holder: String,
+    span: Range<usize>,
+}
+
+impl Claim {
+    /// Whether binding `proto://addr` would fail because of this claim: TCP and HTTP share the
+    /// TCP port space, UDP has its own, and a wildcard address takes the port on every address
+    /// of its family.
+    fn clashes(&self, proto: Proto, addr: SocketAddr) -> bool {
+        let udp = |p: Proto| p == Proto::Udp;
+        udp(self.proto) == udp(proto)
+            && self.addr.port() == addr.port()
+            && self.addr.is_ipv4() == addr.is_ipv4()
+            && (self.addr.ip() == addr.ip()
+                || self.addr.ip().is_unspecified()
+                || addr.ip().is_unspecified())
+    }
+}
+
+/// Validates a whole document. Apps with errors are left out; the caller must check the sink.
+pub(crate) fn config(doc: &Table<'_>, ctx: &Context<'_>, sink: &mut Sink<'_>) -> Config {
+    let mut taken = Taken::default();
+    top_level_keys(doc, sink);
+    let mut r = Reader::new(sink, doc, "");
+    let balancer = match r.table("balancer") {
+        Some(table) => global(&mut Reader::new(r.sink, table, ""), &mut taken),
+        None => Global::default(),
+    };
+    let mut apps = Vec::new();
+    match r.value("app") {
+        // A misspelt [[apps]] has been reported already; saying there is no [[app]] adds nothing.
+        None if r.sink.is_empty() => r.sink.whole_file("no [[app]] table: nothing to run"),
+        None => {}
+        Some(value) => match value.get_ref() {
+            DeValue::Array(items) if items.is_empty() => {
+                r.error(value.span(), "`app`: no apps: nothing to run")
+            }
+            DeValue::Array(items) => apps.extend(
+                items
+                    .iter()
+                    .filter_map(|item| app(item, ctx, &mut taken, r.sink)),
+            ),
+            DeValue::Table(_) => r.error(
+                value.span(),
+                "`app`: write [[app]] (an array of tables), not [app]",
+            ),
+            _ => raw::wrong_type(r.sink, "app", value, "an array of tables ([[app]])"),
+        },
+    }
+    Config {
+        source: ctx.source.clone(),
+        balancer,
+        apps,
+    }
+}
+
+/// Reports keys at the top level other than `[balancer]` and `[[app]]`.
+fn top_level_keys(doc: &Table<'_>, sink: &mut Sink<'_>) {
+    let header = |key: &str| {
+        if key == "app" {
+            "[[app]]".to_owned()
+        } else {
+            format!("[{key}]")
+        }
+    };
+    for (key, value) in doc.iter() {
+        let name = key.get_ref().as_ref();
+        if name == "balancer" || name == "app" {
+            continue;
+        }
+        let hint = raw::did_you_mean(name, &["balancer", "app"])
+            .map_or("; expected [balancer] or [[app]]".to_owned(), |k| {
+                format!("; did you mean `{}`?", header(k))
+            });
+        let what = match value.get_ref() {
+            DeValue::Table(_) => format!("table `[{name}]`"),
+            DeValue::Array(items)
+                if items.iter().all(|i| i.get_ref().is_table()) && !items.is_empty() =>
+            {
+                format!("table `[[{name}]]`")
+            }
+            _ => format!("top-level key `{name}`"),
+        };
+        sink.error(key.span(), format!("unknown {what}{hint}"));
+    }
+}
+
+/// The `[balancer]` table.
+fn global(r: &mut Reader<'_, '_, '_, '_>, taken: &mut Taken) -> Global {
+    r.unknown_keys("[balancer]", BALANCER_KEYS, |_| false);
+    let metrics = r.parsed("metrics", parse_host_port);
+    if let (Some(addr), Some(value)) = (metrics, r.value("metrics"))
+        && addr.port() != 0
+    {
+        claim(
+            r.sink,
+            taken,
+            Proto::Http,
+            addr,
+            "[balancer] metrics".to_owned(),
+            value.span(),
+            "metrics",
+        );
+    }
+    Global { metrics }
+}
+
+/// One `[[app]]`; `None` when it has no usable name or program (already reported).
+fn app(
+    value: &Value<'_>,
+    ctx: &Context<'_>,
+    taken: &mut Taken,
+    sink: &mut Sink<'_>,
+) -> Option<App> {
+    let header = value.span();
+    let table = raw::table(sink, "app", value)?;
+    let mut r = Reader::new(sink, table, "");
+    let name = name(&mut r, header.clone(), taken);
+    let place = name
+        .as_ref()
+        .map_or("[[app]]".to_owned(), |n| format!("app `{n}`"));
+    r.unknown_keys(&place, APP_KEYS, |key| env_suffix(key).is_some());
+
+    let cwd = cwd(&mut r, ctx);
+    let program = program(&mut r, header.clone(), cwd.as_deref());
+    let instances_spec = r.value("instances").and_then(|v| instances(r.sink, v));
+    let instances_spec = instances_spec.unwrap_or(Instances::Count(defaults::INSTANCES));
+    let holder = name.as_ref().map_or_else(
+        || format!("the [[app]] at line {}", r.sink.line_of(&header)),
+        |_| place.clone(),
+    );
+    let listen = listeners(&mut r, &place, &holder, taken);
+    let policy = policy(&mut r, header, ctx.opts.default_policy);
+    let env = env(&mut r, ctx.opts.env.as_deref());
+    let health = match r.table("health") {
+        Some(table) => health(&mut Reader::new(r.sink, table, "health."), &place),
+        None => Health::default(),
+    };
+    let kill_signal = kill_signal(&mut r).unwrap_or(defaults::KILL_SIGNAL);
+    let kill_timeout = r.duration("kill_timeout").unwrap_or(defaults::KILL_TIMEOUT);
+    let drain_timeout = r
+        .duration("drain_timeout")
+        .unwrap_or(defaults::DRAIN_TIMEOUT);
+    let listen_timeout = r
+        .positive_duration("listen_timeout")
+        .unwrap_or(defaults::LISTEN_TIMEOUT);
+    let queue_timeout = r
+        .duration("queue_timeout")
+        .unwrap_or(defaults::QUEUE_TIMEOUT);
+    let connect_timeout = r
+        .positive_duration("connect_timeout")
+        .unwrap_or(defaults::CONNECT_TIMEOUT);
+    let autorestart = r.boolean("autorestart").unwrap_or(defaults::AUTORESTART);
+    let max_restarts = r.count("max_restarts", 0).unwrap_or(defaults::MAX_RESTARTS);
+    let min_uptime = r.duration("min_uptime").unwrap_or(defaults::MIN_UPTIME);
+    let restart_delay = r
+        .duration("restart_delay")
+        .unwrap_or(defaults::RESTART_DELAY);
+    let exp_backoff_restart_delay =
+        exp_backoff(&mut r).unwrap_or(defaults::EXP_BACKOFF_RESTART_DELAY);
+    let max_memory_restart = max_memory(&mut r).unwrap_or(defaults::MAX_MEMORY_RESTART);
+
+    let (program, args) = program?;
+    Some(App {
+        name: name?,
+        program,
+        args,
+        cwd: cwd?,
+        instances: instances_spec.resolve(ctx.opts.cpus),
+        instances_spec,
+        listen,
+        policy,
+        env,
+        health,
+        kill_signal,
+        kill_timeout,
+        drain_timeout,
+        listen_timeout,
+        queue_timeout,
+        connect_timeout,
+        autorestart,
+        max_restarts,
+        min_uptime,
+        restart_delay,
+        exp_backoff_restart_delay,
+        max_memory_restart,
+    })
+}
+
+/// `name`: required, unique, and usable on the command line.
+fn name(r: &mut Reader<'_, '_, '_, '_>, header: Range<usize>, taken: &mut Taken) -> Option<String> {
+    let Some(value) = r.value("name") else {
+        r.error(header, "missing `name`: every [[app]] needs one");
+        return None;
+    };
+    let name = r.string("name")?;
+    let problem = if name.is_empty() {
+        Some("`name`: must not be empty".to_owned())
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        Some(format!(
+            "`name`: {name:?} may only contain letters, digits, `_`, `.` and `-`"
+        ))
+    } else if name.chars().all(|c| c.is_ascii_digit()) {
+        Some(format!(
+            "`name`: {name:?} is all digits, which the command line reads as a worker id"
+        ))
+    } else if name == "all" {
+        Some("`name`: \"all\" is reserved (as in `balancer stop all`)".to_owned())
+    } else if let Some((_, first)) = taken.names.iter().find(|(n, _)| n == name) {
+        Some(format!(
+            "duplicate app name `{name}` (first defined at line {})",
+            r.sink.line_of(first)
+        ))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        r.error(value.span(), problem);
+        return None;
+    }
+    taken.names.push((name.to_owned(), value.span()));
+    Some(name.to_owned())
+}
+
+/// `cwd`: the directory of the file unless given; `None` when the given one is unusable.
+fn cwd(r: &mut Reader<'_, '_, '_, '_>, ctx: &Context<'_>) -> Option<PathBuf> {
+    let Some(value) = r.value("cwd") else {
+        return Some(ctx.dir().to_path_buf());
+    };
+    let given = r.string("cwd")?;
+    let dir = clean(&ctx.dir().join(given));
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    let problem = if dir.exists() {
+        "is not a directory"
+    } else {
+        "not found"
+    };
+    r.error(
+        value.span(),
+        format!("`cwd`: `{given}` {problem} (resolved to {})", dir.display()),
+    );
+    None
+}
+
+/// `script` or `command`, with `interpreter`, `interpreter_args` and `args`: what to exec.
+fn program(
+    r: &mut Reader<'_, '_, '_, '_>,
+    header: Range<usize>,
+    cwd: Option<&Path>,
+) -> Option<(String, Vec<String>)> {
+    let args = r.words("args").unwrap_or_default();
+    let interpreter = r.string("interpreter");
+    let interpreter_args = r.words("interpreter_args");
+    if interpreter == Some("") {
+        let span = r.value("interpreter").map(Value::span).unwrap_or_default();
+        r.error(
+            span,
+            "`interpreter`: must not be empty; use \"none\" to run the script itself",
+        );
+    }
+    match (r.key_span("script"), r.key_span("command")) {
+        (None, None) => {
+            r.error(
+                header,
+                "missing `script` or `command`: what should this app run?",
+            );
+            None
+        }
+        (Some(script), Some(command)) => {
+            let later = if script.start > command.start {
+                script
+            } else {
+                command
+            };
+            r.error(later, "`script` and `command` are both set; keep one");
+            None
+        }
+        (None, Some(_)) => {
+            for key in ["interpreter", "interpreter_args"] {
+                if let Some(span) = r.key_span(key) {
+                    r.error(span, format!("`{key}` only goes with `script`; put the interpreter first in `command`"));
+                }
+            }
+            let value = r.value("command")?;
+            let words = r.words("command")?;
+            let Some((first, rest)) = words.split_first().filter(|(first, _)| !first.is_empty())
+            else {
+                r.error(value.span(), "`command`: the program is missing");
+                return None;
+            };
+            let program = executable(r, "command", value, first, cwd?)?;
+            Some((program, rest.iter().cloned().chain(args).collect()))
+        }
+        (Some(_), None) => {
+            let value = r.value("script")?;
+            let script = r.string("script")?;
+            let interpreter = match interpreter {
+                Some("none") => None,
+                Some(given) => {
+                    let value = r.value("interpreter")?;
+                    Some(executable(r, "interpreter", value, given, cwd?)?)
+                }
+                None => defaults::interpreter_for(Path::new(script)).map(str::to_owned),
+            };
+            let cwd = cwd?;
+            let path = clean(&cwd.join(script));
+            let problem = if !path.exists() {
+                Some(format!(
+                    "`script`: `{script}` not found in {}",
+                    cwd.display()
+                ))
+            } else if path.is_dir() {
+                Some(format!("`script`: `{script}` is a directory"))
+            } else if interpreter.is_none() && !is_executable(&path) {
+                Some(format!(
+                    "`script`: `{script}` is not executable; `chmod +x` it or set `interpreter`"
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                r.error(value.span(), problem);
+            }
+            if interpreter.is_none()
+                && let Some(span) = r.key_span("interpreter_args")
+            {
+                r.error(
+                    span,
+                    format!(
+                        "`interpreter_args` needs an interpreter, but `{script}` runs by itself"
+                    ),
+                );
+            }
+            let path = path.to_string_lossy().into_owned();
+            match interpreter {
+                Some(interpreter) => {
+                    let words = interpreter_args
+                        .unwrap_or_default()
+                        .into_iter()
+                        .chain([path])
+                        .chain(args);
+                    Some((interpreter, words.collect()))
+                }
+                None => Some((path, args)),
+            }
+        }
+    }
+}
+
+/// A program named in `label`: a bare name is looked up in `PATH` when spawned; a path is
+/// resolved against `cwd` here (the child's cwd would be ambiguous) and must exist.
+fn executable(
+    r: &mut Reader<'_, '_, '_, '_>,
+    label: &str,
+    value: &Value<'_>,
+    program: &str,
+    cwd: &Path,
+) -> Option<String> {
+    if !program.contains('/') {
+        return Some(program.to_owned());
+    }
+    let path = clean(&cwd.join(program));
+    if !path.is_file() {
+        r.error(
+            value.span(),
+            format!("`{label}`: `{program}` not found in {}", cwd.display()),
+        );
+        return None;
+    }
+    if !is_executable(&path) {
+        r.error(
+            value.span(),
+            format!("`{label}`: `{program}` is not executable"),
+        );
+        return None;
+    }
+    Some(path.to_string_lossy().into_owned())
+}
+
+/// Whether any execute bit is set.
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+}
+
+/// `path` without `.` components. Symlinks are deliberately not resolved: a deploy that
+/// switches a `current` symlink must be picked up by the next reload.
+fn clean(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| *c != Component::CurDir)
+        .collect()
+}
+
+/// `instances`: a count, `"max"`, or a negative count meaning CPUs minus that many.
+fn instances(sink: &mut Sink<'_>, value: &Value<'_>) -> Option<Instances> {
+    let parsed = match value.get_ref() {
+        DeValue::Integer(_) => Instances::from_integer(raw::integer(sink, "instances", value)?),
+        DeValue::String(s) if s == "max" => Ok(Instances::Max),
+        DeValue::String(s) => Err(format!("expected an integer or \"max\", found {s:?}")),
+        _ => {
+            raw::wrong_type(sink, "instances", value, "an integer or \"max\"");
+            return None;
+        }
+    };
+    parsed
+        .map_err(|e| sink.error(value.span(), format!("`instances`: {e}")))
+        .ok()
+}
+
+/// `listen`: one address or an array of addresses and `{ url, port_env }` tables.
+fn listeners(
+    r: &mut Reader<'_, '_, '_, '_>,
+    place: &str,
+    holder: &str,
+    taken: &mut Taken,
+) -> Vec<Listener> {
+    let Some(value) = r.value("listen") else {
+        return Vec::new();
+    };
+    let items: Vec<&Value<'_>> = match value.get_ref() {
+        DeValue::String(_) => vec![value],
+        DeValue::Array(items) => items.iter().collect(),
+        _ => {
+            raw::wrong_type(
+                r.sink,
+                "listen",
+                value,
+                "a listen address or an array of them",
+            );
+            return Vec::new();
+        }
+    };
+    let mut listeners: Vec<(Listener, Range<usize>)> = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let (url, port_env) = match item.get_ref() {
+            DeValue::String(_) => (item, None),
+            DeValue::Table(table) => {
+                let mut lr = Reader::new(r.sink, table, "listen.");
+                lr.unknown_keys(place, LISTENER_KEYS, |_| false);
+                let port_env = lr.value("port_env").zip(lr.parsed("port_env", env_name));
+                let Some(url) = lr.value("url") else {
+                    lr.error(item.span(), "`listen`: this table needs a `url`");
+                    continue;
+                };
+                (url, port_env)
+            }
+            _ => {
+                raw::wrong_type(
+                    r.sink,
+                    "listen",
+                    item,
+                    "a listen address or a { url, port_env } table",
+                );
+                continue;
+            }
+        };
+        let Some(text) = raw::string(r.sink, "listen.url", url) else {
+            continue;
+        };
+        let (proto, addr) = match parse_listen_url(text) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                r.error(url.span(), format!("`listen`: {e}"));
+                continue;
+            }
+        };
+        if let Some(refusal) = not_yet::proto(proto) {
+            r.error(url.span(), format!("`listen`: {refusal}"));
+        }
+        claim(
+            r.sink,
+            taken,
+            proto,
+            addr,
+            holder.to_owned(),
+            url.span(),
+            "listen",
+        );
+        let (port_env, env_span) = match port_env {
+            Some((value, name)) => (name, value.span()),
+            None => (defaults::port_env(index), url.span()),
+        };
+        if let Some((_, first)) = listeners.iter().find(|(l, _)| l.port_env == port_env) {
+            let line = r.sink.line_of(first);
+            r.error(
+                env_span.clone(),
+                format!(
+                    "`listen`: port_env `{port_env}` is also used by the listener at line {line}"
+                ),
+            );
+        }
+        listeners.push((
+            Listener {
+                proto,
+                addr,
+                port_env,
+            },
+            env_span,
+        ));
+    }
+    listeners.into_iter().map(|(l, _)| l).collect()
+}
+
+/// Records that `holder` binds `proto://addr` (written at `span`), reporting the first earlier
+/// holder it clashes with.
+fn claim(
+    sink: &mut Sink<'_>,
+    taken: &mut Taken,
+    proto: Proto,
+    addr: SocketAddr,
+    holder: String,
+    span: Range<usize>,
+    label: &str,
+) {
+    if let Some(other) = taken.addrs.iter().find(|c| c.clashes(proto, addr)) {
+        let line = sink.line_of(&other.span);
+        let (mine, theirs) = (
+            format!("{}://{addr}", proto.scheme()),
+            format!("{}://{}", other.proto.scheme(), other.addr),
+        );
+        let message = if mine == theirs {
+            format!(
+                "`{label}`: {mine} is already used by {} (line {line})",
+                other.holder
+            )
+        } else {
+            format!(
+                "`{label}`: {mine} clashes with {theirs} of {} (line {line})",
+                other.holder
+            )
+        };
+        sink.error(span.clone(), message);
+    }
+    taken.addrs.push(Claim {
+        proto,
+        addr,
+        holder,
+        span,
+    });
+}
+
+/// A valid environment variable name, for `port_env`.
+fn env_name(name: &str) -> Result<String, String> {
+    let mut chars = name.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
+        ))
+    }
+}
+
+/// `policy`, or the default (from `BALANCER_SCHED_POLICY`) when the app does not say.
+fn policy(r: &mut Reader<'_, '_, '_, '_>, header: Range<usize>, default: Policy) -> Policy {
+    let Some(value) = r.value("policy") else {
+        if let Some(refusal) = not_yet::policy(default) {
+            r.error(
+                header,
+                format!("{refusal} (the default policy comes from {SCHED_POLICY_ENV})"),
+            );
+        }
+        return default;
+    };
+    let Some(policy) = r.parsed("policy", str::parse) else {
+        return default;
+    };
+    if let Some(refusal) = not_yet::policy(policy) {
+        r.error(value.span(), format!("`policy`: {refusal}"));
+    }
+    policy
+}
+
+/// The `<name>` of an `env_<name>` key.
+fn env_suffix(key: &str) -> Option<&str> {
+    key.strip_prefix("env_").filter(|name| !name.is_empty())
+}
+
+/// `env`, with `env_<selected>` on top. Every `env_<name>` table is checked, selected or not.
+fn env(r: &mut Reader<'_, '_, '_, '_>, selected: Option<&str>) -> BTreeMap<String, String> {
+    let mut env = r
+        .table("env")
+        .map(|t| env_vars(r.sink, "env", t))
+        .unwrap_or_default();
+    let table = r.table;
+    for (key, value) in table.iter() {
+        let Some(name) = env_suffix(key.get_ref()) else {
+            continue;
+        };
+        let Some(table) = raw::table(r.sink, key.get_ref(), value) else {
+            continue;
+        };
+        let vars = env_vars(r.sink, key.get_ref(), table);
+        if selected == Some(name) {
+            env.extend(vars);
+        }
+    }
+    env
+}
+
+/// The variables of one env table; numbers and booleans become their text.
+fn env_vars(sink: &mut Sink<'_>, label: &str, table: &Table<'_>) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    for (key, value) in table.iter() {
+        let name = key.get_ref();
+        if name.is_empty() || name.contains(['=', '\0']) {
+            sink.error(
+                key.span(),
+                format!("`{label}`: {name:?} is not a usable variable name"),
+            );
+            continue;
+        }
+        let text = match value.get_ref() {
+            DeValue::String(s) if s.contains('\0') => {
+                sink.error(
+                    value.span(),
+                    format!("`{label}.{name}`: a value cannot contain a NUL character"),
+                );
+                continue;
+            }
+            DeValue::String(s) => s.to_string(),
+            DeValue::Integer(_) => match raw::integer(sink, label, value) {
+                Some(n) => n.to_string(),
+                None => continue,
+            },
+            DeValue::Float(f) => f.as_str().to_owned(),
+            DeValue::Boolean(b) => b.to_string(),
+            _ => {
+                raw::wrong_type(
+                    sink,
+                    &format!("{label}.{name}"),
+                    value,
+                    "a string, number or boolean",
+                );
+                continue;
+            }
+        };
+        vars.insert(name.to_string(), text);
+    }
+    vars
+}
+
+/// The `health` table.
+fn health(r: &mut Reader<'_, '_, '_, '_>, place: &str) -> Health {
+    r.unknown_keys(place, HEALTH_KEYS, |_| false);
+    let check = r.parsed("check", |s| match s {
+        "tcp" => Ok(Check::Tcp),
+        "http" => Ok(Check::Http {
+            path: defaults::HEALTH_PATH.to_owned(),
+        }),
+        "none" => Ok(Check::None),
+        _ => Err(format!(
+            "unknown check {s:?}; expected \"tcp\", \"http\" or \"none\""
+        )),
+    });
+    let check_is_valid = check.is_some() || r.value("check").is_none();
+    let path = r.parsed("path", |s| {
+        if s.starts_with('/') {
+            Ok(s.to_owned())
+        } else {
+            Err(format!("{s:?} must start with `/`"))
+        }
+    });
+    let check = match check.unwrap_or(defaults::HEALTH_CHECK) {
+        Check::Http { path: default } => Check::Http {
+            path: path.unwrap_or(default),
+        },
+        other => {
+            if let Some(span) = r.key_span("path").filter(|_| check_is_valid) {
+                r.error(span, "`health.path` is only used with check = \"http\"");
+            }
+            other
+        }
+    };
+    Health {
+        check,
+        interval: r
+            .positive_duration("interval")
+            .unwrap_or(defaults::HEALTH_INTERVAL),
+        timeout: r
+            .positive_duration("timeout")
+            .unwrap_or(defaults::HEALTH_TIMEOUT),
+        rise: r.count("rise", 1).unwrap_or(defaults::HEALTH_RISE),
+        fall: r.count("fall", 1).unwrap_or(defaults::HEALTH_FALL),
+    }
+}
+
+/// `kill_signal`: a name, or a number.
+fn kill_signal(r: &mut Reader<'_, '_, '_, '_>) -> Option<Signal> {
+    let value = r.value("kill_signal")?;
+    let parsed = match value.get_ref() {
+        DeValue::String(s) => parse_signal(s),
+        DeValue::Integer(_) => {
+            parse_signal(&raw::integer(r.sink, "kill_signal", value)?.to_string())
+        }
+        _ => {
+            raw::wrong_type(
+                r.sink,
+                "kill_signal",
+                value,
+                "a signal name such as \"SIGTERM\"",
+            );
+            return None;
+        }
+    };
+    parsed
+        .map_err(|e| r.error(value.span(), format!("`kill_signal`: {e}")))
+        .ok()
+}
+
+/// `exp_backoff_restart_delay`: a duration, with 0 or `false` turning the backoff off.
+fn exp_backoff(r: &mut Reader<'_, '_, '_, '_>) -> Option<Option<Duration>> {
+    match r.value("exp_backoff_restart_delay")?.get_ref() {
+        DeValue::Boolean(false) => Some(None),
+        DeValue::Boolean(true) => Some(defaults::EXP_BACKOFF_RESTART_DELAY),
+        _ => r
+            .duration("exp_backoff_restart_delay")
+            .map(|d| Some(d).filter(|d| !d.is_zero())),
+    }
+}
+
+/// `max_memory_restart`: a size string (`"300M"`) or an integer of bytes.
+fn max_memory(r: &mut Reader<'_, '_, '_, '_>) -> Option<Option<u64>> {
+    const LABEL: &str = "max_memory_restart";
+    let value = r.value(LABEL)?;
+    let parsed = match value.get_ref() {
+        DeValue::String(s) => parse_size(s),
+        DeValue::Integer(_) => match raw::integer(r.sink, LABEL, value)? {
+            n if n < 0 => Err(format!("a size cannot be negative, found {n}")),
+            n => Ok(n.unsigned_abs()),
+        },
+        _ => {
+            raw::wrong_type(
+                r.sink,
+                LABEL,
+                value,
+                "a size such as \"300M\" or an integer of bytes",
+            );
+            return None;
+        }
+    };
+    match parsed {
+        Ok(0) => r.error(
+            value.span(),
+            format!("`{LABEL}`: must be more than 0; leave it out for no limit"),
+        ),
+        Ok(bytes) => return Some(Some(bytes)),
+        Err(e) => r.error(value.span(), format!("`{LABEL}`: {e}")),
+    }
+    None
+}

@@ -1,0 +1,294 @@
+//! Test support: run the real `balancer` binary in a temporary directory with real workers,
+//! watch what it logs, and clean up every process it started.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// The generous bound every wait in these tests gets: long enough for a loaded 2-core machine,
+/// short enough that a broken feature fails the test instead of hanging it.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The compiled binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_balancer")
+}
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A test worker script under `tests/workers/`.
+pub fn worker(name: &str) -> String {
+    root()
+        .join("tests/workers")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// An example under `examples/`.
+pub fn example(name: &str) -> String {
+    root().join("examples").join(name).display().to_string()
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Lines a child process has written, shared with a reader thread.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Lines {
+    /// Collects `stream` line by line on a thread, echoing to the test's stderr for diagnosis.
+    pub fn collect(stream: impl Read + Send + 'static, tag: &'static str) -> Self {
+        let lines = Lines::default();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{tag}] {line}");
+                let (all, cond) = &*sink.0;
+                all.lock().unwrap().push(line);
+                cond.notify_all();
+            }
+        });
+        lines
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<String> {
+        self.0.0.lock().unwrap().clone()
+    }
+
+    /// Waits until `count` lines match `pred`; returns them. Panics after `PATIENCE`.
+    pub fn wait_for(&self, count: usize, what: &str, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        let (all, cond) = &*self.0;
+        let mut guard = all.lock().unwrap();
+        loop {
+            let hits: Vec<String> = guard.iter().filter(|l| pred(l)).cloned().collect();
+            if hits.len() >= count {
+                return hits;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for {count} × {what}; got {}:\n{}",
+                hits.len(),
+                guard.join("\n")
+            );
+            guard = cond.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// Extracts `key=value` from a tracing line (values are unquoted numbers or words).
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let needle = format!(" {key}=");
+    let start = line.find(&needle)? + needle.len();
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}
+
+/// A running `balancer run` in its own temporary directory.
+pub struct Balancer {
+    child: Child,
+    /// The temporary directory holding balancer.toml and the home.
+    pub dir: tempfile::TempDir,
+    /// Everything the master wrote to stderr.
+    pub log: Lines,
+    /// Every worker pid the master reported starting (killed on drop, in case).
+    exited: Option<ExitStatus>,
+}
+
+impl Balancer {
+    /// Writes `toml` to a fresh `balancer.toml` and starts `balancer run` on it.
+    pub fn start(toml: &str) -> Balancer {
+        Self::start_with(toml, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables for the master.
+    pub fn start_with(toml: &str, env: &[(&str, &str)]) -> Balancer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("balancer.toml");
+        std::fs::write(&file, toml).expect("write balancer.toml");
+        let mut cmd = Command::new(binary());
+        cmd.arg("run")
+            .arg(&file)
+            .env("BALANCER_HOME", dir.path().join("home"))
+            .env("BALANCER_LOG", "info,balancer_workers=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn balancer");
+        let log = Lines::collect(child.stderr.take().expect("stderr"), "master");
+        Balancer {
+            child,
+            dir,
+            log,
+            exited: None,
+        }
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The home directory given to the master.
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// Waits until `n` "worker ready" events were logged for `app`; returns their pids.
+    pub fn wait_ready(&self, app: &str, n: usize) -> Vec<u32> {
+        self.log
+            .wait_for(n, &format!("{app} worker ready"), |l| {
+                l.contains("worker ready") && field(l, "app").as_deref() == Some(app)
+            })
+            .iter()
+            .filter_map(|l| field(l, "pid")?.parse().ok())
+            .collect()
+    }
+
+    /// Every worker pid the master reported starting.
+    pub fn started_pids(&self) -> Vec<u32> {
+        self.log
+            .all()
+            .iter()
+            .filter(|l| l.contains("worker started"))
+            .filter_map(|l| field(l, "pid")?.parse().ok())
+            .collect()
+    }
+
+    /// Sends `signal` to the master.
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signal the master");
+    }
+
+    /// Waits for the master to exit (panics after `PATIENCE`).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(status) = self.exited {
+            return status;
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return status;
+            }
+            assert!(Instant::now() < deadline, "balancer did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if self.exited.is_none() && self.child.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+        // Workers die with the master (PDEATHSIG); make sure of it for the ones we saw.
+        for pid in self.started_pids() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether a process is still alive (a zombie counts as dead).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state is the first field after the parenthesised command name.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits until none of `pids` is alive; returns the ones still alive after `within`.
+pub fn wait_dead(pids: &[u32], within: Duration) -> Vec<u32> {
+    let deadline = Instant::now() + within;
+    loop {
+        let living: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if living.is_empty() || Instant::now() >= deadline {
+            return living;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connects, reads the first line (the pid_server greeting), and closes.
+pub fn greeting(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, PATIENCE)?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    let mut line = String::new();
+    BufReader::new(&mut stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before the greeting",
+        ));
+    }
+    Ok(line.trim().to_string())
+}
+
+/// One HTTP/1.0 GET over a fresh connection; returns the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, PATIENCE)?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err(std::io::Error::other(format!("bad response: {response:?}"))),
+    }
+}
+
+/// CPU time (user + system, in clock ticks) a process has used.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // After the command: state(0) ppid(1) … utime(11) stime(12).
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Path helper for writing extra files into a test's directory.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write file");
+    path
+}

@@ -1,0 +1,188 @@
+//! Health probes and the rise/fall hysteresis that turns their results into readiness.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use balancer_config::Check;
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Runs one probe against a worker's first private address.
+///
+/// `Err` carries a one-line reason for logs and `show`.
+pub async fn probe(check: &Check, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let attempt = async {
+        match check {
+            Check::None => Ok(()),
+            Check::Tcp => TcpStream::connect(addr)
+                .await
+                .map(drop)
+                .map_err(|e| format!("tcp connect to {addr}: {e}")),
+            Check::Http { path } => http_get(addr, path).await,
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "{} probe of {addr} timed out after {timeout:?}",
+            kind(check)
+        )),
+    }
+}
+
+fn kind(check: &Check) -> &'static str {
+    match check {
+        Check::None => "no",
+        Check::Tcp => "tcp",
+        Check::Http { .. } => "http",
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("http connect to {addr}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("http handshake with {addr}: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::USER_AGENT, "balancer-health")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("bad health path {path:?}: {e}"))?;
+    let result = match sender.send_request(request).await {
+        Ok(response) if response.status().is_success() => Ok(()),
+        Ok(response) => Err(format!(
+            "GET {path} on {addr} answered {}",
+            response.status()
+        )),
+        Err(e) => Err(format!("GET {path} on {addr}: {e}")),
+    };
+    conn.abort();
+    result
+}
+
+/// A change of readiness decided by [`Hysteresis`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// `rise` consecutive successes: the worker is ready.
+    Up,
+    /// `fall` consecutive failures: the worker is no longer ready.
+    Down,
+}
+
+/// Consecutive-result counting, so one lucky or unlucky probe flips nothing.
+#[derive(Debug, Clone)]
+pub struct Hysteresis {
+    rise: u32,
+    fall: u32,
+    streak: u32,
+    up: bool,
+}
+
+impl Hysteresis {
+    /// Starts down: a new worker must pass `rise` probes before it is ready.
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Hysteresis {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            streak: 0,
+            up: false,
+        }
+    }
+
+    /// Whether the worker is currently considered up.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Records one probe result; returns the transition it causes, if any.
+    pub fn record(&mut self, ok: bool) -> Option<Transition> {
+        if ok == self.up {
+            // A result agreeing with the current state breaks any streak toward the other one.
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.up { self.fall } else { self.rise };
+        if self.streak < needed {
+            return None;
+        }
+        self.streak = 0;
+        self.up = ok;
+        Some(if ok { Transition::Up } else { Transition::Down })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rise_and_fall_need_consecutive_results() {
+        let mut h = Hysteresis::new(2, 3);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(false), None, "a failure resets the rise streak");
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(Transition::Up));
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(true), None, "a success resets the fall streak");
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), Some(Transition::Down));
+        assert!(!h.is_up());
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_sees_listener_and_refusal() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(
+            probe(&Check::Tcp, addr, Duration::from_secs(2))
+                .await
+                .is_ok()
+        );
+        drop(listener);
+        assert!(
+            probe(&Check::Tcp, addr, Duration::from_secs(2))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn http_probe_wants_2xx() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0; 1024];
+                let n = s.read(&mut buf).await.unwrap();
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let reply = if req.starts_with("GET /health ") {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                };
+                s.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        let check = |p: &str| Check::Http { path: p.into() };
+        assert!(
+            probe(&check("/health"), addr, Duration::from_secs(2))
+                .await
+                .is_ok()
+        );
+        let err = probe(&check("/nope"), addr, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(err.contains("404"), "{err}");
+    }
+}

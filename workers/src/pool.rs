@@ -1,0 +1,373 @@
+//! The pool: the set of ready workers an app's listeners may send connections to.
+//!
+//! One [`Pool`] per app. Listeners only read it (a wait-free `ArcSwap` load per connection); only
+//! the app's supervisor writes it. The snapshot holds ready workers only, so a policy never has
+//! to look at worker state — except for the `draining` flag, which closes the race between a
+//! proxy picking a worker and the supervisor deciding to drain it (see [`WorkerHandle::acquire`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, watch};
+
+/// A running worker as the data path sees it: where to connect, and its live-connection count.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    /// The worker's id (stable across crash restarts of the same slot).
+    pub id: u32,
+    /// The instance number the worker was given (`BALANCER_INSTANCE`).
+    pub instance: u32,
+    /// The process id of this incarnation.
+    pub pid: u32,
+    /// One private address per listener of the app, in `listen` order.
+    pub addrs: Vec<SocketAddr>,
+    live: AtomicUsize,
+    total: AtomicU64,
+    draining: AtomicBool,
+    idle: Notify,
+}
+
+impl WorkerHandle {
+    /// A handle for a freshly spawned worker.
+    pub fn new(id: u32, instance: u32, pid: u32, addrs: Vec<SocketAddr>) -> Self {
+        WorkerHandle {
+            id,
+            instance,
+            pid,
+            addrs,
+            live: AtomicUsize::new(0),
+            total: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            idle: Notify::new(),
+        }
+    }
+
+    /// Counts a new connection against this worker, unless it is draining.
+    ///
+    /// The count is raised *before* the `draining` flag is read, and the supervisor sets the flag
+    /// *before* it reads the count (both `SeqCst`), so at least one side sees the other: either
+    /// this returns `None`, or the supervisor's drain waits for the connection.
+    pub fn acquire(self: &Arc<Self>) -> Option<ConnGuard> {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        if self.draining.load(Ordering::SeqCst) {
+            self.release();
+            return None;
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Some(ConnGuard(Arc::clone(self)))
+    }
+
+    fn release(&self) {
+        if self.live.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
+            self.idle.notify_one();
+        }
+    }
+
+    /// Connections currently counted against this worker.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Connections ever counted against this worker.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Whether [`start_draining`](Self::start_draining) was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new connections from now on and returns how many are still live.
+    pub fn start_draining(&self) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once a draining worker has no live connection left.
+    pub async fn idle(&self) {
+        loop {
+            if self.live.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            // `notify_one` stores a permit when nobody waits yet, so a release between the load
+            // above and this await is not lost.
+            self.idle.notified().await;
+        }
+    }
+}
+
+/// A live connection counted against a worker; dropping it uncounts it.
+#[derive(Debug)]
+pub struct ConnGuard(Arc<WorkerHandle>);
+
+impl ConnGuard {
+    /// The worker this connection is counted against.
+    pub fn worker(&self) -> &Arc<WorkerHandle> {
+        &self.0
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// An immutable view of the ready workers, replaced whole on every change.
+#[derive(Debug, Default)]
+pub struct PoolSnapshot {
+    /// Ready workers, ordered by id.
+    pub workers: Vec<Arc<WorkerHandle>>,
+}
+
+/// The ready workers of one app.
+#[derive(Debug)]
+pub struct Pool {
+    snapshot: ArcSwap<PoolSnapshot>,
+    next: AtomicUsize,
+    version: watch::Sender<u64>,
+    writer: Mutex<()>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new()
+    }
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new() -> Self {
+        Pool {
+            snapshot: ArcSwap::from_pointee(PoolSnapshot::default()),
+            next: AtomicUsize::new(0),
+            version: watch::Sender::new(0),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// The current snapshot (wait-free).
+    pub fn load(&self) -> arc_swap::Guard<Arc<PoolSnapshot>> {
+        self.snapshot.load()
+    }
+
+    /// The current snapshot as an owned `Arc`, for iterating across awaits.
+    pub fn load_full(&self) -> Arc<PoolSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The round-robin cursor: one `fetch_add` per pick.
+    pub fn next_index(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Picks the next ready, non-draining worker round-robin and counts a connection against it.
+    pub fn pick(&self) -> Option<ConnGuard> {
+        let snap = self.load();
+        let n = snap.workers.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next_index();
+        (0..n).find_map(|i| snap.workers[(start + i) % n].acquire())
+    }
+
+    /// A receiver that sees a new value whenever the membership changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Waits until the pool holds at least one worker. Cancel it with a timeout.
+    pub async fn wait_nonempty(&self) {
+        let mut rx = self.subscribe();
+        loop {
+            if !self.load().workers.is_empty() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives in `self`; it cannot be dropped while we borrow it.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Adds a ready worker (the supervisor's call). Adding one twice is a no-op.
+    pub fn insert(&self, worker: Arc<WorkerHandle>) {
+        self.update(|workers| {
+            if !workers.iter().any(|w| Arc::ptr_eq(w, &worker)) {
+                workers.push(worker);
+                workers.sort_by_key(|w| (w.id, w.pid));
+            }
+        });
+    }
+
+    /// Removes a worker (the supervisor's call). Removing an absent one is a no-op.
+    pub fn remove(&self, worker: &Arc<WorkerHandle>) {
+        self.update(|workers| workers.retain(|w| !Arc::ptr_eq(w, worker)));
+    }
+
+    /// Number of ready workers.
+    pub fn len(&self) -> usize {
+        self.load().workers.len()
+    }
+
+    /// Whether no worker is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Vec<Arc<WorkerHandle>>)) {
+        // Writers are rare (supervisor events); the mutex only orders them against each other.
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut workers = self.snapshot.load().workers.clone();
+        change(&mut workers);
+        self.snapshot.store(Arc::new(PoolSnapshot { workers }));
+        self.version.send_modify(|v| *v += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn worker(id: u32) -> Arc<WorkerHandle> {
+        Arc::new(WorkerHandle::new(id, id, 1000 + id, vec![]))
+    }
+
+    #[test]
+    fn round_robin_is_fair() {
+        let pool = Pool::new();
+        for id in 0..3 {
+            pool.insert(worker(id));
+        }
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            let g = pool.pick().expect("a worker");
+            counts[g.worker().id as usize] += 1;
+        }
+        assert_eq!(counts, [100, 100, 100]);
+    }
+
+    #[test]
+    fn guard_counts_live_connections() {
+        let pool = Pool::new();
+        let w = worker(1);
+        pool.insert(Arc::clone(&w));
+        let a = pool.pick().unwrap();
+        let b = pool.pick().unwrap();
+        assert_eq!(w.live(), 2);
+        drop(a);
+        assert_eq!(w.live(), 1);
+        drop(b);
+        assert_eq!(w.live(), 0);
+        assert_eq!(w.total(), 2);
+    }
+
+    #[tokio::test]
+    async fn draining_worker_waits_for_its_connections() {
+        let w = worker(1);
+        let g = w.acquire().unwrap();
+        assert_eq!(w.start_draining(), 1);
+        assert!(
+            w.acquire().is_none(),
+            "a draining worker takes no new connection"
+        );
+        let idle = tokio::spawn({
+            let w = Arc::clone(&w);
+            async move { w.idle().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished());
+        drop(g);
+        tokio::time::timeout(std::time::Duration::from_secs(5), idle)
+            .await
+            .expect("idle resolves once the last connection ends")
+            .unwrap();
+    }
+
+    /// The drain race: proxies acquiring while the supervisor drains. Whatever the interleaving,
+    /// every connection the proxy got is seen by the drain (live > 0 until it is released), and
+    /// no connection is granted after `start_draining` returned zero.
+    #[test]
+    fn drain_race_never_loses_a_connection() {
+        for _ in 0..200 {
+            let w = worker(7);
+            let stop = Arc::new(AtomicBool::new(false));
+            let granted_after_idle = Arc::new(AtomicBool::new(false));
+            let drained_idle = Arc::new(AtomicBool::new(false));
+            let proxy = {
+                let (w, stop, granted_after_idle, drained_idle) = (
+                    Arc::clone(&w),
+                    Arc::clone(&stop),
+                    Arc::clone(&granted_after_idle),
+                    Arc::clone(&drained_idle),
+                );
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Some(g) = w.acquire()
+                            && drained_idle.load(Ordering::SeqCst)
+                        {
+                            granted_after_idle.store(true, Ordering::SeqCst);
+                            drop(g);
+                        }
+                    }
+                })
+            };
+            std::thread::yield_now();
+            // The supervisor's side: flag, then read the count; if zero, the worker is idle for good.
+            if w.start_draining() == 0 {
+                drained_idle.store(true, Ordering::SeqCst);
+            } else {
+                while w.live() != 0 {
+                    std::hint::spin_loop();
+                }
+                drained_idle.store(true, Ordering::SeqCst);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            stop.store(true, Ordering::SeqCst);
+            proxy.join().unwrap();
+            assert!(!granted_after_idle.load(Ordering::SeqCst));
+            assert_eq!(w.live(), 0);
+        }
+    }
+
+    proptest! {
+        /// Whatever the membership and draining flags, `pick` never returns a draining worker,
+        /// and over one full turn every non-draining worker is picked exactly once.
+        #[test]
+        fn pick_skips_draining_and_is_fair(draining in proptest::collection::vec(any::<bool>(), 1..8)) {
+            let pool = Pool::new();
+            let workers: Vec<_> = (0..draining.len() as u32).map(worker).collect();
+            for (w, d) in workers.iter().zip(&draining) {
+                pool.insert(Arc::clone(w));
+                if *d {
+                    w.start_draining();
+                }
+            }
+            let eligible = draining.iter().filter(|d| !**d).count();
+            let mut seen = std::collections::HashMap::new();
+            for _ in 0..draining.len() * 4 {
+                match pool.pick() {
+                    Some(g) => {
+                        prop_assert!(!g.worker().is_draining());
+                        *seen.entry(g.worker().id).or_insert(0) += 1;
+                    }
+                    None => prop_assert_eq!(eligible, 0),
+                }
+            }
+            if eligible > 0 {
+                prop_assert_eq!(seen.len(), eligible);
+                let max = *seen.values().max().unwrap();
+                let min = *seen.values().min().unwrap();
+                // Skipping a draining neighbour hands its turn to the next one, so an uneven
+                // layout can give one worker a few extra picks, never starve one.
+                prop_assert!(min >= 1 && max <= min * draining.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! One worker process: spawn it in its own process group, tied to the master's life, and stop
+//! it gracefully.
+
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use balancer_config::{App, Signal};
+use nix::sys::signal::killpg;
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::logs::LogPaths;
+
+/// Why a worker could not be spawned.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The log files could not be opened.
+    #[error("cannot open log file {path}")]
+    Logs {
+        /// The file that failed.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// No private port could be had.
+    #[error("cannot reserve a private port")]
+    Port(#[source] io::Error),
+    /// exec failed (program not found, not executable, …).
+    #[error("cannot start `{program}`")]
+    Exec {
+        /// The program that was run.
+        program: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+    /// Its status could not be read.
+    Unknown,
+}
+
+impl From<io::Result<ExitStatus>> for Exit {
+    fn from(status: io::Result<ExitStatus>) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match status {
+            Ok(s) => match (s.code(), s.signal()) {
+                (Some(code), _) => Exit::Code(code),
+                (None, Some(sig)) => Exit::Signal(sig),
+                _ => Exit::Unknown,
+            },
+            Err(_) => Exit::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => match Signal::try_from(*s) {
+                Ok(sig) => write!(f, "signal {}", sig.as_str()),
+                Err(_) => write!(f, "signal {s}"),
+            },
+            Exit::Unknown => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// Reserves a free loopback port for a worker's private listener.
+///
+/// The port is free when this returns; the worker binds it moments later. Another process could
+/// take it in between, in which case the worker fails to listen, never becomes ready, and is
+/// restarted on a new port.
+pub fn private_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// What makes one incarnation of a worker.
+#[derive(Debug)]
+pub struct SpawnSpec<'a> {
+    /// The app it belongs to.
+    pub app: &'a App,
+    /// Its instance number.
+    pub instance: u32,
+    /// Its private addresses, one per listener.
+    pub addrs: &'a [SocketAddr],
+    /// Where its output goes.
+    pub logs: &'a LogPaths,
+}
+
+/// A running worker process.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    pid: u32,
+    started: Instant,
+    exit: Option<Exit>,
+}
+
+impl Process {
+    /// Starts the worker: its own process group, stdio to its log files, the worker contract's
+    /// environment, and PR_SET_PDEATHSIG so it dies with the master.
+    pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
+        let app = spec.app;
+        let (out, err) = spec.logs.open().map_err(|source| SpawnError::Logs {
+            path: spec.logs.out.display().to_string(),
+            source,
+        })?;
+        let mut cmd = Command::new(&app.program);
+        cmd.args(&app.args)
+            .current_dir(&app.cwd)
+            .envs(&app.env)
+            .env("BALANCER_APP", &app.name)
+            .env("BALANCER_INSTANCE", spec.instance.to_string())
+            .env("NODE_APP_INSTANCE", spec.instance.to_string())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .kill_on_drop(true);
+        for (listener, addr) in app.listen.iter().zip(spec.addrs) {
+            cmd.env(&listener.port_env, addr.port().to_string());
+        }
+        let master = nix::unistd::getpid();
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: prctl(2), getppid(2) and _exit(2) are. It
+        // allocates nothing and touches no lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The master may have died before prctl took effect: then nobody would kill us.
+                if nix::unistd::getppid() != master {
+                    nix::libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| SpawnError::Exec {
+            program: app.program.clone(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or_default();
+        Ok(Process {
+            child,
+            pid,
+            started: Instant::now(),
+            exit: None,
+        })
+    }
+
+    /// The process id (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// When it was spawned.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Waits for the process to exit (cancel-safe), then kills whatever it left in its group.
+    pub async fn wait(&mut self) -> Exit {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        let exit = Exit::from(self.child.wait().await);
+        self.exit = Some(exit);
+        // Children of the worker that outlive it would keep ports and memory: end them.
+        self.signal_group(Signal::SIGKILL);
+        exit
+    }
+
+    /// Sends `signal` to the worker's whole process group.
+    pub fn signal_group(&self, signal: Signal) {
+        if self.pid != 0 {
+            // ESRCH (the group is already gone) is the normal end of a stop.
+            let _ = killpg(Pid::from_raw(self.pid as i32), signal);
+        }
+    }
+
+    /// Graceful stop: `signal` to the group, up to `timeout` for it to exit, then SIGKILL.
+    pub async fn stop(&mut self, signal: Signal, timeout: Duration) -> Exit {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        self.signal_group(signal);
+        match tokio::time::timeout(timeout, self.wait()).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::warn!(
+                    pid = self.pid,
+                    ?timeout,
+                    "worker ignored {}; sending SIGKILL",
+                    signal.as_str()
+                );
+                self.signal_group(Signal::SIGKILL);
+                self.wait().await
+            }
+        }
+    }
+}
