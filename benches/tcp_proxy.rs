@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use balancer::listener;
-use balancer::proxy::tcp::TcpRoute;
+use balancer::proxy::tcp::{RouteSettings, TcpRoute};
 use balancer_workers::{Pool, WorkerHandle};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,13 +69,12 @@ fn setup() -> Setup {
         )));
         let public = listener::tcp::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let proxied = public.local_addr().expect("addr");
-        let route = Arc::new(TcpRoute {
-            app: "bench".into(),
-            pool,
+        let settings = RouteSettings {
             listener_index: 0,
             connect_timeout: Duration::from_secs(3),
             queue_timeout: Duration::from_secs(3),
-        });
+        };
+        let route = Arc::new(TcpRoute::new("bench", pool, settings));
         tokio::spawn(listener::tcp::serve(
             public,
             route,

@@ -3,5 +3,6 @@
 
 mod config_errors;
 mod lifecycle;
+mod operate;
 mod support;
 mod tcp;

@@ -3,8 +3,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -71,71 +70,6 @@ listen = ["tcp://127.0.0.1:{port}"]
         reply,
         format!("echo: hello\necho: balancer ✓\nbye from {pid}\n")
     );
-}
-
-/// A bounded load of fresh connections, counting successes and failures per answering pid.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<HashMap<String, u64>>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                std::thread::spawn(move || {
-                    let mut seen = HashMap::new();
-                    let started = Instant::now();
-                    // Bounded in time and count whatever happens.
-                    for _ in 0..20_000 {
-                        if stop.load(Ordering::Relaxed)
-                            || started.elapsed() > Duration::from_secs(60)
-                        {
-                            break;
-                        }
-                        match greeting(addr) {
-                            Ok(pid) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                                *seen.entry(pid).or_default() += 1;
-                            }
-                            Err(_) => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    seen
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (u64, u64, HashMap<String, u64>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut seen = HashMap::new();
-        for t in self.threads {
-            for (pid, n) in t.join().unwrap() {
-                *seen.entry(pid).or_default() += n;
-            }
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            seen,
-        )
-    }
 }
 
 #[test]

@@ -5,10 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use balancer::cli::{self, Cli, Command, EXIT_FAILED, EXIT_USAGE};
-use balancer::master::{self, MasterOptions, Phase};
+use balancer::commands::{self, Outcome};
+use std::sync::Arc;
+
+use balancer::master::{self, MasterOptions, Phase, Source};
 use balancer_config::{Config, LoadOptions};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -41,6 +45,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Daemon => run_daemon(),
+        command => match commands::client(command) {
+            Outcome::Exit(code) => code,
+            Outcome::Foreground(config) => match run_foreground(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("balancer: {e:#}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            },
+        },
     }
 }
 
@@ -56,7 +71,38 @@ fn load(file: &Path, env: Option<String>) -> Result<Config, ExitCode> {
     })
 }
 
+/// `balancer run FILE` (and `start --no-daemon`): the master in the foreground.
 fn run_foreground(config: Config) -> anyhow::Result<()> {
+    let source =
+        Source::File(std::path::absolute(&config.source).unwrap_or_else(|_| config.source.clone()));
+    run_master(config, source)
+}
+
+/// `balancer daemon`, spawned by `start` with its stdio on `balancer.log`: leave the
+/// terminal's session before any thread exists, then run a master with no apps; `start`
+/// sends them over the admin socket.
+fn run_daemon() -> ExitCode {
+    if let Err(e) = nix::unistd::setsid() {
+        tracing::warn!("setsid: {e}");
+    }
+    // Hold no directory busy; every path the daemon gets is absolute.
+    let _ = std::env::set_current_dir("/");
+    let home = cli::home();
+    let config = Config {
+        source: home.join(balancer::home::PID_FILE),
+        balancer: Default::default(),
+        apps: Vec::new(),
+    };
+    match run_master(config, Source::CommandLine) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("balancer: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn run_master(config: Config, source: Source) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("balancer")
@@ -66,12 +112,16 @@ fn run_foreground(config: Config) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;
         let (phase, _) = tokio::sync::watch::channel(Phase::Starting);
+        let reload_all = Arc::new(Notify::new());
+        spawn_reload_on_sighup(Arc::clone(&reload_all))?;
         let opts = MasterOptions {
             home: cli::home(),
             shutdown,
             phase,
+            load: LoadOptions::from_env(),
+            reload_all: Some(reload_all),
         };
-        master::run(config, opts).await?;
+        master::run(config, source, opts).await?;
         Ok(())
     })
 }
@@ -96,6 +146,17 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
                 tracing::warn!("second signal: exiting now");
                 std::process::exit(130);
             }
+        }
+    });
+    Ok(())
+}
+
+/// SIGHUP reloads every app, like HAProxy and nginx.
+fn spawn_reload_on_sighup(reload_all: Arc<Notify>) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            reload_all.notify_one();
         }
     });
     Ok(())

@@ -35,6 +35,8 @@ pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `autorestart`.
 pub const AUTORESTART: bool = true;
+/// `reload_batch`: workers replaced at a time by a reload.
+pub const RELOAD_BATCH: u32 = 1;
 /// `max_restarts`: unstable exits in a row before `errored` (PM2's value).
 pub const MAX_RESTARTS: u32 = 16;
 /// `min_uptime`: shorter runs are unstable (PM2's value).

@@ -73,6 +73,8 @@ pub struct App {
     pub restart_delay: Duration,
     /// First delay of the exponential backoff (×1.5, capped at 15 s); `None` disables it.
     pub exp_backoff_restart_delay: Option<Duration>,
+    /// How many workers a reload replaces at a time (at least 1).
+    pub reload_batch: u32,
     /// Resident memory above which a worker is replaced gracefully (bytes).
     pub max_memory_restart: Option<u64>,
 }

@@ -49,6 +49,7 @@ const APP_KEYS: &[&str] = &[
     "restart_delay",
     "exp_backoff_restart_delay",
     "max_memory_restart",
+    "reload_batch",
 ];
 const BALANCER_KEYS: &[&str] = &["metrics"];
 const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
@@ -271,6 +272,7 @@ fn app(
     let exp_backoff_restart_delay =
         exp_backoff(&mut r).unwrap_or(defaults::EXP_BACKOFF_RESTART_DELAY);
     let max_memory_restart = max_memory(&mut r).unwrap_or(defaults::MAX_MEMORY_RESTART);
+    let reload_batch = r.count("reload_batch", 1).unwrap_or(defaults::RELOAD_BATCH);
 
     let (program, args) = program?;
     Some(App {
@@ -296,6 +298,7 @@ fn app(
         restart_delay,
         exp_backoff_restart_delay,
         max_memory_restart,
+        reload_batch,
     })
 }
 

@@ -3,11 +3,13 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -162,6 +164,27 @@ impl Balancer {
         self.dir.path().join("home")
     }
 
+    /// Runs `balancer ARGS…` against this master's home; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        cli(&self.home(), args)
+    }
+
+    /// `balancer jlist`, parsed.
+    pub fn jlist(&self) -> Vec<serde_json::Value> {
+        jlist(&self.home())
+    }
+
+    /// The pids of `app`'s ready workers, as `jlist` reports them.
+    pub fn ready_pids(&self, app: &str) -> Vec<u64> {
+        ready_pids(&self.jlist(), app)
+    }
+
+    /// Waits until "master running" was logged (the admin socket is up by then).
+    pub fn wait_running(&self) {
+        self.log
+            .wait_for(1, "master running", |l| l.contains("master running"));
+    }
+
     /// Waits until `n` "worker ready" events were logged for `app`; returns their pids.
     pub fn wait_ready(&self, app: &str, n: usize) -> Vec<u32> {
         self.log
@@ -216,6 +239,45 @@ impl Drop for Balancer {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
+}
+
+/// Runs `balancer ARGS…` with `BALANCER_HOME=home`; returns (exit code, stdout, stderr).
+pub fn cli(home: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .env("BALANCER_HOME", home)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run balancer");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    eprintln!(
+        "$ balancer {} → {:?}\n{stdout}{stderr}",
+        args.join(" "),
+        out.status.code()
+    );
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+/// `balancer jlist` against `home`, parsed.
+pub fn jlist(home: &Path) -> Vec<serde_json::Value> {
+    let (code, stdout, stderr) = cli(home, &["jlist"]);
+    assert_eq!(code, 0, "jlist failed: {stderr}");
+    serde_json::from_str(&stdout).expect("jlist prints a JSON array")
+}
+
+/// The pids of `app`'s ready workers in a `jlist`.
+pub fn ready_pids(workers: &[serde_json::Value], app: &str) -> Vec<u64> {
+    let mut pids: Vec<u64> = workers
+        .iter()
+        .filter(|w| w["app"] == app && w["status"] == "ready")
+        .filter_map(|w| w["pid"].as_u64())
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 /// Whether a process is still alive (a zombie counts as dead).
@@ -291,4 +353,73 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write file");
     path
+}
+
+/// A bounded load of fresh connections, counting successes and failures per answering pid.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    /// Connections that got their greeting.
+    pub ok: Arc<AtomicU64>,
+    /// Connections that did not.
+    pub failed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<HashMap<String, u64>>>,
+}
+
+impl Load {
+    /// Starts `clients` threads, each opening fresh connections in a loop.
+    pub fn start(addr: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let mut seen = HashMap::new();
+                    let started = Instant::now();
+                    // Bounded in time and count whatever happens.
+                    for _ in 0..20_000 {
+                        if stop.load(Ordering::Relaxed)
+                            || started.elapsed() > Duration::from_secs(60)
+                        {
+                            break;
+                        }
+                        match greeting(addr) {
+                            Ok(pid) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                *seen.entry(pid).or_default() += 1;
+                            }
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            threads,
+        }
+    }
+
+    /// Stops the load; returns (ok, failed, answers per pid).
+    pub fn finish(self) -> (u64, u64, HashMap<String, u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut seen = HashMap::new();
+        for t in self.threads {
+            for (pid, n) in t.join().unwrap() {
+                *seen.entry(pid).or_default() += n;
+            }
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            seen,
+        )
+    }
 }

@@ -12,4 +12,4 @@ pub mod supervisor;
 
 pub use pool::{ConnGuard, Pool, PoolSnapshot, WorkerHandle};
 pub use process::Exit;
-pub use supervisor::{AppSupervisor, WorkerState, WorkerStatus};
+pub use supervisor::{AppSupervisor, OpError, Target, WorkerState, WorkerStatus};

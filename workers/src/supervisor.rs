@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use balancer_config::App;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -108,41 +109,108 @@ enum Control {
     Stop,
 }
 
+/// Which workers of an app an operation touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every worker.
+    All,
+    /// The worker with this id.
+    Worker(u32),
+}
+
+impl Target {
+    fn matches(self, id: u32) -> bool {
+        match self {
+            Target::All => true,
+            Target::Worker(wanted) => wanted == id,
+        }
+    }
+}
+
+/// Why an operation on an app did not (entirely) succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    /// Workers that were started did not become ready; each entry says which and why.
+    #[error("{}", .0.join("; "))]
+    NotReady(Vec<String>),
+    /// No worker of this app has that id.
+    #[error("app {app} has no worker {id}")]
+    NoSuchWorker {
+        /// The app.
+        app: String,
+        /// The id asked for.
+        id: u32,
+    },
+}
+
+/// One worker identity and the task that runs it.
 struct Slot {
+    id: u32,
+    instance: u32,
     status: watch::Receiver<WorkerStatus>,
     control: watch::Sender<Control>,
     task: JoinHandle<()>,
 }
 
+impl Slot {
+    /// Whether its task has ended (stopped, errored, or autorestart off).
+    fn finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    fn restarts(&self) -> u32 {
+        self.status.borrow().restarts
+    }
+
+    async fn stop(self) {
+        let _ = self.control.send(Control::Stop);
+        if let Err(e) = self.task.await {
+            tracing::error!(id = self.id, "worker task failed: {e}");
+        }
+    }
+}
+
 /// Supervises every worker of one app and owns its pool.
+///
+/// Operations (`scale`, `reload`, `stop`, …) run one at a time per app; crash restarts happen
+/// inside each slot's task and need no lock.
 pub struct AppSupervisor {
-    app: Arc<App>,
+    app: ArcSwap<App>,
     home: PathBuf,
     pool: Arc<Pool>,
     ids: Arc<AtomicU32>,
+    /// The app's worker slots, in creation order.
     slots: Mutex<Vec<Slot>>,
+    /// Slots replaced by a reload or removed by a scale-down, still draining: shown by `ls`.
+    retiring: Mutex<Vec<watch::Receiver<WorkerStatus>>>,
+    ops: tokio::sync::Mutex<()>,
 }
 
 impl AppSupervisor {
-    /// Starts `app.instances` workers. `ids` hands out worker ids across all apps of a master;
-    /// `home` is `$BALANCER_HOME` (logs go to `home/logs`).
+    /// Starts `app.instances` workers (without waiting for them: see
+    /// [`wait_started`](Self::wait_started)). `ids` hands out worker ids across all apps of a
+    /// master; `home` is `$BALANCER_HOME` (logs go to `home/logs`).
     pub fn start(app: App, home: PathBuf, ids: Arc<AtomicU32>) -> Arc<Self> {
+        let instances = app.instances;
         let sup = Arc::new(AppSupervisor {
-            app: Arc::new(app),
+            app: ArcSwap::from_pointee(app),
             home,
             pool: Arc::new(Pool::new()),
             ids,
             slots: Mutex::new(Vec::new()),
+            retiring: Mutex::new(Vec::new()),
+            ops: tokio::sync::Mutex::new(()),
         });
-        for instance in 0..sup.app.instances {
-            sup.add_slot(instance);
-        }
+        let slots: Vec<Slot> = (0..instances)
+            .map(|instance| sup.spawn_slot(None, instance, 0, false))
+            .collect();
+        sup.slots_mut().extend(slots);
         sup
     }
 
-    /// The app as configured.
-    pub fn app(&self) -> &App {
-        &self.app
+    /// The app as currently configured.
+    pub fn app(&self) -> Arc<App> {
+        self.app.load_full()
     }
 
     /// The ready workers, for the listeners.
@@ -150,38 +218,311 @@ impl AppSupervisor {
         &self.pool
     }
 
-    /// A snapshot of every worker's status, ordered by id.
+    /// Whether a worker with this id belongs to the app.
+    pub fn has_worker(&self, id: u32) -> bool {
+        self.slots_mut().iter().any(|s| s.id == id)
+    }
+
+    /// Every worker's status, ordered by id (draining leftovers of a reload or scale-down too).
     pub fn statuses(&self) -> Vec<WorkerStatus> {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<_> = slots.iter().map(|s| s.status.borrow().clone()).collect();
-        all.sort_by_key(|s| s.id);
+        let mut all: Vec<_> = self
+            .slots_mut()
+            .iter()
+            .map(|s| s.status.borrow().clone())
+            .collect();
+        all.extend(self.retiring_mut().iter().map(|rx| rx.borrow().clone()));
+        all.sort_by_key(|s| (s.id, s.state == WorkerState::Ready));
         all
+    }
+
+    /// The log files of each instance.
+    pub fn log_paths(&self) -> Vec<(u32, LogPaths)> {
+        let name = self.app().name.clone();
+        let mut instances: Vec<u32> = self.slots_mut().iter().map(|s| s.instance).collect();
+        instances.sort_unstable();
+        instances.dedup();
+        instances
+            .into_iter()
+            .map(|i| (i, LogPaths::new(&self.home, &name, i)))
+            .collect()
+    }
+
+    /// Waits until every current worker has become ready or failed its first start.
+    pub async fn wait_started(&self) -> Result<(), OpError> {
+        let _op = self.ops.lock().await;
+        let watches: Vec<_> = self.slots_mut().iter().map(|s| s.status.clone()).collect();
+        first_outcomes(watches).await
+    }
+
+    /// Sets the worker count: new workers join when ready (this returns when they are, or with
+    /// why not); surplus workers go newest first, drained, then stopped.
+    pub async fn scale(&self, to: u32) -> Result<String, OpError> {
+        let _op = self.ops.lock().await;
+        self.scale_locked(to).await
+    }
+
+    async fn scale_locked(&self, to: u32) -> Result<String, OpError> {
+        // The count is part of the configuration: a later reload keeps it.
+        let mut app = App::clone(&self.app());
+        if app.instances != to {
+            app.instances = to;
+            app.instances_spec = balancer_config::Instances::Count(to);
+            self.app.store(Arc::new(app));
+        }
+        let name = self.app().name.clone();
+        let current = self.slots_mut().len() as u32;
+        if to > current {
+            let mut used: Vec<u32> = self.slots_mut().iter().map(|s| s.instance).collect();
+            let mut watches = Vec::new();
+            for _ in current..to {
+                let instance = (0..).find(|i| !used.contains(i)).unwrap_or(0);
+                used.push(instance);
+                let slot = self.spawn_slot(None, instance, 0, false);
+                watches.push(slot.status.clone());
+                self.slots_mut().push(slot);
+            }
+            first_outcomes(watches).await?;
+            Ok(format!("scaled {name} from {current} to {to}: all ready"))
+        } else if to < current {
+            let victims = {
+                let mut slots = self.slots_mut();
+                slots.sort_by_key(|s| s.id);
+                slots.split_off(to as usize)
+            };
+            self.retire(victims).await;
+            Ok(format!("scaled {name} from {current} down to {to}"))
+        } else {
+            Ok(format!("{name} already has {to} workers"))
+        }
+    }
+
+    /// How many worker slots the app has (running or not; draining leftovers excluded).
+    pub fn worker_count(&self) -> u32 {
+        self.slots_mut().len() as u32
+    }
+
+    /// Takes a configuration that differs only in its worker count, and scales to it.
+    pub async fn rescale(&self, app: App) -> Result<String, OpError> {
+        let _op = self.ops.lock().await;
+        let to = app.instances;
+        self.app.store(Arc::new(app));
+        self.scale_locked(to).await
+    }
+
+    /// Zero-downtime replacement of the targeted workers, `reload_batch` at a time: start the
+    /// replacement, wait until it is ready, swap it into the pool, then drain and stop the old
+    /// one. With `new`, the app's configuration changes first (and its worker count after).
+    /// A replacement that never becomes ready is stopped, the old worker keeps serving, the
+    /// previous configuration is restored, and the reload fails with the reason.
+    pub async fn reload(&self, new: Option<App>, target: Target) -> Result<String, OpError> {
+        let _op = self.ops.lock().await;
+        let previous = self.app();
+        if let Some(new) = new {
+            self.app.store(Arc::new(new));
+        }
+        let app = self.app();
+        let chosen: Vec<(u32, u32, u32, bool)> = self
+            .slots_mut()
+            .iter()
+            .filter(|s| target.matches(s.id))
+            .map(|s| (s.id, s.instance, s.restarts(), s.finished()))
+            .collect();
+        if let Target::Worker(id) = target
+            && chosen.is_empty()
+        {
+            return Err(self.no_such_worker(id));
+        }
+        let mut draining = Vec::new();
+        let mut replaced = 0;
+        for batch in chosen.chunks(app.reload_batch.max(1) as usize) {
+            let fresh: Vec<Slot> = batch
+                .iter()
+                .map(|&(id, instance, restarts, finished)| {
+                    // A worker that is not running has nothing to protect: no probation.
+                    self.spawn_slot(Some(id), instance, restarts + 1, !finished)
+                })
+                .collect();
+            let outcomes =
+                futures_join(fresh.iter().map(|s| first_outcome(s.status.clone()))).await;
+            let mut failures = Vec::new();
+            for (slot, outcome) in fresh.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => {
+                        replaced += 1;
+                        if let Some(old) = self.swap_slot(slot) {
+                            draining.push(old);
+                        }
+                    }
+                    Err(why) => {
+                        failures.push(why);
+                        slot.stop().await;
+                    }
+                }
+            }
+            if !failures.is_empty() {
+                self.app.store(previous);
+                self.retire(draining).await;
+                tracing::warn!(app = %app.name, "reload failed; the old workers keep serving");
+                return Err(OpError::NotReady(failures));
+            }
+        }
+        self.retire(draining).await;
+        if target == Target::All && self.slots_mut().len() as u32 != app.instances {
+            self.scale_locked(app.instances).await?;
+        }
+        Ok(format!("reloaded {replaced} worker(s) of {}", app.name))
+    }
+
+    /// Drains and stops the targeted workers; they stay listed as `stopped`.
+    pub async fn stop(&self, target: Target) -> Result<String, OpError> {
+        let _op = self.ops.lock().await;
+        self.stop_locked(target).await
+    }
+
+    async fn stop_locked(&self, target: Target) -> Result<String, OpError> {
+        let (controls, watches): (Vec<_>, Vec<_>) = {
+            let slots = self.slots_mut();
+            let chosen: Vec<_> = slots.iter().filter(|s| target.matches(s.id)).collect();
+            if let Target::Worker(id) = target
+                && chosen.is_empty()
+            {
+                return Err(self.no_such_worker(id));
+            }
+            chosen
+                .iter()
+                .map(|s| (s.control.clone(), s.status.clone()))
+                .unzip()
+        };
+        for control in &controls {
+            let _ = control.send(Control::Stop);
+        }
+        for mut status in watches {
+            let _ = status.wait_for(|s| is_down(s.state)).await.map(|_| ());
+        }
+        Ok(format!(
+            "stopped {} worker(s) of {}",
+            controls.len(),
+            self.app().name
+        ))
+    }
+
+    /// Starts stopped or errored workers again (running ones are left alone).
+    pub async fn start_stopped(&self, target: Target) -> Result<String, OpError> {
+        let _op = self.ops.lock().await;
+        self.start_locked(target, false).await
+    }
+
+    async fn start_locked(&self, target: Target, count_restart: bool) -> Result<String, OpError> {
+        let chosen: Vec<(u32, u32, u32)> = self
+            .slots_mut()
+            .iter()
+            .filter(|s| target.matches(s.id) && s.finished())
+            .map(|s| (s.id, s.instance, s.restarts()))
+            .collect();
+        if let Target::Worker(id) = target
+            && !self.has_worker(id)
+        {
+            return Err(self.no_such_worker(id));
+        }
+        let mut watches = Vec::new();
+        for (id, instance, restarts) in &chosen {
+            let restarts = restarts + u32::from(count_restart);
+            let slot = self.spawn_slot(Some(*id), *instance, restarts, false);
+            watches.push(slot.status.clone());
+            if let Some(old) = self.swap_slot(slot) {
+                old.stop().await;
+            }
+        }
+        first_outcomes(watches).await?;
+        Ok(format!(
+            "started {} worker(s) of {}",
+            chosen.len(),
+            self.app().name
+        ))
+    }
+
+    /// Stop, then start (connections to the stopped workers may be refused meanwhile, as in
+    /// PM2; `reload` is the zero-downtime way).
+    pub async fn restart(&self, target: Target) -> Result<String, OpError> {
+        let _op = self.ops.lock().await;
+        self.stop_locked(target).await?;
+        self.start_locked(target, true).await?;
+        Ok(format!("restarted {}", self.app().name))
+    }
+
+    /// Drains, stops and forgets one worker.
+    pub async fn remove_worker(&self, id: u32) -> Result<String, OpError> {
+        let _op = self.ops.lock().await;
+        let victims: Vec<Slot> = {
+            let mut slots = self.slots_mut();
+            let (victims, kept) = std::mem::take(&mut *slots)
+                .into_iter()
+                .partition(|s| s.id == id);
+            *slots = kept;
+            victims
+        };
+        if victims.is_empty() {
+            return Err(self.no_such_worker(id));
+        }
+        self.retire(victims).await;
+        Ok(format!("deleted worker {id} of {}", self.app().name))
     }
 
     /// Drains and stops every worker (concurrently), then returns.
     pub async fn shutdown(&self) {
-        let slots = std::mem::take(&mut *self.slots.lock().unwrap_or_else(|e| e.into_inner()));
-        for slot in &slots {
-            let _ = slot.control.send(Control::Stop);
+        let _op = self.ops.lock().await;
+        let slots = std::mem::take(&mut *self.slots_mut());
+        self.retire(slots).await;
+    }
+
+    fn no_such_worker(&self, id: u32) -> OpError {
+        OpError::NoSuchWorker {
+            app: self.app().name.clone(),
+            id,
         }
-        for slot in slots {
-            if let Err(e) = slot.task.await {
-                tracing::error!(app = %self.app.name, "worker task failed: {e}");
+    }
+
+    fn slots_mut(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts `slot` in place of the slot with the same id (returned), or appends it.
+    fn swap_slot(&self, slot: Slot) -> Option<Slot> {
+        let mut slots = self.slots_mut();
+        match slots.iter_mut().find(|s| s.id == slot.id) {
+            Some(existing) => Some(std::mem::replace(existing, slot)),
+            None => {
+                slots.push(slot);
+                None
             }
         }
     }
 
-    fn add_slot(&self, instance: u32) {
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+    /// Drains and stops `slots` side by side; they stay visible to `ls` until stopped.
+    async fn retire(&self, slots: Vec<Slot>) {
+        let watches: Vec<_> = slots.iter().map(|s| s.status.clone()).collect();
+        self.retiring_mut().extend(watches.iter().cloned());
+        futures_join(slots.into_iter().map(Slot::stop)).await;
+        self.retiring_mut()
+            .retain(|rx| !watches.iter().any(|w| w.same_channel(rx)));
+    }
+
+    fn retiring_mut(&self) -> std::sync::MutexGuard<'_, Vec<watch::Receiver<WorkerStatus>>> {
+        self.retiring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn_slot(&self, id: Option<u32>, instance: u32, restarts: u32, probation: bool) -> Slot {
+        let app = self.app();
+        let id = id.unwrap_or_else(|| self.ids.fetch_add(1, Ordering::Relaxed));
         let initial = WorkerStatus {
             id,
-            app: self.app.name.clone(),
+            app: app.name.clone(),
             instance,
             state: WorkerState::Starting,
             pid: None,
             addrs: Vec::new(),
             since: None,
-            restarts: 0,
+            restarts,
             last_exit: None,
             reason: None,
             handle: None,
@@ -189,23 +530,81 @@ impl AppSupervisor {
         let (status_tx, status) = watch::channel(initial);
         let (control, control_rx) = watch::channel(Control::Run);
         let worker = SlotTask {
-            app: Arc::clone(&self.app),
+            restart: RestartPolicy::new(&app),
+            logs: LogPaths::new(&self.home, &app.name, instance),
+            app,
             pool: Arc::clone(&self.pool),
-            logs: LogPaths::new(&self.home, &self.app.name, instance),
             status: status_tx,
             control: control_rx,
-            restart: RestartPolicy::new(&self.app),
+            probation,
         };
-        let task = tokio::spawn(worker.run());
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Slot {
-                status,
-                control,
-                task,
-            });
+        Slot {
+            id,
+            instance,
+            status,
+            control,
+            task: tokio::spawn(worker.run()),
+        }
     }
+}
+
+fn is_down(state: WorkerState) -> bool {
+    matches!(state, WorkerState::Stopped | WorkerState::Errored)
+}
+
+/// Resolves once the worker is ready (`Ok`) or its first start failed (`Err` with why).
+async fn first_outcome(mut status: watch::Receiver<WorkerStatus>) -> Result<(), String> {
+    let outcome = status
+        .wait_for(|s| {
+            matches!(
+                s.state,
+                WorkerState::Ready
+                    | WorkerState::WaitingRestart
+                    | WorkerState::Errored
+                    | WorkerState::Stopped
+            )
+        })
+        .await
+        .map(|s| (s.state, s.id, s.reason.clone()));
+    match outcome {
+        Ok((WorkerState::Ready, _, _)) => Ok(()),
+        Ok((state, id, reason)) => Err(format!(
+            "worker {id} {}: {}",
+            state.as_str(),
+            reason.unwrap_or_else(|| "no reason given".into())
+        )),
+        Err(_) => Err("worker task ended".into()),
+    }
+}
+
+async fn first_outcomes(watches: Vec<watch::Receiver<WorkerStatus>>) -> Result<(), OpError> {
+    let failures: Vec<String> = futures_join(watches.into_iter().map(first_outcome))
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(OpError::NotReady(failures))
+    }
+}
+
+/// Runs futures side by side (as tasks) and returns their outputs in order.
+async fn futures_join<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        match task.await {
+            Ok(output) => outputs.push(output),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    outputs
 }
 
 /// How one incarnation ended, as far as the slot loop cares.
@@ -219,6 +618,9 @@ enum Outcome {
 }
 
 struct SlotTask {
+    /// A reload's replacement: if its first process never becomes ready, give up at once
+    /// (the old worker is still serving) instead of entering the restart loop.
+    probation: bool,
     app: Arc<App>,
     pool: Arc<Pool>,
     logs: LogPaths,
@@ -249,6 +651,18 @@ impl SlotTask {
                 Outcome::NeverReady(reason) => (None, reason),
             };
             let app = &self.app;
+            if self.probation {
+                let why = format!("replacement never became ready: {reason}");
+                tracing::warn!(app = %app.name, id = self.id(), "{why}");
+                self.set(|s| {
+                    s.state = WorkerState::Errored;
+                    s.pid = None;
+                    s.handle = None;
+                    s.last_exit = exit.or(s.last_exit);
+                    s.reason = Some(why);
+                });
+                return;
+            }
             let Some(delay) = self.restart.after_exit(uptime) else {
                 let why = if app.autorestart {
                     format!(
@@ -409,6 +823,7 @@ impl SlotTask {
                     match hysteresis.record(ok) {
                         Some(Transition::Up) => {
                             ever_ready = true;
+                            self.probation = false;
                             self.pool.insert(Arc::clone(handle));
                             tracing::info!(app = %app.name, id = handle.id, instance = handle.instance, pid = handle.pid, "worker ready");
                             self.set(|s| { s.state = WorkerState::Ready; s.reason = None; });

@@ -5,6 +5,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use balancer_workers::{ConnGuard, Pool};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -16,18 +17,45 @@ use crate::policy::round_robin;
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Where one public TCP listener sends its connections.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TcpRoute {
     /// The app's name, for logs.
     pub app: String,
     /// The app's ready workers.
     pub pool: Arc<Pool>,
+    settings: ArcSwap<RouteSettings>,
+}
+
+/// The parts of a route a reload may change; read wait-free once per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSettings {
     /// Which of the worker's private addresses belongs to this listener.
     pub listener_index: usize,
     /// Time allowed for one connect to a worker.
     pub connect_timeout: Duration,
     /// Time a connection may wait for a ready worker.
     pub queue_timeout: Duration,
+}
+
+impl TcpRoute {
+    /// A route to `pool`'s workers.
+    pub fn new(app: impl Into<String>, pool: Arc<Pool>, settings: RouteSettings) -> Self {
+        TcpRoute {
+            app: app.into(),
+            pool,
+            settings: ArcSwap::from_pointee(settings),
+        }
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> RouteSettings {
+        **self.settings.load()
+    }
+
+    /// Replaces the settings (after a reload changed the app).
+    pub fn update(&self, settings: RouteSettings) {
+        self.settings.store(Arc::new(settings));
+    }
 }
 
 /// Why a connection could not be proxied.
@@ -60,7 +88,8 @@ pub async fn connect(
     route: &TcpRoute,
     shutdown: &CancellationToken,
 ) -> Result<(TcpStream, ConnGuard), ProxyError> {
-    let deadline = Instant::now() + route.queue_timeout;
+    let settings = route.settings();
+    let deadline = Instant::now() + settings.queue_timeout;
     let mut changes = route.pool.subscribe();
     loop {
         changes.borrow_and_update();
@@ -69,11 +98,11 @@ pub async fn connect(
             let Some(guard) = worker.acquire() else {
                 continue;
             };
-            let Some(&addr) = worker.addrs.get(route.listener_index) else {
+            let Some(&addr) = worker.addrs.get(settings.listener_index) else {
                 continue;
             };
             tried += 1;
-            match timeout(route.connect_timeout, TcpStream::connect(addr)).await {
+            match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => return Ok((stream, guard)),
                 Ok(Err(e)) => {
                     tracing::debug!(app = %route.app, id = worker.id, %addr, "connect failed: {e}; trying the next worker");
@@ -95,7 +124,7 @@ pub async fn connect(
         tokio::select! {
             _ = changes.changed() => {}
             _ = pause => {}
-            _ = sleep_until(deadline) => return Err(ProxyError::NoWorker(route.queue_timeout)),
+            _ = sleep_until(deadline) => return Err(ProxyError::NoWorker(settings.queue_timeout)),
             _ = shutdown.cancelled() => return Err(ProxyError::Shutdown),
         }
     }

@@ -1,0 +1,304 @@
+//! Tables: `ls` (one row per worker) and `show` (an app's resolved config, log files, workers,
+//! and why each worker last stopped).
+//!
+//! One fixed comfy-table style everywhere. Off a terminal there is no color and no wrapping, so
+//! scripts and tests see the same text every time.
+
+use std::fmt::Write as _;
+
+use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table, presets};
+use serde_json::Value;
+
+use super::{Output, uptime};
+use crate::admin::protocol::{AppInfo, WorkerInfo};
+
+/// The `ls` header; `↺` is restarts, as in PM2.
+const WORKER_HEADER: [&str; 10] = [
+    "id",
+    "app",
+    "inst",
+    "pid",
+    "policy",
+    "status",
+    "↺",
+    "uptime",
+    "conns",
+    "listeners",
+];
+
+/// Columns of numbers, aligned right.
+const NUMERIC_COLUMNS: [usize; 5] = [0, 2, 3, 6, 8];
+
+fn new_table(output: Output) -> Table {
+    let mut table = Table::new();
+    table.load_style(presets::UTF8_FULL_CONDENSED);
+    match output {
+        Output::Plain => {
+            table
+                .force_no_tty()
+                .set_content_arrangement(ContentArrangement::Disabled);
+        }
+        Output::Terminal => {
+            table.set_content_arrangement(ContentArrangement::Dynamic);
+        }
+    }
+    table
+}
+
+/// The color of a status on a terminal: green serving, red given up on, grey stopped, yellow
+/// on its way somewhere.
+fn status_cell(status: &str) -> Cell {
+    let color = match status {
+        "ready" => Color::Green,
+        "errored" => Color::Red,
+        "stopped" => Color::DarkGrey,
+        _ => Color::Yellow,
+    };
+    Cell::new(status).fg(color)
+}
+
+/// The `ls` table: one row per worker, in the order given.
+pub fn workers(workers: &[WorkerInfo], output: Output) -> String {
+    let mut table = new_table(output);
+    table.set_header(WORKER_HEADER);
+    for w in workers {
+        table.add_row(vec![
+            Cell::new(w.id),
+            Cell::new(&w.app),
+            Cell::new(w.instance),
+            Cell::new(w.pid.map_or_else(|| "-".to_owned(), |p| p.to_string())),
+            Cell::new(&w.policy),
+            status_cell(&w.status),
+            Cell::new(w.restarts),
+            Cell::new(w.uptime_ms.map_or_else(|| "-".to_owned(), uptime)),
+            Cell::new(w.connections),
+            Cell::new(w.listeners.join(", ")),
+        ]);
+    }
+    for index in NUMERIC_COLUMNS {
+        if let Some(column) = table.column_mut(index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table.to_string()
+}
+
+/// Why each worker is not simply running, one line per worker that has something to say:
+/// `worker 3 (web #1) errored: <reason>; last exit: <how>`.
+pub fn worker_notes(workers: &[WorkerInfo]) -> Vec<String> {
+    workers
+        .iter()
+        .filter(|w| w.reason.is_some() || w.last_exit.is_some())
+        .map(|w| {
+            let mut line = format!("worker {} ({} #{}) {}", w.id, w.app, w.instance, w.status);
+            let mut sep = ": ";
+            if let Some(reason) = &w.reason {
+                let _ = write!(line, "{sep}{reason}");
+                sep = "; ";
+            }
+            if let Some(exit) = &w.last_exit {
+                let _ = write!(line, "{sep}last exit: {exit}");
+            }
+            line
+        })
+        .collect()
+}
+
+/// The `show` page of an app: its resolved config as key/value rows (nested tables flattened to
+/// `health.check`), its log files, its workers, and why any of them last stopped.
+pub fn app(app: &AppInfo, output: Output) -> String {
+    let mut rows = Vec::new();
+    flatten(&app.config, "", &mut rows);
+    for (instance, out, err) in &app.logs {
+        rows.push((format!("out log #{instance}"), out.display().to_string()));
+        rows.push((format!("err log #{instance}"), err.display().to_string()));
+    }
+    let mut config = new_table(output);
+    config.set_header(["key", "value"]);
+    config.add_rows(rows.into_iter().map(|(k, v)| [k, v]));
+
+    let mut page = format!("app {}\n{config}\n", app.name);
+    let _ = write!(page, "\nworkers\n{}\n", workers(&app.workers, output));
+    let notes = worker_notes(&app.workers);
+    if !notes.is_empty() {
+        page.push_str("\nlast exits\n");
+        for note in notes {
+            page.push_str(&note);
+            page.push('\n');
+        }
+    }
+    page
+}
+
+/// Turns a JSON value into `(dotted.key, text)` rows: objects and lists of objects recurse
+/// (`health.check`, `listen[0].url`), everything else is one row.
+fn flatten(value: &Value, prefix: &str, rows: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (key, value) in map {
+                let key = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(value, &key, rows);
+            }
+        }
+        Value::Array(items) if items.iter().any(|v| v.is_array() || v.is_object()) => {
+            for (index, item) in items.iter().enumerate() {
+                flatten(item, &format!("{prefix}[{index}]"), rows);
+            }
+        }
+        _ => {
+            let key = if prefix.is_empty() { "config" } else { prefix };
+            rows.push((key.to_owned(), text(value)));
+        }
+    }
+}
+
+/// One value as a cell: strings unquoted, lists of plain values joined with ", ", nothing as
+/// `-`, anything deeper as compact JSON.
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "-".to_owned(),
+        Value::Object(map) if map.is_empty() => "-".to_owned(),
+        Value::Array(items) if items.iter().all(|v| !v.is_array() && !v.is_object()) => {
+            items.iter().map(text).collect::<Vec<_>>().join(", ")
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: u32, instance: u32, status: &str) -> WorkerInfo {
+        WorkerInfo {
+            id,
+            app: "web".into(),
+            instance,
+            pid: Some(4000 + id),
+            policy: "rr".into(),
+            status: status.into(),
+            restarts: 0,
+            uptime_ms: Some(125_000),
+            connections: 3,
+            listeners: vec!["tcp://0.0.0.0:8080".into(), "http://0.0.0.0:8081".into()],
+            private: vec!["127.0.0.1:40001".into()],
+            last_exit: None,
+            reason: None,
+        }
+    }
+
+    fn errored() -> WorkerInfo {
+        WorkerInfo {
+            pid: None,
+            restarts: 16,
+            uptime_ms: None,
+            connections: 0,
+            last_exit: Some("exit status 1".into()),
+            reason: Some("16 unstable restarts (each under min_uptime 1s)".into()),
+            ..worker(12, 1, "errored")
+        }
+    }
+
+    #[test]
+    fn ls_is_one_row_per_worker() {
+        let text = workers(&[worker(0, 0, "ready"), errored()], Output::Plain);
+        let expected = "\
+┌────┬─────┬──────┬──────┬────────┬─────────┬────┬────────┬───────┬─────────────────────────────────────────┐
+│ id ┆ app ┆ inst ┆  pid ┆ policy ┆ status  ┆  ↺ ┆ uptime ┆ conns ┆ listeners                               │
+╞════╪═════╪══════╪══════╪════════╪═════════╪════╪════════╪═══════╪═════════════════════════════════════════╡
+│  0 ┆ web ┆    0 ┆ 4000 ┆ rr     ┆ ready   ┆  0 ┆ 2m     ┆     3 ┆ tcp://0.0.0.0:8080, http://0.0.0.0:8081 │
+│ 12 ┆ web ┆    1 ┆    - ┆ rr     ┆ errored ┆ 16 ┆ -      ┆     0 ┆ tcp://0.0.0.0:8080, http://0.0.0.0:8081 │
+└────┴─────┴──────┴──────┴────────┴─────────┴────┴────────┴───────┴─────────────────────────────────────────┘";
+        assert_eq!(text, expected, "\n{text}");
+        assert!(!text.contains('\x1b'), "no escape codes off a terminal");
+    }
+
+    #[test]
+    fn an_empty_ls_is_just_the_header() {
+        let text = workers(&[], Output::Plain);
+        let expected = "\
+┌────┬─────┬──────┬─────┬────────┬────────┬───┬────────┬───────┬───────────┐
+│ id ┆ app ┆ inst ┆ pid ┆ policy ┆ status ┆ ↺ ┆ uptime ┆ conns ┆ listeners │
+╞════╪═════╪══════╪═════╪════════╪════════╪═══╪════════╪═══════╪═══════════╡
+└────┴─────┴──────┴─────┴────────┴────────┴───┴────────┴───────┴───────────┘";
+        assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn notes_say_why_a_worker_is_errored() {
+        assert_eq!(
+            worker_notes(&[worker(0, 0, "ready"), errored()]),
+            [
+                "worker 12 (web #1) errored: 16 unstable restarts (each under min_uptime 1s); \
+              last exit: exit status 1"
+            ]
+        );
+        let only_exit = WorkerInfo {
+            last_exit: Some("signal SIGKILL".into()),
+            ..worker(3, 0, "starting")
+        };
+        assert_eq!(
+            worker_notes(&[only_exit]),
+            ["worker 3 (web #0) starting: last exit: signal SIGKILL"]
+        );
+    }
+
+    #[test]
+    fn show_flattens_the_config_and_lists_logs_workers_and_exits() {
+        let info = AppInfo {
+            name: "web".into(),
+            config: serde_json::json!({
+                "name": "web",
+                "program": "node",
+                "args": ["/srv/server.js", "--port=x"],
+                "env": {"NODE_ENV": "production"},
+                "health": {"check": "tcp", "interval_ms": 1000},
+                "instances": 2,
+                "max_memory_restart": null,
+                "listen": [{"url": "tcp://0.0.0.0:8080", "port_env": "PORT"}],
+                "watch": [],
+            }),
+            logs: vec![(
+                0,
+                "/h/logs/web-0-out.log".into(),
+                "/h/logs/web-0-err.log".into(),
+            )],
+            workers: vec![worker(0, 0, "ready"), errored()],
+        };
+        let text = app(&info, Output::Plain);
+        let expected_config = "\
+app web
+┌────────────────────┬──────────────────────────┐
+│ key                ┆ value                    │
+╞════════════════════╪══════════════════════════╡
+│ args               ┆ /srv/server.js, --port=x │
+│ env.NODE_ENV       ┆ production               │
+│ health.check       ┆ tcp                      │
+│ health.interval_ms ┆ 1000                     │
+│ instances          ┆ 2                        │
+│ listen[0].port_env ┆ PORT                     │
+│ listen[0].url      ┆ tcp://0.0.0.0:8080       │
+│ max_memory_restart ┆ -                        │
+│ name               ┆ web                      │
+│ program            ┆ node                     │
+│ watch              ┆ -                        │
+│ out log #0         ┆ /h/logs/web-0-out.log    │
+│ err log #0         ┆ /h/logs/web-0-err.log    │
+└────────────────────┴──────────────────────────┘
+
+workers
+";
+        assert!(text.starts_with(expected_config), "\n{text}");
+        assert!(text.contains("│ 12 ┆ web ┆    1 ┆    - ┆ rr     ┆ errored ┆ 16 ┆"));
+        assert!(text.ends_with(
+            "\nlast exits\nworker 12 (web #1) errored: 16 unstable restarts (each under \
+             min_uptime 1s); last exit: exit status 1\n"
+        ));
+    }
+}
