@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use balancer::listener;
-use balancer::proxy::tcp::{RouteSettings, TcpRoute};
+use balancer::proxy::{Route, RouteSettings};
 use balancer_workers::{Pool, WorkerHandle};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,8 +73,17 @@ fn setup() -> Setup {
             listener_index: 0,
             connect_timeout: Duration::from_secs(3),
             queue_timeout: Duration::from_secs(3),
+            udp: balancer_config::UdpSettings {
+                max_flows: 16,
+                idle_timeout: Duration::from_secs(30),
+            },
+            http: balancer_config::HttpSettings {
+                header_timeout: Duration::from_secs(10),
+                max_header_size: 64 * 1024,
+                idle_timeout: Duration::from_secs(60),
+            },
         };
-        let route = Arc::new(TcpRoute::new("bench", pool, settings));
+        let route = Arc::new(Route::new("bench", pool, settings));
         tokio::spawn(listener::tcp::serve(
             public,
             route,

@@ -10,14 +10,13 @@ use std::time::Duration;
 
 use balancer_config::{App, Config, Listener, LoadOptions};
 use balancer_workers::{AppSupervisor, OpError, Target, WorkerStatus};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::home::{HomeLock, LockError};
-use crate::listener;
-use crate::proxy::tcp::{RouteSettings, TcpRoute};
+use crate::listener::{self, Bound};
+use crate::proxy::{Route, RouteSettings};
 
 /// Connections still open after every worker has stopped get this long to end on their own.
 const LINGER_AFTER_STOP: Duration = Duration::from_secs(1);
@@ -78,7 +77,7 @@ pub enum Apply {
 /// One public listener of an app.
 struct ListenerEntry {
     config: Listener,
-    route: Arc<TcpRoute>,
+    route: Arc<Route>,
     stop: CancellationToken,
 }
 
@@ -184,13 +183,13 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
 }
 
 /// Binds every listener of `apps`, all or nothing.
-fn bind_all(apps: &[App]) -> Result<Vec<Vec<TcpListener>>, MasterError> {
+fn bind_all(apps: &[App]) -> Result<Vec<Vec<Bound>>, MasterError> {
     apps.iter()
         .map(|app| {
             app.listen
                 .iter()
                 .map(|l| {
-                    listener::tcp::bind(l.addr).map_err(|source| MasterError::Bind {
+                    listener::bind(l).map_err(|source| MasterError::Bind {
                         listener: l.to_string(),
                         app: app.name.clone(),
                         source,
@@ -211,6 +210,8 @@ fn route_settings(app: &App, listener_index: usize) -> RouteSettings {
         listener_index,
         connect_timeout: app.connect_timeout,
         queue_timeout: app.queue_timeout,
+        udp: app.udp,
+        http: app.http,
     }
 }
 
@@ -294,7 +295,7 @@ impl Master {
         balancer_config::parse(toml, &cwd.join("(command line)"), &opts).map_err(|e| e.to_string())
     }
 
-    fn add_app(&self, app: App, sockets: Vec<TcpListener>, source: Source) -> Arc<AppSupervisor> {
+    fn add_app(&self, app: App, sockets: Vec<Bound>, source: Source) -> Arc<AppSupervisor> {
         let sup = AppSupervisor::start(app.clone(), self.home.clone(), Arc::clone(&self.ids));
         let listeners = app
             .listen
@@ -318,17 +319,18 @@ impl Master {
         sup: &Arc<AppSupervisor>,
         config: Listener,
         index: usize,
-        socket: TcpListener,
+        socket: Bound,
     ) -> ListenerEntry {
         let app = sup.app();
-        let route = Arc::new(TcpRoute::new(
+        let route = Arc::new(Route::new(
             app.name.clone(),
             Arc::clone(sup.pool()),
             route_settings(&app, index),
         ));
         let stop = CancellationToken::new();
         tracing::info!(app = %app.name, listener = %config, "listening");
-        tokio::spawn(listener::tcp::serve(
+        tokio::spawn(listener::serve(
+            config.proto,
             socket,
             Arc::clone(&route),
             stop.clone(),
@@ -363,7 +365,7 @@ impl Master {
                 .iter()
                 .filter(|l| !held.iter().any(|h| same_socket(h, l)))
             {
-                let socket = listener::tcp::bind(l.addr)
+                let socket = listener::bind(l)
                     .map_err(|e| format!("cannot listen on {l} (app {}): {e}", app.name))?;
                 sockets.push((l.clone(), socket));
             }
@@ -449,7 +451,7 @@ impl Master {
         &self,
         sup: &Arc<AppSupervisor>,
         app: &App,
-        mut fresh: Vec<(Listener, TcpListener)>,
+        mut fresh: Vec<(Listener, Bound)>,
     ) {
         let old = {
             let mut entries = self.entries();

@@ -35,6 +35,17 @@ pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `autorestart`.
 pub const AUTORESTART: bool = true;
+/// `max_flows`: UDP flows (client addresses) tracked per listener before the oldest idle one
+/// is evicted.
+pub const MAX_FLOWS: u32 = 4096;
+/// `udp_idle_timeout`: a UDP flow with no datagram either way for this long is forgotten.
+pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `http_header_timeout`: time a client has to send a request's headers (slowloris).
+pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `http_max_header_size`: the largest request head accepted.
+pub const HTTP_MAX_HEADER_SIZE: usize = 64 * 1024;
+/// `http_idle_timeout`: an idle keep-alive client connection is closed after this long.
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// `reload_batch`: workers replaced at a time by a reload.
 pub const RELOAD_BATCH: u32 = 1;
 /// `max_restarts`: unstable exits in a row before `errored` (PM2's value).

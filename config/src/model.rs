@@ -75,8 +75,32 @@ pub struct App {
     pub exp_backoff_restart_delay: Option<Duration>,
     /// How many workers a reload replaces at a time (at least 1).
     pub reload_batch: u32,
+    /// Limits of `udp://` listeners.
+    pub udp: UdpSettings,
+    /// Limits of `http://` listeners.
+    pub http: HttpSettings,
     /// Resident memory above which a worker is replaced gracefully (bytes).
     pub max_memory_restart: Option<u64>,
+}
+
+/// Limits of the UDP flow table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSettings {
+    /// Flows tracked per listener; past it the least recently active flow is evicted.
+    pub max_flows: u32,
+    /// A flow silent for this long is forgotten.
+    pub idle_timeout: Duration,
+}
+
+/// Limits of the HTTP front end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// The largest request head accepted, in bytes.
+    pub max_header_size: usize,
+    /// An idle keep-alive client connection is closed after this long.
+    pub idle_timeout: Duration,
 }
 
 /// What `instances` said, before it was resolved against the CPU count.

@@ -472,7 +472,7 @@ fn address_clashes_name_the_holder() {
             .any(|e| e.starts_with("4:18: ") && e.contains("already used by app `a` (line 4)")),
         "{errors:#?}"
     );
-    // HTTP shares TCP's ports, UDP does not (both are refused for now, which is not a clash).
+    // HTTP shares TCP's ports, UDP does not.
     let errors = two("tcp://0.0.0.0:80", "http://127.0.0.1:80");
     assert!(
         errors
@@ -480,12 +480,9 @@ fn address_clashes_name_the_holder() {
             .any(|e| e.contains("clashes with tcp://0.0.0.0:80 of app `a`")),
         "{errors:#?}"
     );
-    let errors = two("tcp://0.0.0.0:53", "udp://0.0.0.0:53");
     assert!(
-        errors
-            .iter()
-            .all(|e| !e.contains("clashes") && !e.contains("already used")),
-        "{errors:#?}"
+        p.parse(&format!("[[app]]\nname = \"a\"\n{CMD}listen = [\"tcp://0.0.0.0:53\"]\n[[app]]\nname = \"b\"\n{CMD}listen = [\"udp://0.0.0.0:53\"]\n"))
+            .is_ok()
     );
     // The metrics endpoint holds its port too.
     let errors = p.errors(&format!("[balancer]\nmetrics = \"127.0.0.1:9615\"\n[[app]]\nname = \"a\"\n{CMD}listen = [\":9615\"]\n"));
@@ -697,22 +694,25 @@ fn port_env_defaults_by_position() {
 }
 
 #[test]
+fn udp_and_http_listeners_with_their_port_variables() {
+    let p = Project::new();
+    let app = p.app(&format!("[[app]]\nname = \"mixed\"\n{CMD}listen = [\"http://localhost:8080\", {{ url = \"udp://0.0.0.0:5353\", port_env = \"DNS_PORT\" }}, \"tcp://:9000\"]\nmax_flows = 10\nudp_idle_timeout = \"5s\"\nhttp_max_header_size = \"16K\"\n"));
+    let listeners: Vec<_> = app.listen.iter().map(|l| (l.proto, l.port_env.as_str())).collect();
+    assert_eq!(
+        listeners,
+        [(Proto::Http, "PORT"), (Proto::Udp, "DNS_PORT"), (Proto::Tcp, "PORT_2")]
+    );
+    assert_eq!(app.udp.max_flows, 10);
+    assert_eq!(app.udp.idle_timeout, Duration::from_secs(5));
+    assert_eq!(app.http.max_header_size, 16 * 1024);
+    assert_eq!(app.http.header_timeout, Duration::from_secs(10));
+    let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}max_flows = 0\n"));
+    assert_one(&errors, "4:13", "`max_flows`: must be at least 1, found 0");
+}
+
+#[test]
 fn not_yet_supported_features_are_refused_at_the_value() {
     let p = Project::new();
-    let errors = p.errors(&format!("[[app]]\nname = \"dns\"\n{CMD}listen = [{{ url = \"udp://0.0.0.0:5353\", port_env = \"DNS_PORT\" }}]\n"));
-    assert_one(
-        &errors,
-        "4:19",
-        "`listen`: udp listeners are not supported yet; use tcp://",
-    );
-    let errors = p.errors(&format!(
-        "[[app]]\nname = \"web\"\n{CMD}listen = \"http://localhost:80\"\n"
-    ));
-    assert_one(
-        &errors,
-        "4:10",
-        "`listen`: http listeners are not supported yet; use tcp://",
-    );
     let errors = p.errors(&format!(
         "[[app]]\nname = \"web\"\n{CMD}policy = \"reuseport\"\n"
     ));

@@ -16,7 +16,7 @@ use toml::de::DeValue;
 
 use crate::defaults;
 use crate::error::Sink;
-use crate::model::{
+use crate::model::{HttpSettings, UdpSettings, 
     App, Check, Config, Global, Health, Instances, Listener, Policy, Proto, Signal,
 };
 use crate::raw::{self, Reader, Table, Value};
@@ -50,6 +50,11 @@ const APP_KEYS: &[&str] = &[
     "exp_backoff_restart_delay",
     "max_memory_restart",
     "reload_batch",
+    "max_flows",
+    "udp_idle_timeout",
+    "http_header_timeout",
+    "http_max_header_size",
+    "http_idle_timeout",
 ];
 const BALANCER_KEYS: &[&str] = &["metrics"];
 const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
@@ -58,18 +63,7 @@ const LISTENER_KEYS: &[&str] = &["url", "port_env"];
 /// Features parsed and validated but refused until they are implemented. Each refusal lives
 /// here and only here, so lifting one is deleting one line.
 mod not_yet {
-    use crate::model::{Policy, Proto};
-
-    /// Why a listener of `proto` cannot be used yet.
-    pub(super) fn proto(proto: Proto) -> Option<String> {
-        match proto {
-            Proto::Tcp => None,
-            Proto::Udp | Proto::Http => Some(format!(
-                "{} listeners are not supported yet; use tcp://",
-                proto.scheme()
-            )),
-        }
-    }
+    use crate::model::Policy;
 
     /// Why `policy` cannot be used yet.
     pub(super) fn policy(policy: Policy) -> Option<String> {
@@ -273,6 +267,23 @@ fn app(
         exp_backoff(&mut r).unwrap_or(defaults::EXP_BACKOFF_RESTART_DELAY);
     let max_memory_restart = max_memory(&mut r).unwrap_or(defaults::MAX_MEMORY_RESTART);
     let reload_batch = r.count("reload_batch", 1).unwrap_or(defaults::RELOAD_BATCH);
+    let udp = UdpSettings {
+        max_flows: r.count("max_flows", 1).unwrap_or(defaults::MAX_FLOWS),
+        idle_timeout: r
+            .positive_duration("udp_idle_timeout")
+            .unwrap_or(defaults::UDP_IDLE_TIMEOUT),
+    };
+    let http = HttpSettings {
+        header_timeout: r
+            .positive_duration("http_header_timeout")
+            .unwrap_or(defaults::HTTP_HEADER_TIMEOUT),
+        max_header_size: size(&mut r, "http_max_header_size")
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(defaults::HTTP_MAX_HEADER_SIZE),
+        idle_timeout: r
+            .positive_duration("http_idle_timeout")
+            .unwrap_or(defaults::HTTP_IDLE_TIMEOUT),
+    };
 
     let (program, args) = program?;
     Some(App {
@@ -299,6 +310,8 @@ fn app(
         exp_backoff_restart_delay,
         max_memory_restart,
         reload_batch,
+        udp,
+        http,
     })
 }
 
@@ -584,9 +597,6 @@ fn listeners(
                 continue;
             }
         };
-        if let Some(refusal) = not_yet::proto(proto) {
-            r.error(url.span(), format!("`listen`: {refusal}"));
-        }
         claim(
             r.sink,
             taken,
@@ -840,6 +850,33 @@ fn exp_backoff(r: &mut Reader<'_, '_, '_, '_>) -> Option<Option<Duration>> {
         _ => r
             .duration("exp_backoff_restart_delay")
             .map(|d| Some(d).filter(|d| !d.is_zero())),
+    }
+}
+
+/// A size key that must be positive (`"64K"` or an integer of bytes).
+fn size(r: &mut Reader<'_, '_, '_, '_>, label: &str) -> Option<u64> {
+    let value = r.value(label)?;
+    let parsed = match value.get_ref() {
+        DeValue::String(s) => parse_size(s),
+        DeValue::Integer(_) => match raw::integer(r.sink, label, value)? {
+            n if n <= 0 => Err(format!("must be positive, found {n}")),
+            n => Ok(n.unsigned_abs()),
+        },
+        _ => {
+            raw::wrong_type(r.sink, label, value, "a size such as \"64K\" or an integer of bytes");
+            return None;
+        }
+    };
+    match parsed {
+        Ok(0) => {
+            r.error(value.span(), format!("`{label}`: must be positive"));
+            None
+        }
+        Ok(n) => Some(n),
+        Err(e) => {
+            r.error(value.span(), format!("`{label}`: {e}"));
+            None
+        }
     }
 }
 

@@ -3,19 +3,27 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use balancer_config::Check;
+use balancer_config::{Check, Proto};
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// Runs one probe against a worker's first private address.
+/// Runs one probe against a worker's first private address, served over `proto`.
 ///
-/// `Err` carries a one-line reason for logs and `show`.
-pub async fn probe(check: &Check, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+/// A `tcp` check of a UDP port asks whether the worker has bound it: UDP has no handshake to
+/// probe without knowing the app's protocol, and reading the kernel's socket table disturbs
+/// nothing. `Err` carries a one-line reason for logs and `show`.
+pub async fn probe(
+    check: &Check,
+    proto: Proto,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(), String> {
     let attempt = async {
         match check {
             Check::None => Ok(()),
+            Check::Tcp if proto == Proto::Udp => udp_bound(addr).await,
             Check::Tcp => TcpStream::connect(addr)
                 .await
                 .map(drop)
@@ -29,6 +37,25 @@ pub async fn probe(check: &Check, addr: SocketAddr, timeout: Duration) -> Result
             "{} probe of {addr} timed out after {timeout:?}",
             kind(check)
         )),
+    }
+}
+
+/// Whether some socket is bound to UDP `addr` (loopback IPv4 or a wildcard), per
+/// `/proc/net/udp`.
+async fn udp_bound(addr: SocketAddr) -> Result<(), String> {
+    let table = tokio::fs::read_to_string("/proc/net/udp")
+        .await
+        .map_err(|e| format!("cannot read /proc/net/udp: {e}"))?;
+    let port = format!(":{:04X}", addr.port());
+    let bound = table.lines().skip(1).any(|line| {
+        line.split_whitespace()
+            .nth(1)
+            .is_some_and(|local| local.ends_with(&port) && (local.starts_with("0100007F") || local.starts_with("00000000")))
+    });
+    if bound {
+        Ok(())
+    } else {
+        Err(format!("nothing is bound to udp {addr}"))
     }
 }
 
@@ -143,16 +170,27 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         assert!(
-            probe(&Check::Tcp, addr, Duration::from_secs(2))
+            probe(&Check::Tcp, Proto::Tcp, addr, Duration::from_secs(2))
                 .await
                 .is_ok()
         );
         drop(listener);
         assert!(
-            probe(&Check::Tcp, addr, Duration::from_secs(2))
+            probe(&Check::Tcp, Proto::Tcp, addr, Duration::from_secs(2))
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_udp_port_is_up_once_bound() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let udp = |addr| probe(&Check::Tcp, Proto::Udp, addr, Duration::from_secs(2));
+        assert!(udp(addr).await.is_ok());
+        drop(socket);
+        let err = udp(addr).await.unwrap_err();
+        assert!(err.contains("nothing is bound"), "{err}");
     }
 
     #[tokio::test]
@@ -176,11 +214,11 @@ mod tests {
         });
         let check = |p: &str| Check::Http { path: p.into() };
         assert!(
-            probe(&check("/health"), addr, Duration::from_secs(2))
+            probe(&check("/health"), Proto::Http, addr, Duration::from_secs(2))
                 .await
                 .is_ok()
         );
-        let err = probe(&check("/nope"), addr, Duration::from_secs(2))
+        let err = probe(&check("/nope"), Proto::Http, addr, Duration::from_secs(2))
             .await
             .unwrap_err();
         assert!(err.contains("404"), "{err}");

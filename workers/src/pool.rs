@@ -27,6 +27,7 @@ pub struct WorkerHandle {
     live: AtomicUsize,
     total: AtomicU64,
     draining: AtomicBool,
+    gone: AtomicBool,
     idle: Notify,
 }
 
@@ -41,6 +42,7 @@ impl WorkerHandle {
             live: AtomicUsize::new(0),
             total: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             idle: Notify::new(),
         }
     }
@@ -79,6 +81,16 @@ impl WorkerHandle {
     /// Whether [`start_draining`](Self::start_draining) was called.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Records that the process has exited: sessions pinned to it (UDP flows) must move.
+    pub fn mark_gone(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the process has exited. Unlike draining, whatever it still carries is lost.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::SeqCst)
     }
 
     /// Refuses new connections from now on and returns how many are still live.

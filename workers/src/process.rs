@@ -3,11 +3,11 @@
 
 use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use balancer_config::{App, Signal};
+use balancer_config::{App, Proto, Signal};
 use nix::sys::signal::killpg;
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -78,14 +78,19 @@ impl fmt::Display for Exit {
     }
 }
 
-/// Reserves a free loopback port for a worker's private listener.
+/// Reserves a free loopback port for a worker's private listener of `proto` (UDP ports for
+/// `udp://` listeners, TCP ports otherwise).
 ///
 /// The port is free when this returns; the worker binds it moments later. Another process could
 /// take it in between, in which case the worker fails to listen, never becomes ready, and is
 /// restarted on a new port.
-pub fn private_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+pub fn private_port(proto: Proto) -> io::Result<u16> {
+    match proto {
+        Proto::Udp => Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port()),
+        Proto::Tcp | Proto::Http => Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port()),
+    }
 }
 
 /// What makes one incarnation of a worker.

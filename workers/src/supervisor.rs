@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use balancer_config::App;
+use balancer_config::{App, Proto};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::sleep;
@@ -641,6 +641,7 @@ impl SlotTask {
                     let started = process.started();
                     let outcome = self.supervise(process, &handle).await;
                     self.pool.remove(&handle);
+                    handle.mark_gone();
                     (outcome, started.elapsed())
                 }
                 Err(reason) => (Outcome::NeverReady(reason), Duration::ZERO),
@@ -721,7 +722,7 @@ impl SlotTask {
             .app
             .listen
             .iter()
-            .map(|_| private_port().map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
+            .map(|l| private_port(l.proto).map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cannot reserve a private port: {e}"))?;
         let status = self.status.borrow().clone();
@@ -771,6 +772,7 @@ impl SlotTask {
             .first()
             .copied()
             .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let probe_proto = app.listen.first().map_or(Proto::Tcp, |l| l.proto);
         let mut first_probe = true;
         let mut control = self.control.clone();
         loop {
@@ -788,7 +790,7 @@ impl SlotTask {
                     // Nothing to probe: a worker without listeners is ready once it runs.
                     return Ok(());
                 }
-                probe(&health.check, probe_addr, health.timeout).await
+                probe(&health.check, probe_proto, probe_addr, health.timeout).await
             };
             let deadline = async {
                 if ever_ready {

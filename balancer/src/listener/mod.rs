@@ -1,3 +1,53 @@
-//! Public listeners owned by the master.
+//! Public listeners owned by the master: one socket per `listen` entry, bound before anything
+//! starts, and served by the protocol's accept loop.
 
+use std::io;
+use std::sync::Arc;
+
+use balancer_config::{Listener, Proto};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proxy::Route;
+
+pub mod http;
 pub mod tcp;
+pub mod udp;
+
+/// A bound public socket.
+#[derive(Debug)]
+pub enum Bound {
+    /// `tcp://` and `http://` listeners.
+    Stream(TcpListener),
+    /// `udp://` listeners.
+    Datagram(UdpSocket),
+}
+
+/// Binds the socket for `listener`.
+pub fn bind(listener: &Listener) -> io::Result<Bound> {
+    match listener.proto {
+        Proto::Tcp | Proto::Http => tcp::bind(listener.addr).map(Bound::Stream),
+        Proto::Udp => udp::bind(listener.addr).map(Bound::Datagram),
+    }
+}
+
+/// Serves `socket` as `proto` until `stop`; connection tasks go on `tracker` and end early when
+/// `abort` is cancelled.
+pub async fn serve(
+    proto: Proto,
+    socket: Bound,
+    route: Arc<Route>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+) {
+    match (proto, socket) {
+        (Proto::Tcp, Bound::Stream(l)) => tcp::serve(l, route, stop, abort, tracker).await,
+        (Proto::Http, Bound::Stream(l)) => http::serve(l, route, stop, abort, tracker).await,
+        (Proto::Udp, Bound::Datagram(s)) => udp::serve(s, route, stop, abort, tracker).await,
+        (proto, socket) => {
+            tracing::error!(?proto, ?socket, "listener bound with the wrong kind of socket")
+        }
+    }
+}

@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::proxy::tcp::{ProxyError, TcpRoute, proxy};
+use crate::proxy::Route;
+use crate::proxy::tcp::{ProxyError, proxy};
 
 /// Backlog of public listeners: large, because connections wait there while workers restart.
 const BACKLOG: i32 = 1024;
@@ -35,7 +36,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Connection tasks end early when `abort` is cancelled (the end of a shutdown).
 pub async fn serve(
     listener: TcpListener,
-    route: Arc<TcpRoute>,
+    route: Arc<Route>,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,

@@ -2,61 +2,18 @@
 //! up to `queue_timeout` when none is ready), then copy both ways with half-close preserved.
 
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use balancer_workers::{ConnGuard, Pool};
+use balancer_workers::ConnGuard;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
+use super::Route;
 use crate::policy::round_robin;
 
 /// After every ready worker refused, wait this long (or for a pool change) before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-
-/// Where one public TCP listener sends its connections.
-#[derive(Debug)]
-pub struct TcpRoute {
-    /// The app's name, for logs.
-    pub app: String,
-    /// The app's ready workers.
-    pub pool: Arc<Pool>,
-    settings: ArcSwap<RouteSettings>,
-}
-
-/// The parts of a route a reload may change; read wait-free once per connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteSettings {
-    /// Which of the worker's private addresses belongs to this listener.
-    pub listener_index: usize,
-    /// Time allowed for one connect to a worker.
-    pub connect_timeout: Duration,
-    /// Time a connection may wait for a ready worker.
-    pub queue_timeout: Duration,
-}
-
-impl TcpRoute {
-    /// A route to `pool`'s workers.
-    pub fn new(app: impl Into<String>, pool: Arc<Pool>, settings: RouteSettings) -> Self {
-        TcpRoute {
-            app: app.into(),
-            pool,
-            settings: ArcSwap::from_pointee(settings),
-        }
-    }
-
-    /// The current settings.
-    pub fn settings(&self) -> RouteSettings {
-        **self.settings.load()
-    }
-
-    /// Replaces the settings (after a reload changed the app).
-    pub fn update(&self, settings: RouteSettings) {
-        self.settings.store(Arc::new(settings));
-    }
-}
 
 /// Why a connection could not be proxied.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +42,7 @@ pub struct Transferred {
 /// round-robin cursor; when a pass fails or the pool is empty, waits for the pool to change (or a
 /// short pause) and tries again, until `queue_timeout`.
 pub async fn connect(
-    route: &TcpRoute,
+    route: &Route,
     shutdown: &CancellationToken,
 ) -> Result<(TcpStream, ConnGuard), ProxyError> {
     let settings = route.settings();
@@ -133,7 +90,7 @@ pub async fn connect(
 /// Proxies one client connection to a worker until both directions are closed.
 pub async fn proxy(
     mut client: TcpStream,
-    route: &TcpRoute,
+    route: &Route,
     shutdown: &CancellationToken,
 ) -> Result<Transferred, ProxyError> {
     let (mut upstream, _guard) = connect(route, shutdown).await?;

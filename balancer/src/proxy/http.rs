@@ -1,0 +1,1 @@
+//! HTTP proxying (being written).

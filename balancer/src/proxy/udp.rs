@@ -1,0 +1,1 @@
+//! UDP flow proxying (being written).
