@@ -4,5 +4,6 @@
 mod config_errors;
 mod lifecycle;
 mod operate;
+mod reuseport;
 mod support;
 mod tcp;

@@ -113,6 +113,14 @@ pub enum Command {
     /// The background master itself (what `start` launches).
     #[command(hide = true)]
     Daemon,
+    /// Reuseport workers are started through this: it sets `LISTEN_PID` to its own pid and
+    /// execs the program, which keeps that pid (systemd's socket-activation contract).
+    #[command(hide = true, name = "exec-shim")]
+    ExecShim {
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        argv: Vec<std::ffi::OsString>,
+    },
 }
 
 /// `balancer start`'s arguments.

@@ -17,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::ExecShim { argv } = cli.command {
+        return exec_shim(argv);
+    }
     init_tracing();
+    warn_about_bad_policy_env();
     match cli.command {
         Command::Check { file, env } => match load(&file, env) {
             Ok(config) => {
@@ -56,6 +60,37 @@ fn main() -> ExitCode {
                 }
             },
         },
+    }
+}
+
+/// `balancer exec-shim -- PROGRAM ARGS…`: become PROGRAM with `LISTEN_PID` set to our pid,
+/// which exec keeps. Only the reuseport policy's spawner runs this.
+fn exec_shim(argv: Vec<std::ffi::OsString>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let Some((program, args)) = argv.split_first() else {
+        eprintln!("balancer exec-shim: no program given");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let err = std::process::Command::new(program)
+        .args(args)
+        .env("LISTEN_PID", std::process::id().to_string())
+        .exec();
+    eprintln!(
+        "balancer exec-shim: cannot run {}: {err}",
+        program.to_string_lossy()
+    );
+    ExitCode::from(127)
+}
+
+/// `BALANCER_SCHED_POLICY` with a value we do not know is ignored (rr applies); say so.
+fn warn_about_bad_policy_env() {
+    if let Ok(value) = std::env::var(balancer_config::SCHED_POLICY_ENV)
+        && value.parse::<balancer_config::Policy>().is_err()
+    {
+        tracing::warn!(
+            "{}={value:?} is not a policy (rr or reuseport); using rr",
+            balancer_config::SCHED_POLICY_ENV
+        );
     }
 }
 

@@ -4,12 +4,12 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use balancer_config::{App, Config, Listener, LoadOptions};
-use balancer_workers::{AppSupervisor, OpError, Target, WorkerStatus};
+use balancer_config::{App, Config, Listener, LoadOptions, Policy};
+use balancer_workers::reuseport::Group;
+use balancer_workers::{AppSupervisor, Environment, OpError, Target, WorkerStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -92,7 +92,7 @@ struct AppEntry {
 pub struct Master {
     home: PathBuf,
     load: LoadOptions,
-    ids: Arc<AtomicU32>,
+    env: Arc<Environment>,
     apps: Mutex<Vec<AppEntry>>,
     /// One configuration change at a time (operations on single apps lock in their supervisor).
     changes: tokio::sync::Mutex<()>,
@@ -127,7 +127,10 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     let master = Arc::new(Master {
         home: opts.home.clone(),
         load: opts.load.clone(),
-        ids: Arc::new(AtomicU32::new(0)),
+        env: Environment::new(
+            opts.home.clone(),
+            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer")),
+        ),
         apps: Mutex::new(Vec::new()),
         changes: tokio::sync::Mutex::new(()),
         abort_connections: CancellationToken::new(),
@@ -182,22 +185,34 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     Ok(())
 }
 
-/// Binds every listener of `apps`, all or nothing.
+/// Binds every listener of `apps`, all or nothing. Reuseport apps get no master socket (their
+/// workers each get their own); their addresses are only checked to be shareable.
 fn bind_all(apps: &[App]) -> Result<Vec<Vec<Bound>>, MasterError> {
     apps.iter()
         .map(|app| {
             app.listen
                 .iter()
-                .map(|l| {
-                    listener::bind(l).map_err(|source| MasterError::Bind {
-                        listener: l.to_string(),
-                        app: app.name.clone(),
-                        source,
-                    })
+                .filter_map(|l| {
+                    bind_for(app, l)
+                        .map_err(|source| MasterError::Bind {
+                            listener: l.to_string(),
+                            app: app.name.clone(),
+                            source,
+                        })
+                        .transpose()
                 })
                 .collect()
         })
         .collect()
+}
+
+/// The master's socket for `listener` of `app`: bound under rr, `None` under reuseport (after
+/// checking that the address can be shared).
+fn bind_for(app: &App, listener: &Listener) -> std::io::Result<Option<Bound>> {
+    match app.policy {
+        Policy::RoundRobin => listener::bind(listener).map(Some),
+        Policy::ReusePort => Group::check_bind(listener).map(|()| None),
+    }
 }
 
 /// Whether two listeners are served by the same socket (their env var names may differ).
@@ -296,7 +311,7 @@ impl Master {
     }
 
     fn add_app(&self, app: App, sockets: Vec<Bound>, source: Source) -> Arc<AppSupervisor> {
-        let sup = AppSupervisor::start(app.clone(), self.home.clone(), Arc::clone(&self.ids));
+        let sup = AppSupervisor::start(app.clone(), Arc::clone(&self.env));
         let listeners = app
             .listen
             .iter()

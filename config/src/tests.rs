@@ -697,10 +697,18 @@ fn port_env_defaults_by_position() {
 fn udp_and_http_listeners_with_their_port_variables() {
     let p = Project::new();
     let app = p.app(&format!("[[app]]\nname = \"mixed\"\n{CMD}listen = [\"http://localhost:8080\", {{ url = \"udp://0.0.0.0:5353\", port_env = \"DNS_PORT\" }}, \"tcp://:9000\"]\nmax_flows = 10\nudp_idle_timeout = \"5s\"\nhttp_max_header_size = \"16K\"\n"));
-    let listeners: Vec<_> = app.listen.iter().map(|l| (l.proto, l.port_env.as_str())).collect();
+    let listeners: Vec<_> = app
+        .listen
+        .iter()
+        .map(|l| (l.proto, l.port_env.as_str()))
+        .collect();
     assert_eq!(
         listeners,
-        [(Proto::Http, "PORT"), (Proto::Udp, "DNS_PORT"), (Proto::Tcp, "PORT_2")]
+        [
+            (Proto::Http, "PORT"),
+            (Proto::Udp, "DNS_PORT"),
+            (Proto::Tcp, "PORT_2")
+        ]
     );
     assert_eq!(app.udp.max_flows, 10);
     assert_eq!(app.udp.idle_timeout, Duration::from_secs(5));
@@ -711,35 +719,27 @@ fn udp_and_http_listeners_with_their_port_variables() {
 }
 
 #[test]
-fn not_yet_supported_features_are_refused_at_the_value() {
+fn policy_precedence_app_then_environment_then_rr() {
     let p = Project::new();
-    let errors = p.errors(&format!(
-        "[[app]]\nname = \"web\"\n{CMD}policy = \"reuseport\"\n"
-    ));
-    assert_one(
-        &errors,
-        "4:10",
-        "`policy`: policy \"reuseport\" is not supported yet; use \"rr\"",
-    );
-    // From the environment, the app header is the place.
+    let plain = format!("[[app]]\nname = \"web\"\n{CMD}");
+    let chosen = |policy: &str| format!("{plain}policy = \"{policy}\"\n");
     let reuseport = LoadOptions {
         default_policy: Policy::ReusePort,
         ..opts()
     };
-    let errors = errors_of(p.parse_with(&format!("\n[[app]]\nname = \"web\"\n{CMD}"), &reuseport));
-    assert_one(
-        &errors,
-        "2:1",
-        "policy \"reuseport\" is not supported yet; use \"rr\" (the default policy comes from BALANCER_SCHED_POLICY)",
+    // Nothing said anywhere: rr.
+    assert_eq!(p.app(&plain).policy, Policy::RoundRobin);
+    // The environment's default applies to apps that do not say…
+    assert_eq!(
+        p.parse_with(&plain, &reuseport).unwrap().apps[0].policy,
+        Policy::ReusePort
     );
-    // The app's own choice wins over the default.
-    let app = p
-        .parse_with(
-            &format!("[[app]]\nname = \"web\"\n{CMD}policy = \"rr\"\n"),
-            &reuseport,
-        )
-        .unwrap();
+    // …and the app's own choice wins over it, both ways.
+    assert_eq!(p.app(&chosen("reuseport")).policy, Policy::ReusePort);
+    let app = p.parse_with(&chosen("rr"), &reuseport).unwrap();
     assert_eq!(app.apps[0].policy, Policy::RoundRobin);
+    let errors = p.errors(&chosen("random"));
+    assert!(errors.iter().any(|e| e.starts_with("4:10: ")), "{errors:?}");
 }
 
 #[test]

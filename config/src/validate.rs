@@ -14,14 +14,15 @@ use std::time::Duration;
 
 use toml::de::DeValue;
 
+use crate::LoadOptions;
 use crate::defaults;
 use crate::error::Sink;
-use crate::model::{HttpSettings, UdpSettings, 
-    App, Check, Config, Global, Health, Instances, Listener, Policy, Proto, Signal,
+use crate::model::{
+    App, Check, Config, Global, Health, HttpSettings, Instances, Listener, Policy, Proto, Signal,
+    UdpSettings,
 };
 use crate::raw::{self, Reader, Table, Value};
 use crate::values::{parse_host_port, parse_listen_url, parse_signal, parse_size};
-use crate::{LoadOptions, SCHED_POLICY_ENV};
 
 /// Keys of `[[app]]`, besides any `env_<name>`.
 const APP_KEYS: &[&str] = &[
@@ -59,22 +60,6 @@ const APP_KEYS: &[&str] = &[
 const BALANCER_KEYS: &[&str] = &["metrics"];
 const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
 const LISTENER_KEYS: &[&str] = &["url", "port_env"];
-
-/// Features parsed and validated but refused until they are implemented. Each refusal lives
-/// here and only here, so lifting one is deleting one line.
-mod not_yet {
-    use crate::model::Policy;
-
-    /// Why `policy` cannot be used yet.
-    pub(super) fn policy(policy: Policy) -> Option<String> {
-        match policy {
-            Policy::RoundRobin => None,
-            Policy::ReusePort => {
-                Some("policy \"reuseport\" is not supported yet; use \"rr\"".to_owned())
-            }
-        }
-    }
-}
 
 /// What validation needs besides the document.
 pub(crate) struct Context<'o> {
@@ -237,7 +222,7 @@ fn app(
         |_| place.clone(),
     );
     let listen = listeners(&mut r, &place, &holder, taken);
-    let policy = policy(&mut r, header, ctx.opts.default_policy);
+    let policy = policy(&mut r, ctx.opts.default_policy);
     let env = env(&mut r, ctx.opts.env.as_deref());
     let health = match r.table("health") {
         Some(table) => health(&mut Reader::new(r.sink, table, "health."), &place),
@@ -686,23 +671,11 @@ fn env_name(name: &str) -> Result<String, String> {
 }
 
 /// `policy`, or the default (from `BALANCER_SCHED_POLICY`) when the app does not say.
-fn policy(r: &mut Reader<'_, '_, '_, '_>, header: Range<usize>, default: Policy) -> Policy {
-    let Some(value) = r.value("policy") else {
-        if let Some(refusal) = not_yet::policy(default) {
-            r.error(
-                header,
-                format!("{refusal} (the default policy comes from {SCHED_POLICY_ENV})"),
-            );
-        }
+fn policy(r: &mut Reader<'_, '_, '_, '_>, default: Policy) -> Policy {
+    if r.value("policy").is_none() {
         return default;
-    };
-    let Some(policy) = r.parsed("policy", str::parse) else {
-        return default;
-    };
-    if let Some(refusal) = not_yet::policy(policy) {
-        r.error(value.span(), format!("`policy`: {refusal}"));
     }
-    policy
+    r.parsed("policy", str::parse).unwrap_or(default)
 }
 
 /// The `<name>` of an `env_<name>` key.
@@ -863,7 +836,12 @@ fn size(r: &mut Reader<'_, '_, '_, '_>, label: &str) -> Option<u64> {
             n => Ok(n.unsigned_abs()),
         },
         _ => {
-            raw::wrong_type(r.sink, label, value, "a size such as \"64K\" or an integer of bytes");
+            raw::wrong_type(
+                r.sink,
+                label,
+                value,
+                "a size such as \"64K\" or an integer of bytes",
+            );
             return None;
         }
     };

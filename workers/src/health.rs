@@ -48,9 +48,10 @@ async fn udp_bound(addr: SocketAddr) -> Result<(), String> {
         .map_err(|e| format!("cannot read /proc/net/udp: {e}"))?;
     let port = format!(":{:04X}", addr.port());
     let bound = table.lines().skip(1).any(|line| {
-        line.split_whitespace()
-            .nth(1)
-            .is_some_and(|local| local.ends_with(&port) && (local.starts_with("0100007F") || local.starts_with("00000000")))
+        line.split_whitespace().nth(1).is_some_and(|local| {
+            local.ends_with(&port)
+                && (local.starts_with("0100007F") || local.starts_with("00000000"))
+        })
     });
     if bound {
         Ok(())

@@ -8,8 +8,9 @@ pub mod health;
 pub mod logs;
 pub mod pool;
 pub mod process;
+pub mod reuseport;
 pub mod supervisor;
 
 pub use pool::{ConnGuard, Pool, PoolSnapshot, WorkerHandle};
 pub use process::Exit;
-pub use supervisor::{AppSupervisor, OpError, Target, WorkerState, WorkerStatus};
+pub use supervisor::{AppSupervisor, Environment, OpError, Target, WorkerState, WorkerStatus};

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -86,7 +88,9 @@ impl fmt::Display for Exit {
 /// restarted on a new port.
 pub fn private_port(proto: Proto) -> io::Result<u16> {
     match proto {
-        Proto::Udp => Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port()),
+        Proto::Udp => Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port()),
         Proto::Tcp | Proto::Http => Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port()),
@@ -104,7 +108,18 @@ pub struct SpawnSpec<'a> {
     pub addrs: &'a [SocketAddr],
     /// Where its output goes.
     pub logs: &'a LogPaths,
+    /// Reuseport policy: the listening sockets to hand over as fds 3, 4, … (empty under rr).
+    pub sockets: &'a [OwnedFd],
+    /// Reuseport policy: this binary, run as `exec-shim` so that `LISTEN_PID` is the pid of
+    /// the program that reads it.
+    pub shim: &'a Path,
 }
+
+/// Handed-over sockets start at this fd, as systemd's socket activation says.
+pub const LISTEN_FDS_START: i32 = 3;
+/// Sockets are first duplicated at or above this fd, so moving them to 3, 4, … in the child
+/// never overwrites one not yet moved.
+const HANDOVER_STAGING_FD: i32 = 64;
 
 /// A running worker process.
 #[derive(Debug)]
@@ -124,7 +139,14 @@ impl Process {
             path: spec.logs.out.display().to_string(),
             source,
         })?;
-        let mut cmd = Command::new(&app.program);
+        let handover = !spec.sockets.is_empty();
+        let mut cmd = if handover {
+            let mut shim = Command::new(spec.shim);
+            shim.arg("exec-shim").arg("--").arg(&app.program);
+            shim
+        } else {
+            Command::new(&app.program)
+        };
         cmd.args(&app.args)
             .current_dir(&app.cwd)
             .envs(&app.env)
@@ -139,10 +161,37 @@ impl Process {
         for (listener, addr) in app.listen.iter().zip(spec.addrs) {
             cmd.env(&listener.port_env, addr.port().to_string());
         }
+        let staged = spec
+            .sockets
+            .iter()
+            .map(|fd| {
+                nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(HANDOVER_STAGING_FD),
+                )
+                .map_err(io::Error::from)
+            })
+            .collect::<io::Result<Vec<i32>>>()
+            .map_err(|source| SpawnError::Exec {
+                program: app.program.clone(),
+                source,
+            })?;
+        // SAFETY: each fd was just returned by F_DUPFD_CLOEXEC and is owned by nobody else.
+        #[allow(unsafe_code)]
+        let staged_owned: Vec<OwnedFd> = staged
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        if handover {
+            let names: Vec<&str> = app.listen.iter().map(|l| l.port_env.as_str()).collect();
+            cmd.env("LISTEN_FDS", staged.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"))
+                .env_remove("LISTEN_PID");
+        }
         let master = nix::unistd::getpid();
         // SAFETY: the closure runs in the child between fork and exec, where only
-        // async-signal-safe calls are allowed: prctl(2), getppid(2) and _exit(2) are. It
-        // allocates nothing and touches no lock.
+        // async-signal-safe calls are allowed: prctl(2), getppid(2), dup2(2) and _exit(2) are.
+        // It allocates nothing and touches no lock (`staged` was built before the fork).
         #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
@@ -151,13 +200,21 @@ impl Process {
                 if nix::unistd::getppid() != master {
                     nix::libc::_exit(1);
                 }
+                for (i, &fd) in staged.iter().enumerate() {
+                    // dup2 clears close-on-exec on the new fd: the program inherits it.
+                    if nix::libc::dup2(fd, LISTEN_FDS_START + i as i32) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
         let child = cmd.spawn().map_err(|source| SpawnError::Exec {
             program: app.program.clone(),
             source,
-        })?;
+        });
+        drop(staged_owned);
+        let child = child?;
         let pid = child.id().unwrap_or_default();
         Ok(Process {
             child,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use balancer_config::{App, Proto};
+use balancer_config::{App, Policy, Proto};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::sleep;
@@ -21,6 +21,7 @@ use crate::health::{Hysteresis, Transition, probe};
 use crate::logs::LogPaths;
 use crate::pool::{Pool, WorkerHandle};
 use crate::process::{Exit, Process, SpawnSpec, private_port};
+use crate::reuseport::{Group, MemberKey, Takeover};
 
 /// Backoff grows by this factor after each unstable exit…
 const BACKOFF_FACTOR: f64 = 1.5;
@@ -170,15 +171,38 @@ impl Slot {
     }
 }
 
+/// What every supervisor of a master shares.
+#[derive(Debug)]
+pub struct Environment {
+    /// `$BALANCER_HOME`: logs go to `home/logs`.
+    pub home: PathBuf,
+    /// Hands out worker ids across all apps of the master.
+    pub ids: AtomicU32,
+    /// The `balancer` binary, run as `exec-shim` for reuseport workers.
+    pub shim: PathBuf,
+}
+
+impl Environment {
+    /// An environment for a master living in `home`, with `shim` as its own binary.
+    pub fn new(home: PathBuf, shim: PathBuf) -> Arc<Self> {
+        Arc::new(Environment {
+            home,
+            ids: AtomicU32::new(0),
+            shim,
+        })
+    }
+}
+
 /// Supervises every worker of one app and owns its pool.
 ///
 /// Operations (`scale`, `reload`, `stop`, …) run one at a time per app; crash restarts happen
 /// inside each slot's task and need no lock.
 pub struct AppSupervisor {
     app: ArcSwap<App>,
-    home: PathBuf,
+    env: Arc<Environment>,
     pool: Arc<Pool>,
-    ids: Arc<AtomicU32>,
+    /// Reuseport policy: one socket group per listener, shared by every incarnation.
+    groups: Mutex<Vec<Arc<Group>>>,
     /// The app's worker slots, in creation order.
     slots: Mutex<Vec<Slot>>,
     /// Slots replaced by a reload or removed by a scale-down, still draining: shown by `ls`.
@@ -188,15 +212,14 @@ pub struct AppSupervisor {
 
 impl AppSupervisor {
     /// Starts `app.instances` workers (without waiting for them: see
-    /// [`wait_started`](Self::wait_started)). `ids` hands out worker ids across all apps of a
-    /// master; `home` is `$BALANCER_HOME` (logs go to `home/logs`).
-    pub fn start(app: App, home: PathBuf, ids: Arc<AtomicU32>) -> Arc<Self> {
+    /// [`wait_started`](Self::wait_started)).
+    pub fn start(app: App, env: Arc<Environment>) -> Arc<Self> {
         let instances = app.instances;
         let sup = Arc::new(AppSupervisor {
             app: ArcSwap::from_pointee(app),
-            home,
+            env,
             pool: Arc::new(Pool::new()),
-            ids,
+            groups: Mutex::new(Vec::new()),
             slots: Mutex::new(Vec::new()),
             retiring: Mutex::new(Vec::new()),
             ops: tokio::sync::Mutex::new(()),
@@ -243,7 +266,7 @@ impl AppSupervisor {
         instances.dedup();
         instances
             .into_iter()
-            .map(|i| (i, LogPaths::new(&self.home, &name, i)))
+            .map(|i| (i, LogPaths::new(&self.env.home, &name, i)))
             .collect()
     }
 
@@ -511,9 +534,32 @@ impl AppSupervisor {
         self.retiring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The socket groups of `app`'s listeners under the reuseport policy (none under rr),
+    /// reusing the group of a listener the app already had.
+    fn groups_for(&self, app: &App) -> Vec<Arc<Group>> {
+        if app.policy != Policy::ReusePort {
+            return Vec::new();
+        }
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        app.listen
+            .iter()
+            .map(|l| {
+                if let Some(g) = groups
+                    .iter()
+                    .find(|g| g.listener().addr == l.addr && g.listener().proto == l.proto)
+                {
+                    return Arc::clone(g);
+                }
+                let g = Group::new(l.clone());
+                groups.push(Arc::clone(&g));
+                g
+            })
+            .collect()
+    }
+
     fn spawn_slot(&self, id: Option<u32>, instance: u32, restarts: u32, probation: bool) -> Slot {
         let app = self.app();
-        let id = id.unwrap_or_else(|| self.ids.fetch_add(1, Ordering::Relaxed));
+        let id = id.unwrap_or_else(|| self.env.ids.fetch_add(1, Ordering::Relaxed));
         let initial = WorkerStatus {
             id,
             app: app.name.clone(),
@@ -531,7 +577,10 @@ impl AppSupervisor {
         let (control, control_rx) = watch::channel(Control::Run);
         let worker = SlotTask {
             restart: RestartPolicy::new(&app),
-            logs: LogPaths::new(&self.home, &app.name, instance),
+            logs: LogPaths::new(&self.env.home, &app.name, instance),
+            groups: self.groups_for(&app),
+            members: Vec::new(),
+            shim: self.env.shim.clone(),
             app,
             pool: Arc::clone(&self.pool),
             status: status_tx,
@@ -627,6 +676,12 @@ struct SlotTask {
     status: watch::Sender<WorkerStatus>,
     control: watch::Receiver<Control>,
     restart: RestartPolicy,
+    /// Reuseport policy: the groups of the app's listeners (empty under rr)…
+    groups: Vec<Arc<Group>>,
+    /// …and the current incarnation's socket in each.
+    members: Vec<(Arc<Group>, MemberKey)>,
+    /// This binary, for `exec-shim`.
+    shim: PathBuf,
 }
 
 impl SlotTask {
@@ -642,14 +697,19 @@ impl SlotTask {
                     let outcome = self.supervise(process, &handle).await;
                     self.pool.remove(&handle);
                     handle.mark_gone();
+                    // In the background: a replacement may be what takes the queued connections.
+                    for (group, key) in std::mem::take(&mut self.members) {
+                        tokio::spawn(async move { group.leave(key, None).await });
+                    }
                     (outcome, started.elapsed())
                 }
                 Err(reason) => (Outcome::NeverReady(reason), Duration::ZERO),
             };
-            let (exit, reason) = match outcome {
+            let (exit, reason, uptime) = match outcome {
                 Outcome::Stopped => return,
-                Outcome::Exited(exit) => (Some(exit), format!("exited with {exit}")),
-                Outcome::NeverReady(reason) => (None, reason),
+                Outcome::Exited(exit) => (Some(exit), format!("exited with {exit}"), uptime),
+                // Never ready is never stable, however long it ran.
+                Outcome::NeverReady(reason) => (None, reason, Duration::ZERO),
             };
             let app = &self.app;
             if self.probation {
@@ -667,7 +727,7 @@ impl SlotTask {
             let Some(delay) = self.restart.after_exit(uptime) else {
                 let why = if app.autorestart {
                     format!(
-                        "{} unstable exits in a row (each under min_uptime {:?}); last: {reason}",
+                        "{} unstable exits in a row (each under min_uptime {:?} or never ready); last: {reason}",
                         self.restart.unstable, app.min_uptime
                     )
                 } else {
@@ -716,27 +776,60 @@ impl SlotTask {
         self.status.send_modify(change);
     }
 
-    /// Reserves private ports and starts one incarnation.
-    fn spawn(&self) -> Result<(Process, Arc<WorkerHandle>), String> {
-        let addrs = self
-            .app
-            .listen
-            .iter()
-            .map(|l| private_port(l.proto).map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("cannot reserve a private port: {e}"))?;
+    /// Reserves private ports (rr) or sockets in the groups (reuseport) and starts one
+    /// incarnation.
+    fn spawn(&mut self) -> Result<(Process, Arc<WorkerHandle>), String> {
+        let (addrs, sockets) = if self.groups.is_empty() {
+            let addrs = self
+                .app
+                .listen
+                .iter()
+                .map(|l| private_port(l.proto).map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("cannot reserve a private port: {e}"))?;
+            (addrs, Vec::new())
+        } else {
+            let mut sockets = Vec::new();
+            for group in &self.groups {
+                match group.join() {
+                    Ok((key, fd)) => {
+                        self.members.push((Arc::clone(group), key));
+                        sockets.push(fd);
+                    }
+                    Err(e) => {
+                        let reason = format!(
+                            "cannot create a reuseport socket on {}: {e}",
+                            group.listener()
+                        );
+                        self.forget_members();
+                        return Err(reason);
+                    }
+                }
+            }
+            (Vec::new(), sockets)
+        };
         let status = self.status.borrow().clone();
         let spec = SpawnSpec {
             app: &self.app,
             instance: status.instance,
             addrs: &addrs,
             logs: &self.logs,
+            sockets: &sockets,
+            shim: &self.shim,
         };
         let process = Process::spawn(&spec).map_err(|e| {
             let reason = error_chain(&e);
             tracing::error!(app = %self.app.name, id = status.id, "{reason}");
             reason
-        })?;
+        });
+        drop(sockets);
+        let process = match process {
+            Ok(process) => process,
+            Err(reason) => {
+                self.forget_members();
+                return Err(reason);
+            }
+        };
         let handle = Arc::new(WorkerHandle::new(
             status.id,
             status.instance,
@@ -756,6 +849,36 @@ impl SlotTask {
             s.handle = Some(Arc::clone(&handle));
         });
         Ok((process, handle))
+    }
+
+    /// Leaves every group in the background (the worker never ran).
+    fn forget_members(&mut self) {
+        for (group, key) in std::mem::take(&mut self.members) {
+            tokio::spawn(async move { group.leave(key, None).await });
+        }
+    }
+
+    /// Leaves every group, rescuing connections queued on the worker's sockets first.
+    async fn leave_groups(&mut self, takeovers: Vec<Option<Takeover>>) {
+        let mut takeovers = takeovers.into_iter();
+        for (group, key) in std::mem::take(&mut self.members) {
+            group.leave(key, takeovers.next().flatten()).await;
+        }
+    }
+
+    /// One health probe: of the private port (rr), or through the first reuseport socket.
+    async fn probe_once(&self, proto: Proto, addr: SocketAddr) -> Result<(), String> {
+        let health = &self.app.health;
+        match self.members.first() {
+            Some((group, key)) => group.probe(*key, &health.check, health.timeout).await,
+            None => probe(&health.check, proto, addr, health.timeout).await,
+        }
+    }
+
+    fn set_group_readiness(&self, ready: bool) {
+        for (group, key) in &self.members {
+            group.set_ready(*key, ready);
+        }
     }
 
     /// Probes the worker, keeps its pool membership in step with its health, and returns when it
@@ -790,7 +913,7 @@ impl SlotTask {
                     // Nothing to probe: a worker without listeners is ready once it runs.
                     return Ok(());
                 }
-                probe(&health.check, probe_proto, probe_addr, health.timeout).await
+                self.probe_once(probe_proto, probe_addr).await
             };
             let deadline = async {
                 if ever_ready {
@@ -827,11 +950,13 @@ impl SlotTask {
                             ever_ready = true;
                             self.probation = false;
                             self.pool.insert(Arc::clone(handle));
+                            self.set_group_readiness(true);
                             tracing::info!(app = %app.name, id = handle.id, instance = handle.instance, pid = handle.pid, "worker ready");
                             self.set(|s| { s.state = WorkerState::Ready; s.reason = None; });
                         }
                         Some(Transition::Down) => {
                             self.pool.remove(handle);
+                            self.set_group_readiness(false);
                             tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, "worker unhealthy: {last_failure}");
                             let reason = last_failure.clone();
                             self.set(|s| { s.state = WorkerState::Unhealthy; s.reason = Some(reason); });
@@ -844,8 +969,34 @@ impl SlotTask {
     }
 
     /// Out of the pool, wait for live connections (≤ `drain_timeout`), then graceful stop.
-    async fn drain_and_stop(&self, mut process: Process, handle: &Arc<WorkerHandle>) {
-        let app = &self.app;
+    ///
+    /// Under reuseport the master cannot see a worker's connections: new ones are steered away
+    /// from its sockets, what is queued there is taken over, and the worker itself finishes its
+    /// in-flight work after `kill_signal`, for up to `drain_timeout` (or `kill_timeout`, if
+    /// longer) before SIGKILL.
+    async fn drain_and_stop(&mut self, mut process: Process, handle: &Arc<WorkerHandle>) {
+        let app = Arc::clone(&self.app);
+        if !self.members.is_empty() {
+            self.pool.remove(handle);
+            handle.start_draining();
+            let takeovers: Vec<Option<Takeover>> = self
+                .members
+                .iter()
+                .map(|(group, key)| group.start_leaving(*key))
+                .collect();
+            self.set(|s| s.state = WorkerState::Draining);
+            let grace = app.drain_timeout.max(app.kill_timeout);
+            let exit = process.stop(app.kill_signal, grace).await;
+            self.set(|s| s.state = WorkerState::Stopping);
+            self.leave_groups(takeovers).await;
+            tracing::info!(app = %app.name, id = handle.id, pid = handle.pid, "worker stopped ({exit})");
+            self.set(|s| {
+                s.state = WorkerState::Stopped;
+                s.pid = None;
+                s.last_exit = Some(exit);
+            });
+            return;
+        }
         self.pool.remove(handle);
         let live = handle.start_draining();
         self.set(|s| s.state = WorkerState::Draining);
