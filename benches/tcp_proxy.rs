@@ -1,9 +1,10 @@
 //! The TCP proxy path against a direct connection, in the same run.
 //!
-//! A tokio echo server stands in for a worker (a real socket, not a mock); the balancer's own
-//! listener, round-robin policy and proxy sit in front of it exactly as in the binary. Each
-//! benchmark is measured twice — `direct` (client → worker) and `balancer` (client → proxy →
-//! worker) — so the ratio between the two is the proxy's overhead on this machine.
+//! A tokio echo server stands in for a worker (a real socket, not a mock). Each benchmark is
+//! measured three ways in the same run: `direct` (client → worker), `reuseport` (client →
+//! the worker's own `SO_REUSEPORT` socket in a steered group, the reuseport policy's path) and
+//! `balancer_rr` (client → the balancer's listener, round-robin policy and proxy → worker,
+//! exactly as in the binary). The ratios to `direct` are each policy's overhead on this machine.
 //!
 //! `cargo bench --bench tcp_proxy`
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use balancer::listener;
 use balancer::proxy::{Route, RouteSettings};
+use balancer_workers::reuseport::Group;
 use balancer_workers::{Pool, WorkerHandle};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +26,56 @@ struct Setup {
     _runtime: tokio::runtime::Runtime,
     direct: SocketAddr,
     proxied: SocketAddr,
+    reuseport: SocketAddr,
     stop: CancellationToken,
+}
+
+/// The stand-in worker: echoes every byte back.
+async fn serve_echo(echo: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut s, _)) = echo.accept().await else {
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A reuseport group of one worker socket, served by an echo worker: the reuseport policy's
+/// data path (kernel → the worker's own socket, steered by the group's BPF program).
+fn reuseport_worker() -> SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listener = balancer_config::Listener {
+        proto: balancer_config::Proto::Tcp,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        port_env: "PORT".into(),
+    };
+    let group = Group::new(listener.clone());
+    let (key, fd) = group.join().expect("a reuseport socket");
+    group.set_ready(key, true);
+    let std_listener = std::net::TcpListener::from(fd);
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let echo = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+    tokio::spawn(async move {
+        let _group = group;
+        serve_echo(echo).await
+    });
+    listener.addr
 }
 
 fn setup() -> Setup {
@@ -34,32 +85,13 @@ fn setup() -> Setup {
         .build()
         .expect("runtime");
     let stop = CancellationToken::new();
-    let (direct, proxied) = runtime.block_on(async {
+    let (direct, proxied, reuseport) = runtime.block_on(async {
         let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind echo");
         let direct = echo.local_addr().expect("addr");
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = echo.accept().await else {
-                    continue;
-                };
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                if s.write_all(&buf[..n]).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                });
-            }
-        });
+        tokio::spawn(serve_echo(echo));
+        let reuseport = reuseport_worker();
         let pool = Arc::new(Pool::new());
         pool.insert(Arc::new(WorkerHandle::new(
             0,
@@ -91,12 +123,13 @@ fn setup() -> Setup {
             CancellationToken::new(),
             TaskTracker::new(),
         ));
-        (direct, proxied)
+        (direct, proxied, reuseport)
     });
     Setup {
         _runtime: runtime,
         direct,
         proxied,
+        reuseport,
         stop,
     }
 }
@@ -114,7 +147,11 @@ fn exchange(stream: &mut TcpStream, out: &[u8], back: &mut [u8]) {
 
 fn benches(c: &mut Criterion) {
     let s = setup();
-    let targets = [("direct", s.direct), ("balancer", s.proxied)];
+    let targets = [
+        ("direct", s.direct),
+        ("reuseport", s.reuseport),
+        ("balancer_rr", s.proxied),
+    ];
 
     // A fresh connection per request: accept, pick, connect, one exchange, close.
     let mut group = c.benchmark_group("connection_per_request");

@@ -438,3 +438,24 @@ fn a_second_master_on_the_same_home_is_refused() {
     assert!(err.contains("already running"), "{err}");
     assert!(greeting(addr(port)).is_ok());
 }
+
+#[test]
+fn logs_shows_what_workers_print_and_flush_empties_it() {
+    let port = free_port();
+    let toml = format!(
+        "[[app]]\nname = \"web\"\nscript = \"{}\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\nhealth = {{ check = \"http\", path = \"/health\" }}\n",
+        example("node/server.js")
+    );
+    let b = Balancer::start(&toml);
+    let pid = b.wait_ready("web", 1)[0];
+    b.wait_running();
+    let (code, out, err) = b.cli(&["logs", "web", "--lines", "5"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("(pid {pid}) listening")), "{out}");
+    let (code, _, err) = b.cli(&["flush", "web"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = b.cli(&["logs", "web", "--lines", "5"]);
+    assert!(!out.contains("listening"), "flushed: {out}");
+    let out_log = b.home().join("logs/web-0-out.log");
+    assert_eq!(std::fs::metadata(out_log).unwrap().len(), 0);
+}
