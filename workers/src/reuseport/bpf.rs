@@ -30,6 +30,7 @@ const BPF_AND: u16 = 0x50;
 const BPF_LSH: u16 = 0x60;
 const BPF_RSH: u16 = 0x70;
 const BPF_MOD: u16 = 0x90;
+const BPF_JA: u16 = 0x00;
 const BPF_JEQ: u16 = 0x10;
 const BPF_K: u16 = 0x00;
 const BPF_TAX: u16 = 0x00;
@@ -68,7 +69,7 @@ pub fn program(probes: &[(u16, u32)], targets: &[u32]) -> Vec<libc::sock_filter>
         p.push(stmt(BPF_ALU | BPF_LSH | BPF_K, 2));
         p.push(stmt(BPF_MISC | BPF_TAX, 0));
         p.push(stmt(BPF_LD | BPF_H | BPF_IND, NET));
-        p.push(jump(BPF_JMP | 0x00 /* JA */, 1, 0, 0));
+        p.push(jump(BPF_JMP | BPF_JA, 1, 0, 0));
         p.push(stmt(BPF_LD | BPF_H | BPF_ABS, NET.wrapping_add(40)));
         for &(port, index) in probes {
             p.push(jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(port), 0, 1));
