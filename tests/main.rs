@@ -8,3 +8,4 @@ mod operate;
 mod reuseport;
 mod support;
 mod tcp;
+mod udp;

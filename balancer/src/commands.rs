@@ -71,9 +71,10 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
         Command::Flush { target } => act(home, &Request::Flush { target }, output),
         Command::Ping => ping(home),
         Command::Kill => kill(home, output),
-        Command::Run { .. } | Command::Check { .. } | Command::Daemon | Command::ExecShim { .. } => {
-            failed(EXIT_USAGE, "this command does not talk to a master")
-        }
+        Command::Run { .. }
+        | Command::Check { .. }
+        | Command::Daemon
+        | Command::ExecShim { .. } => failed(EXIT_USAGE, "this command does not talk to a master"),
     }
 }
 

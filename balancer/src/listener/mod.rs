@@ -47,7 +47,11 @@ pub async fn serve(
         (Proto::Http, Bound::Stream(l)) => http::serve(l, route, stop, abort, tracker).await,
         (Proto::Udp, Bound::Datagram(s)) => udp::serve(s, route, stop, abort, tracker).await,
         (proto, socket) => {
-            tracing::error!(?proto, ?socket, "listener bound with the wrong kind of socket")
+            tracing::error!(
+                ?proto,
+                ?socket,
+                "listener bound with the wrong kind of socket"
+            )
         }
     }
 }

@@ -57,4 +57,3 @@ impl Route {
         self.settings.store(Arc::new(settings));
     }
 }
-
