@@ -15,21 +15,17 @@ use nix::unistd::Pid;
 use crate::support::*;
 
 fn http_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
-    format!(
-        r#"
-[[app]]
-name = "{name}"
-script = "{script}"
-instances = {instances}
-listen = ["http://127.0.0.1:{port}"]
-{extra}
-"#,
-        script = worker("http_server.js")
+    app_toml(
+        name,
+        "http_server.js",
+        &format!("http://127.0.0.1:{port}"),
+        instances,
+        extra,
     )
 }
 
 fn addr(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
+    loopback(port)
 }
 
 /// A parsed HTTP/1.1 response.

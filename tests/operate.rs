@@ -10,21 +10,17 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 
 fn pid_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
-    format!(
-        r#"
-[[app]]
-name = "{name}"
-script = "{script}"
-instances = {instances}
-listen = ["tcp://127.0.0.1:{port}"]
-{extra}
-"#,
-        script = worker("pid_server.js")
+    app_toml(
+        name,
+        "pid_server.js",
+        &format!("tcp://127.0.0.1:{port}"),
+        instances,
+        extra,
     )
 }
 
 fn addr(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
+    loopback(port)
 }
 
 #[test]

@@ -16,21 +16,17 @@ use crate::support::*;
 const REUSEPORT: &[(&str, &str)] = &[("BALANCER_SCHED_POLICY", "reuseport")];
 
 fn fd_app(name: &str, script: &str, port: u16, instances: u32, extra: &str) -> String {
-    format!(
-        r#"
-[[app]]
-name = "{name}"
-script = "{}"
-instances = {instances}
-listen = ["tcp://127.0.0.1:{port}"]
-{extra}
-"#,
-        worker(script)
+    app_toml(
+        name,
+        script,
+        &format!("tcp://127.0.0.1:{port}"),
+        instances,
+        extra,
     )
 }
 
 fn addr(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
+    loopback(port)
 }
 
 /// Bytes the process has read and written through syscalls (`/proc/PID/io`).

@@ -12,16 +12,12 @@ use nix::unistd::Pid;
 use crate::support::*;
 
 fn pid_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
-    format!(
-        r#"
-[[app]]
-name = "{name}"
-script = "{script}"
-instances = {instances}
-listen = ["tcp://127.0.0.1:{port}"]
-{extra}
-"#,
-        script = worker("pid_server.js")
+    app_toml(
+        name,
+        "pid_server.js",
+        &format!("tcp://127.0.0.1:{port}"),
+        instances,
+        extra,
     )
 }
 

@@ -26,16 +26,12 @@ fn public(port: u16) -> SocketAddr {
 }
 
 fn udp_app(name: &str, script: &str, port: u16, instances: u32, extra: &str) -> String {
-    format!(
-        r#"
-[[app]]
-name = "{name}"
-script = "{script}"
-instances = {instances}
-listen = ["udp://127.0.0.1:{port}"]
-{extra}
-"#,
-        script = worker(script)
+    app_toml(
+        name,
+        script,
+        &format!("udp://127.0.0.1:{port}"),
+        instances,
+        extra,
     )
 }
 
@@ -360,4 +356,69 @@ fn a_reload_under_udp_load_loses_no_request() {
         );
     }
     assert_eq!(lost, 0, "requests lost during the reload");
+}
+
+#[test]
+fn a_mixed_http_and_udp_app_gets_both_port_variables_and_serves_both() {
+    let (http_port, udp_port) = (free_port(), free_udp_port());
+    let toml = format!(
+        "[[app]]\nname = \"mixed\"\nscript = \"{}\"\ninstances = 2\nlisten = [\"http://127.0.0.1:{http_port}\", {{ url = \"udp://127.0.0.1:{udp_port}\", port_env = \"DNS_PORT\" }}]\n",
+        worker("mixed_server.js")
+    );
+    let b = Balancer::start(&toml);
+    let pids = b.wait_ready("mixed", 2);
+    b.wait_running();
+
+    let body = http_get(public(http_port), "/").expect("HTTP through the proxy");
+    let json: serde_json::Value = serde_json::from_str(body.trim()).expect("json");
+    let pid = json["pid"].as_u64().unwrap() as u32;
+    assert!(pids.contains(&pid));
+    let worker_ports: Vec<u16> = ["PORT", "DNS_PORT"]
+        .iter()
+        .map(|k| json[k].as_str().expect(k).parse().unwrap())
+        .collect();
+    assert!(
+        worker_ports
+            .iter()
+            .all(|p| ![http_port, udp_port].contains(p)),
+        "private ports: {json}"
+    );
+    let private = b
+        .jlist()
+        .into_iter()
+        .find(|w| w["pid"].as_u64() == Some(u64::from(pid)))
+        .unwrap()["private"]
+        .clone();
+    assert_eq!(
+        private,
+        serde_json::json!([
+            format!("127.0.0.1:{}", worker_ports[0]),
+            format!("127.0.0.1:{}", worker_ports[1])
+        ])
+    );
+
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut answered = 0;
+    for i in 0..10 {
+        client
+            .send_to(format!("q{i}").as_bytes(), public(udp_port))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        if let Ok((n, from)) = client.recv_from(&mut buf) {
+            assert_eq!(
+                from,
+                public(udp_port),
+                "replies come from the public address"
+            );
+            let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+            let (who, payload) = reply.split_once(' ').unwrap();
+            assert!(pids.iter().any(|p| p.to_string() == who), "{reply}");
+            assert_eq!(payload, format!("q{i}"));
+            answered += 1;
+        }
+    }
+    assert!(answered >= 9, "{answered} of 10 datagrams answered");
 }

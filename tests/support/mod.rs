@@ -44,6 +44,20 @@ pub fn example(name: &str) -> String {
     root().join("examples").join(name).display().to_string()
 }
 
+/// A one-app balancer.toml: `script` (a file under `tests/workers/`) run as `instances`
+/// workers behind `listen`, with `extra` lines appended to the `[[app]]` table.
+pub fn app_toml(name: &str, script: &str, listen: &str, instances: u32, extra: &str) -> String {
+    format!(
+        "\n[[app]]\nname = \"{name}\"\nscript = \"{}\"\ninstances = {instances}\nlisten = [\"{listen}\"]\n{extra}\n",
+        worker(script)
+    )
+}
+
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -330,7 +344,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        Some((head, body)) if head.starts_with("HTTP/1.") && head[8..].starts_with(" 200") => {
+            Ok(body.to_string())
+        }
         _ => Err(std::io::Error::other(format!("bad response: {response:?}"))),
     }
 }

@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use balancer_config::{App, Proto, Signal};
@@ -80,21 +81,66 @@ impl fmt::Display for Exit {
     }
 }
 
+/// Private ports are taken from here up to the start of the kernel's ephemeral range.
+const PRIVATE_PORT_FLOOR: u16 = 20000;
+/// Candidates tried before falling back to an ephemeral port.
+const PRIVATE_PORT_TRIES: u16 = 512;
+/// Rotates through the private range so a port is not handed out again soon after.
+static PRIVATE_PORT_CURSOR: AtomicU32 = AtomicU32::new(0);
+
 /// Reserves a free loopback port for a worker's private listener of `proto` (UDP ports for
 /// `udp://` listeners, TCP ports otherwise).
 ///
-/// The port is free when this returns; the worker binds it moments later. Another process could
-/// take it in between, in which case the worker fails to listen, never becomes ready, and is
-/// restarted on a new port.
+/// The port is free when this returns; the worker binds it moments later. It comes from below
+/// the kernel's ephemeral range (`ip_local_port_range`), so no outgoing connection or unbound
+/// socket — the master's own among them — can be given it in between. Only when that range is
+/// exhausted does it fall back to an ephemeral port; should someone take it anyway, the worker
+/// fails to listen, never becomes ready, and is restarted on another port.
 pub fn private_port(proto: Proto) -> io::Result<u16> {
+    let ephemeral_low = ephemeral_range_start().unwrap_or(32768);
+    if ephemeral_low > PRIVATE_PORT_FLOOR + PRIVATE_PORT_TRIES {
+        let span = u32::from(ephemeral_low - PRIVATE_PORT_FLOOR);
+        let seed = PRIVATE_PORT_CURSOR.load(Ordering::Relaxed);
+        if seed == 0 {
+            // Different masters start at different places.
+            let _ = PRIVATE_PORT_CURSOR.compare_exchange(
+                0,
+                std::process::id().wrapping_mul(2654435761) | 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        for _ in 0..PRIVATE_PORT_TRIES {
+            let step = PRIVATE_PORT_CURSOR.fetch_add(1, Ordering::Relaxed);
+            let port = PRIVATE_PORT_FLOOR + (step % span) as u16;
+            if bind_test(proto, port).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    bind_test(proto, 0)
+}
+
+/// Binds `port` on loopback for `proto` and lets it go; returns the port bound.
+fn bind_test(proto: Proto, port: u16) -> io::Result<u16> {
     match proto {
-        Proto::Udp => Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+        Proto::Udp => Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, port))?
             .local_addr()?
             .port()),
-        Proto::Tcp | Proto::Http => Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        Proto::Tcp | Proto::Http => Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, port))?
             .local_addr()?
             .port()),
     }
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_range_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// What makes one incarnation of a worker.
@@ -273,5 +319,29 @@ impl Process {
                 self.wait().await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_ports_come_from_below_the_ephemeral_range_and_are_free() {
+        let low = ephemeral_range_start().unwrap_or(32768);
+        let mut seen = std::collections::HashSet::new();
+        for proto in [Proto::Tcp, Proto::Udp, Proto::Http] {
+            for _ in 0..20 {
+                let port = private_port(proto).unwrap();
+                assert!((PRIVATE_PORT_FLOOR..low).contains(&port), "{port}");
+                assert!(bind_test(proto, port).is_ok(), "still free");
+                seen.insert(port);
+            }
+        }
+        assert!(
+            seen.len() > 50,
+            "ports rotate instead of repeating: {}",
+            seen.len()
+        );
     }
 }

@@ -38,8 +38,6 @@ use tokio_util::task::TaskTracker;
 use crate::proxy::Route;
 use crate::proxy::http::{HttpProxy, ProxyBody};
 
-/// Pause after running out of file descriptors, so the loop does not spin on EMFILE.
-const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 /// hyper refuses a smaller read buffer.
 const MIN_BUF_SIZE: usize = 8192;
 /// What an HTTP/2 client sends first (RFC 9113 §3.4); no HTTP/1 method starts with it.
@@ -80,22 +78,9 @@ pub async fn serve(
                     abort.clone(),
                 ));
             }
-            Err(e) if is_fd_exhaustion(&e) => {
-                tracing::error!("accept: {e}; pausing {FD_EXHAUSTED_PAUSE:?}");
-                tokio::time::sleep(FD_EXHAUSTED_PAUSE).await;
-            }
-            // ECONNABORTED and friends concern one connection, never the listener.
-            Err(e) => tracing::debug!("accept: {e}"),
+            Err(e) => super::accept_failed(e).await,
         }
     }
-}
-
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE
-            || code == nix::libc::ENOBUFS || code == nix::libc::ENOMEM
-    )
 }
 
 /// Serves one client connection until it closes, times out, or is aborted.

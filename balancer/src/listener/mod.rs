@@ -3,6 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use balancer_config::{Listener, Proto};
 use tokio::net::{TcpListener, UdpSocket};
@@ -14,6 +15,25 @@ use crate::proxy::Route;
 pub mod http;
 pub mod tcp;
 pub mod udp;
+
+/// Pause after running out of file descriptors, so an accept loop does not spin on EMFILE.
+const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// What an accept loop does with an error: it never stops. Running out of descriptors or
+/// memory pauses it briefly; anything else (ECONNABORTED and friends) concerns one connection.
+pub(crate) async fn accept_failed(e: io::Error) {
+    let exhausted = matches!(
+        e.raw_os_error(),
+        Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE
+            || code == nix::libc::ENOBUFS || code == nix::libc::ENOMEM
+    );
+    if exhausted {
+        tracing::error!("accept: {e}; pausing {FD_EXHAUSTED_PAUSE:?}");
+        tokio::time::sleep(FD_EXHAUSTED_PAUSE).await;
+    } else {
+        tracing::debug!("accept: {e}");
+    }
+}
 
 /// A bound public socket.
 #[derive(Debug)]

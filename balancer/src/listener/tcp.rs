@@ -3,7 +3,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
@@ -15,8 +14,6 @@ use crate::proxy::tcp::{ProxyError, proxy};
 
 /// Backlog of public listeners: large, because connections wait there while workers restart.
 const BACKLOG: i32 = 1024;
-/// Pause after running out of file descriptors, so the loop does not spin on EMFILE.
-const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 
 /// Binds a public TCP listener (SO_REUSEADDR so a restarted master can rebind at once; IPv6
 /// wildcards are v6-only so `[::]` and `0.0.0.0` can be bound side by side).
@@ -65,20 +62,7 @@ pub async fn serve(
                     }
                 });
             }
-            Err(e) if is_fd_exhaustion(&e) => {
-                tracing::error!("accept: {e}; pausing {FD_EXHAUSTED_PAUSE:?}");
-                tokio::time::sleep(FD_EXHAUSTED_PAUSE).await;
-            }
-            // ECONNABORTED and friends concern one connection, never the listener.
-            Err(e) => tracing::debug!("accept: {e}"),
+            Err(e) => super::accept_failed(e).await,
         }
     }
-}
-
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE
-            || code == nix::libc::ENOBUFS || code == nix::libc::ENOMEM
-    )
 }

@@ -31,15 +31,13 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Route, RouteSettings};
+use super::{QueueEnd, Route, RouteSettings, wait_in_queue};
 use crate::policy::round_robin;
 
-/// After every ready worker failed, wait this long (or for a pool change) before trying again.
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Kept worker connections idle for longer are not reused. Node closes idle keep-alive
 /// connections after 5 s by default, and a request sent on a connection the worker is closing
 /// fails after it was sent: only bodiless idempotent requests could be retried then.
@@ -272,21 +270,12 @@ impl HttpProxy {
                     }
                 }
             }
-            // Nothing ready (wait for a change), or every ready worker failed (they are probably
-            // dying and about to leave the pool: pause briefly rather than spin).
-            let pause = async {
-                if tried > 0 {
-                    sleep(RETRY_PAUSE).await;
-                } else {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                _ = changes.changed() => {}
-                _ = pause => {}
-                _ = sleep_until(deadline) => return Err(ProxyError::NoWorker(settings.queue_timeout)),
-                _ = self.stop.cancelled() => return Err(ProxyError::Shutdown),
-            }
+            wait_in_queue(&mut changes, tried > 0, deadline, &self.stop)
+                .await
+                .map_err(|end| match end {
+                    QueueEnd::TimedOut => ProxyError::NoWorker(settings.queue_timeout),
+                    QueueEnd::Stopped => ProxyError::Shutdown,
+                })?;
         }
     }
 

@@ -6,6 +6,45 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use balancer_config::{HttpSettings, UdpSettings};
 use balancer_workers::Pool;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+/// After every ready worker refused, wait this long (or for a pool change) before trying again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Why waiting in the queue for a worker ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueEnd {
+    /// `queue_timeout` passed.
+    TimedOut,
+    /// The listener is stopping.
+    Stopped,
+}
+
+/// Waits after a pass over the pool found no worker to take a connection: for the pool to
+/// change, or — when some worker was tried and failed (it is probably dying and about to
+/// leave the pool) — a short pause, so the caller neither spins nor gives up early.
+pub async fn wait_in_queue(
+    changes: &mut watch::Receiver<u64>,
+    tried_some: bool,
+    deadline: Instant,
+    stop: &CancellationToken,
+) -> Result<(), QueueEnd> {
+    let pause = async {
+        if tried_some {
+            sleep(RETRY_PAUSE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = changes.changed() => Ok(()),
+        _ = pause => Ok(()),
+        _ = sleep_until(deadline) => Err(QueueEnd::TimedOut),
+        _ = stop.cancelled() => Err(QueueEnd::Stopped),
+    }
+}
 
 pub mod http;
 pub mod tcp;

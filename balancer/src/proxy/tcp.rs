@@ -6,18 +6,15 @@ use std::time::Duration;
 
 use balancer_workers::ConnGuard;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use super::Route;
+use super::{QueueEnd, Route, wait_in_queue};
 use crate::policy::round_robin;
 
 /// Per-direction copy buffer: HAProxy's default `tune.bufsize`; twice tokio's default, which
 /// measurably helps bulk transfers while keeping a connection's memory small.
 const COPY_BUFFER: usize = 16 * 1024;
-
-/// After every ready worker refused, wait this long (or for a pool change) before trying again.
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Why a connection could not be proxied.
 #[derive(Debug, thiserror::Error)]
@@ -73,21 +70,12 @@ pub async fn connect(
                 }
             }
         }
-        // Nothing ready (wait for a change), or every ready worker refused (they are probably
-        // dying and about to leave the pool: pause briefly rather than spin).
-        let pause = async {
-            if tried > 0 {
-                sleep(RETRY_PAUSE).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = pause => {}
-            _ = sleep_until(deadline) => return Err(ProxyError::NoWorker(settings.queue_timeout)),
-            _ = shutdown.cancelled() => return Err(ProxyError::Shutdown),
-        }
+        wait_in_queue(&mut changes, tried > 0, deadline, shutdown)
+            .await
+            .map_err(|end| match end {
+                QueueEnd::TimedOut => ProxyError::NoWorker(settings.queue_timeout),
+                QueueEnd::Stopped => ProxyError::Shutdown,
+            })?;
     }
 }
 
