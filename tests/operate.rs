@@ -9,16 +9,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn pid_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
-    app_toml(
-        name,
-        "pid_server.js",
-        &format!("tcp://127.0.0.1:{port}"),
-        instances,
-        extra,
-    )
-}
-
 fn addr(port: u16) -> SocketAddr {
     loopback(port)
 }

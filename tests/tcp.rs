@@ -11,16 +11,6 @@ use nix::unistd::Pid;
 
 use crate::support::*;
 
-fn pid_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
-    app_toml(
-        name,
-        "pid_server.js",
-        &format!("tcp://127.0.0.1:{port}"),
-        instances,
-        extra,
-    )
-}
-
 #[test]
 fn round_robin_splits_fresh_connections_between_two_workers() {
     let port = free_port();

@@ -53,6 +53,17 @@ pub fn app_toml(name: &str, script: &str, listen: &str, instances: u32, extra: &
     )
 }
 
+/// `pid_server.js` (greets with its pid, then echoes) as `instances` workers on a TCP port.
+pub fn pid_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
+    app_toml(
+        name,
+        "pid_server.js",
+        &format!("tcp://127.0.0.1:{port}"),
+        instances,
+        extra,
+    )
+}
+
 /// `127.0.0.1:port`.
 pub fn loopback(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
