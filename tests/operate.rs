@@ -445,3 +445,37 @@ fn logs_shows_what_workers_print_and_flush_empties_it() {
     let out_log = b.home().join("logs/web-0-out.log");
     assert_eq!(std::fs::metadata(out_log).unwrap().len(), 0);
 }
+
+#[test]
+fn sighup_to_the_master_reloads_every_app_without_failing_a_request() {
+    let (p1, p2) = (free_port(), free_port());
+    let b = Balancer::start(&format!(
+        "{}{}",
+        pid_app("one", p1, 2, ""),
+        pid_app("two", p2, 1, "")
+    ));
+    b.wait_ready("one", 2);
+    b.wait_ready("two", 1);
+    b.wait_running();
+    let before: Vec<u64> = [b.ready_pids("one"), b.ready_pids("two")].concat();
+    let load = Load::start(addr(p1), 2);
+    b.signal(nix::sys::signal::Signal::SIGHUP);
+    b.wait_ready("one", 4);
+    b.wait_ready("two", 2);
+    // The reload is done once every old worker has stopped.
+    assert!(
+        wait_dead(
+            &before.iter().map(|p| *p as u32).collect::<Vec<_>>(),
+            PATIENCE
+        )
+        .is_empty()
+    );
+    let (ok, failed, _) = load.finish();
+    assert_eq!(failed, 0, "{ok} ok");
+    let after: Vec<u64> = [b.ready_pids("one"), b.ready_pids("two")].concat();
+    assert_eq!(after.len(), 3);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} → {after:?}"
+    );
+}

@@ -175,9 +175,16 @@ fn scale_reload_and_kill_9_under_load_lose_no_queued_connection() {
 #[test]
 fn a_python_worker_on_fd_3_and_a_udp_app_in_reuseport_mode() {
     let (tcp, udp) = (free_port(), free_port());
+    // An http:// listener is a plain TCP socket under reuseport: the worker speaks for itself.
     let toml = format!(
         "{}\n[[app]]\nname = \"dns\"\nscript = \"{}\"\ninstances = 2\nlisten = [\"udp://127.0.0.1:{udp}\"]\npolicy = \"reuseport\"\n",
-        fd_app("py", "fd_server.py", tcp, 2, "policy = \"reuseport\""),
+        app_toml(
+            "py",
+            "fd_server.py",
+            &format!("http://127.0.0.1:{tcp}"),
+            2,
+            "policy = \"reuseport\""
+        ),
         worker("fd_udp.py")
     );
     let b = Balancer::start(&toml);
