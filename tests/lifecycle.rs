@@ -7,17 +7,7 @@ use nix::sys::signal::Signal;
 use crate::support::*;
 
 fn two_node_workers(port: u16) -> String {
-    format!(
-        r#"
-[[app]]
-name = "web"
-script = "{}"
-instances = 2
-listen = ["tcp://127.0.0.1:{port}"]
-health = {{ check = "http", path = "/health" }}
-"#,
-        example("node/server.js")
-    )
+    node_web(port, 2)
 }
 
 #[test]

@@ -65,16 +65,12 @@ fn a_reload_to_workers_that_never_become_ready_fails_and_the_old_ones_keep_servi
         "app.js",
         &format!("require({:?});\n", worker("pid_server.js")),
     );
-    let toml = format!(
-        r#"
-[[app]]
-name = "web"
-script = "{}"
-instances = 2
-listen = ["tcp://127.0.0.1:{port}"]
-listen_timeout = "3s"
-"#,
-        script.display()
+    let toml = app_toml(
+        "web",
+        &script.display().to_string(),
+        &format!("tcp://127.0.0.1:{port}"),
+        2,
+        "listen_timeout = \"3s\"",
     );
     let b = Balancer::start(&toml);
     b.wait_ready("web", 2);
@@ -337,13 +333,21 @@ fn stop_start_restart_and_delete_by_name_and_id() {
     let (code, _, err) = b.cli(&["stop", "web"]);
     assert_eq!(code, 0, "{err}");
     assert!(b.ready_pids("web").is_empty());
-    // Stopped, the port still holds connections: one waits for the start below.
-    let waiting = std::thread::spawn(move || greeting(addr(port)));
-    std::thread::sleep(Duration::from_millis(300));
+    // Stopped, the port still takes connections (connect succeeds now, with no worker) and
+    // holds them: this one is answered once the app is started below.
+    let mut waiting = TcpStream::connect(addr(port)).expect("the stopped app's port is open");
     let (code, _, err) = b.cli(&["start", "web"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(b.ready_pids("web").len(), 2);
-    assert!(waiting.join().unwrap().is_ok());
+    waiting.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut greeting_line = String::new();
+    BufReader::new(&mut waiting)
+        .read_line(&mut greeting_line)
+        .unwrap();
+    let greeted: u64 = greeting_line.trim().parse().expect("a worker's pid");
+    assert!(b.ready_pids("web").contains(&greeted));
+    // Closed, or the restart below would wait drain_timeout for it.
+    drop(waiting);
 
     let before = b.ready_pids("web");
     let (code, _, err) = b.cli(&["restart", "web"]);
@@ -428,11 +432,7 @@ fn a_second_master_on_the_same_home_is_refused() {
 #[test]
 fn logs_shows_what_workers_print_and_flush_empties_it() {
     let port = free_port();
-    let toml = format!(
-        "[[app]]\nname = \"web\"\nscript = \"{}\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\nhealth = {{ check = \"http\", path = \"/health\" }}\n",
-        example("node/server.js")
-    );
-    let b = Balancer::start(&toml);
+    let b = Balancer::start(&node_web(port, 1));
     let pid = b.wait_ready("web", 1)[0];
     b.wait_running();
     let (code, out, err) = b.cli(&["logs", "web", "--lines", "5"]);

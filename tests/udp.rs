@@ -240,13 +240,13 @@ fn a_flood_of_source_ports_stays_within_max_flows() {
             }
         })
     };
-    // 3000 distinct source ports, 100 at a time (the test's own descriptors stay bounded). On
-    // 127.0.0.3: churning that many ports on 127.0.0.1 could take the private port a worker of
-    // a test running alongside is about to bind.
+    // 3000 distinct source ports, 100 at a time (the test's own descriptors stay bounded). All
+    // ephemeral on 127.0.0.1, where they must never take a port a worker of a test running
+    // alongside is about to bind (private ports come from below the ephemeral range).
     let mut answered = 0;
     for _batch in 0..30 {
         let sockets: Vec<UdpSocket> = (0..100)
-            .map(|_| UdpSocket::bind("127.0.0.3:0").expect("bind"))
+            .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind"))
             .collect();
         for s in &sockets {
             let _ = s.send_to(b"flood", public(port));

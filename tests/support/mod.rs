@@ -44,7 +44,7 @@ pub fn example(name: &str) -> String {
     root().join("examples").join(name).display().to_string()
 }
 
-/// A one-app balancer.toml: `script` (a file under `tests/workers/`) run as `instances`
+/// A one-app balancer.toml: `script` (a file under `tests/workers/`, or an absolute path) run as `instances`
 /// workers behind `listen`, with `extra` lines appended to the `[[app]]` table.
 pub fn app_toml(name: &str, script: &str, listen: &str, instances: u32, extra: &str) -> String {
     format!(
@@ -61,6 +61,15 @@ pub fn pid_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
         &format!("tcp://127.0.0.1:{port}"),
         instances,
         extra,
+    )
+}
+
+/// The example Node HTTP server as app `web`, `instances` workers on a TCP port, ready when
+/// `GET /health` answers.
+pub fn node_web(port: u16, instances: u32) -> String {
+    format!(
+        "\n[[app]]\nname = \"web\"\nscript = \"{}\"\ninstances = {instances}\nlisten = [\"tcp://127.0.0.1:{port}\"]\nhealth = {{ check = \"http\", path = \"/health\" }}\n",
+        example("node/server.js")
     )
 }
 

@@ -47,7 +47,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use balancer_workers::{ConnGuard, WorkerHandle};
@@ -876,41 +876,16 @@ impl Flows {
     }
 }
 
-/// Local address of upstream sockets when the worker listens on IPv4 loopback: another loopback
-/// address than the workers' 127.0.0.1. A worker binds a port the supervisor picked from the
-/// ephemeral range moments before; the master opens an upstream socket per flow, so under churn
-/// one of them would sooner or later take such a port on 127.0.0.1 first, and the worker would
-/// fail with EADDRINUSE. The same port number on 127.0.0.2 conflicts with nothing (and the UDP
-/// readiness probe, which looks at 127.0.0.1 and wildcards only, does not mistake it for the
-/// worker).
-const UPSTREAM_LOOPBACK: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-
-/// Set once binding [`UPSTREAM_LOOPBACK`] failed (a host whose loopback is only 127.0.0.1/32):
-/// upstream sockets then use the worker's own address.
-static UPSTREAM_LOOPBACK_UNUSABLE: AtomicBool = AtomicBool::new(false);
-
 /// Opens the upstream socket of a flow: an ephemeral port, connected to the worker so that only
-/// its datagrams are received, and bounces are reported.
+/// its datagrams are received, and bounces are reported. Ephemeral ports never collide with a
+/// worker's private port: those come from below the ephemeral range (`process::private_port`).
 fn connect(worker: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = match worker.ip() {
-        IpAddr::V4(ip)
-            if ip.is_loopback()
-                && ip != UPSTREAM_LOOPBACK
-                && !UPSTREAM_LOOPBACK_UNUSABLE.load(Ordering::Relaxed) =>
-        {
-            match std::net::UdpSocket::bind((UPSTREAM_LOOPBACK, 0)) {
-                Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => {
-                    tracing::debug!("cannot bind {UPSTREAM_LOOPBACK}: {e}; using {ip}");
-                    UPSTREAM_LOOPBACK_UNUSABLE.store(true, Ordering::Relaxed);
-                    std::net::UdpSocket::bind((ip, 0))?
-                }
-                bound => bound?,
-            }
-        }
-        ip if ip.is_loopback() => std::net::UdpSocket::bind((ip, 0))?,
-        IpAddr::V4(_) => std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
-        IpAddr::V6(_) => std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?,
+    let local = match worker.ip() {
+        ip if ip.is_loopback() => SocketAddr::new(ip, 0),
+        IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+        IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
     };
+    let socket = std::net::UdpSocket::bind(local)?;
     socket.connect(worker)?;
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)
@@ -1165,6 +1140,20 @@ mod tests {
     }
 
     /// An echo "worker" answering `<tag> <payload>`; returns its handle and the task.
+    /// A pool of two ready echo workers tagged `a` and `b`.
+    async fn two_echo_workers() -> (
+        Arc<Pool>,
+        (Arc<WorkerHandle>, tokio::task::JoinHandle<()>),
+        (Arc<WorkerHandle>, tokio::task::JoinHandle<()>),
+    ) {
+        let pool = Arc::new(Pool::new());
+        let a = echo_worker(1, "a").await;
+        let b = echo_worker(2, "b").await;
+        pool.insert(Arc::clone(&a.0));
+        pool.insert(Arc::clone(&b.0));
+        (pool, a, b)
+    }
+
     async fn echo_worker(
         id: u32,
         tag: &'static str,
@@ -1218,11 +1207,7 @@ mod tests {
 
     #[tokio::test]
     async fn flows_stick_to_their_worker_and_alternate_between_workers() {
-        let pool = Arc::new(Pool::new());
-        let (a, _ta) = echo_worker(1, "a").await;
-        let (b, _tb) = echo_worker(2, "b").await;
-        pool.insert(Arc::clone(&a));
-        pool.insert(Arc::clone(&b));
+        let (pool, (a, _ta), (b, _tb)) = two_echo_workers().await;
         let (public, _stop) = serve(route(Arc::clone(&pool), 100, secs(30), secs(1)));
         let mut tags = Vec::new();
         for _ in 0..4 {
@@ -1240,11 +1225,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bounced_datagram_is_replayed_to_another_worker() {
-        let pool = Arc::new(Pool::new());
-        let (a, ta) = echo_worker(1, "a").await;
-        let (b, _tb) = echo_worker(2, "b").await;
-        pool.insert(Arc::clone(&a));
-        pool.insert(Arc::clone(&b));
+        let (pool, (a, ta), (b, _tb)) = two_echo_workers().await;
         let (public, _stop) = serve(route(Arc::clone(&pool), 100, secs(30), secs(1)));
         let c = client(public).await;
         assert!(ask(&c, "hello").await.starts_with("a "));
@@ -1260,11 +1241,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flow_of_a_gone_worker_moves_on_its_next_datagram() {
-        let pool = Arc::new(Pool::new());
-        let (a, _ta) = echo_worker(1, "a").await;
-        let (b, _tb) = echo_worker(2, "b").await;
-        pool.insert(Arc::clone(&a));
-        pool.insert(Arc::clone(&b));
+        let (pool, (a, _ta), (_b, _tb)) = two_echo_workers().await;
         let (public, _stop) = serve(route(Arc::clone(&pool), 100, secs(30), secs(1)));
         let c = client(public).await;
         assert!(ask(&c, "1").await.starts_with("a "));
