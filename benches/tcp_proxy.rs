@@ -65,7 +65,7 @@ fn reuseport_worker() -> SocketAddr {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         port_env: "PORT".into(),
     };
-    let group = Group::new(listener.clone());
+    let group = Group::new(listener.clone(), Arc::new(balancer::proxy::tcp::rescue));
     let (key, fd) = group.join().expect("a reuseport socket");
     group.set_ready(key, true);
     let std_listener = std::net::TcpListener::from(fd);
@@ -118,10 +118,12 @@ fn setup() -> Setup {
         let route = Arc::new(Route::new("bench", pool, settings));
         tokio::spawn(listener::tcp::serve(
             public,
-            route,
-            stop.clone(),
-            CancellationToken::new(),
-            TaskTracker::new(),
+            listener::ServeContext {
+                route,
+                stop: stop.clone(),
+                abort: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            },
         ));
         (direct, proxied, reuseport)
     });

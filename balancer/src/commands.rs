@@ -6,7 +6,6 @@
 //! never reaches (or starts) a master. `start` launches the master when none is running; every
 //! other verb just says there is none.
 
-use std::error::Error;
 use std::fmt::Display;
 use std::io::{self, Write};
 use std::ops::ControlFlow;
@@ -15,8 +14,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use balancer_config::{Config, ConfigErrors, LoadOptions};
+use balancer_workers::Chain;
 
-use crate::admin::client::{self, Client, ClientError};
+use crate::admin::client::{self, Client};
 use crate::admin::protocol::{Reply, Request};
 use crate::cli::{self, Command, EXIT_FAILED, EXIT_USAGE, InstancesArg, StartArgs};
 use crate::daemon;
@@ -124,7 +124,7 @@ fn knows(home: &Path, target: &str) -> Result<bool, Outcome> {
     match client::request(home, &show) {
         Ok(reply) => Ok(reply.ok),
         Err(e) if e.is_no_master() => Ok(false),
-        Err(e) => Err(failed(EXIT_FAILED, chain(&e))),
+        Err(e) => Err(failed(EXIT_FAILED, Chain(&e).to_string())),
     }
 }
 
@@ -347,7 +347,7 @@ fn start_on_master(home: &Path, request: &Request, output: Output) -> Outcome {
             }
             Err(e) => return failed(EXIT_FAILED, format!("cannot start the master: {e:#}")),
         },
-        Err(e) => return failed(EXIT_FAILED, chain(&e)),
+        Err(e) => return failed(EXIT_FAILED, Chain(&e).to_string()),
     }
     act(home, request, output)
 }
@@ -438,7 +438,7 @@ fn show(home: &Path, target: String, output: Output) -> Outcome {
 fn logs(home: &Path, request: Request, json: bool, output: Output) -> Outcome {
     let mut client = match Client::connect(home) {
         Ok(client) => client,
-        Err(e) => return failed(EXIT_FAILED, chain(&e)),
+        Err(e) => return failed(EXIT_FAILED, Chain(&e).to_string()),
     };
     let mut refused = None;
     let streamed = client.stream(&request, |reply| {
@@ -467,7 +467,7 @@ fn logs(home: &Path, request: Request, json: bool, output: Output) -> Outcome {
     }
     match streamed {
         Ok(()) => ok(),
-        Err(e) => failed(EXIT_FAILED, chain(&e)),
+        Err(e) => failed(EXIT_FAILED, Chain(&e).to_string()),
     }
 }
 
@@ -476,7 +476,7 @@ fn ping(home: &Path) -> Outcome {
     let reply = match client::request_within(home, &Request::Ping {}, PING_TIMEOUT) {
         Ok(reply) if reply.ok => reply,
         Ok(reply) => return refusal(&reply),
-        Err(e) => return failed(EXIT_FAILED, chain(&e)),
+        Err(e) => return failed(EXIT_FAILED, Chain(&e).to_string()),
     };
     let pid = reply.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
     let version = reply.version.as_deref().unwrap_or("?");
@@ -500,7 +500,7 @@ fn kill(home: &Path, output: Output) -> Outcome {
             eprintln!("balancer: {e}");
             return ok();
         }
-        Err(e) => return failed(EXIT_FAILED, chain(&e)),
+        Err(e) => return failed(EXIT_FAILED, Chain(&e).to_string()),
     };
     report(&reply, output);
     // The reply can come before the master has exited; a `start` right after `kill` must not
@@ -541,7 +541,7 @@ fn send(home: &Path, request: &Request) -> Result<Reply, Outcome> {
     match client::request(home, request) {
         Ok(reply) if reply.ok => Ok(reply),
         Ok(reply) => Err(refusal(&reply)),
-        Err(e) => Err(failed(EXIT_FAILED, chain(&e))),
+        Err(e) => Err(failed(EXIT_FAILED, Chain(&e).to_string())),
     }
 }
 
@@ -587,18 +587,6 @@ fn failed(code: u8, message: impl Display) -> Outcome {
 
 fn ok() -> Outcome {
     Outcome::Exit(ExitCode::SUCCESS)
-}
-
-/// An error and its causes, `a: b: c`, as anyhow's `{:#}` prints them.
-fn chain(error: &ClientError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Prints to stdout; a closed stdout is not worth a panic.

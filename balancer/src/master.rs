@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use balancer_config::{App, Config, Listener, LoadOptions, Policy};
 use balancer_workers::reuseport::Group;
-use balancer_workers::{AppSupervisor, Environment, OpError, Target, WorkerStatus};
+use balancer_workers::{AppSupervisor, OpError, SpawnContext, Target, WorkerStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -92,7 +92,7 @@ struct AppEntry {
 pub struct Master {
     home: PathBuf,
     load: LoadOptions,
-    env: Arc<Environment>,
+    env: Arc<SpawnContext>,
     apps: Mutex<Vec<AppEntry>>,
     /// One configuration change at a time (operations on single apps lock in their supervisor).
     changes: tokio::sync::Mutex<()>,
@@ -127,9 +127,10 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     let master = Arc::new(Master {
         home: opts.home.clone(),
         load: opts.load.clone(),
-        env: Environment::new(
+        env: SpawnContext::new(
             opts.home.clone(),
             std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer")),
+            Arc::new(crate::proxy::tcp::rescue),
         ),
         apps: Mutex::new(Vec::new()),
         changes: tokio::sync::Mutex::new(()),
@@ -347,10 +348,12 @@ impl Master {
         tokio::spawn(listener::serve(
             config.proto,
             socket,
-            Arc::clone(&route),
-            stop.clone(),
-            self.abort_connections.clone(),
-            self.connections.clone(),
+            listener::ServeContext {
+                route: Arc::clone(&route),
+                stop: stop.clone(),
+                abort: self.abort_connections.clone(),
+                tracker: self.connections.clone(),
+            },
         ));
         ListenerEntry {
             config,

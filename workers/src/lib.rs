@@ -4,6 +4,7 @@
 //! Dependencies point one way: the `balancer` crate reads pools and calls supervisors; nothing
 //! here knows about listeners or proxies. The worker state machine is in `LIFECYCLE.md`.
 
+pub mod error;
 pub mod health;
 pub mod logs;
 pub mod pool;
@@ -11,6 +12,11 @@ pub mod process;
 pub mod reuseport;
 pub mod supervisor;
 
+pub use error::Chain;
 pub use pool::{ConnGuard, Pool, PoolSnapshot, WorkerHandle};
 pub use process::Exit;
-pub use supervisor::{AppSupervisor, Environment, OpError, Target, WorkerState, WorkerStatus};
+pub use supervisor::{AppSupervisor, OpError, SpawnContext, Target, WorkerState, WorkerStatus};
+
+/// Backlog of every listening socket the master creates (public listeners and reuseport
+/// members): large, because connections wait there while workers restart.
+pub const LISTEN_BACKLOG: i32 = 1024;

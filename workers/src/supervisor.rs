@@ -21,7 +21,7 @@ use crate::health::{Hysteresis, Transition, probe};
 use crate::logs::LogPaths;
 use crate::pool::{Pool, WorkerHandle};
 use crate::process::{Exit, Process, SpawnSpec, private_port};
-use crate::reuseport::{Group, MemberKey, Takeover};
+use crate::reuseport::{Group, MemberKey, Rescue, Takeover};
 
 /// Backoff grows by this factor after each unstable exit…
 const BACKOFF_FACTOR: f64 = 1.5;
@@ -172,23 +172,35 @@ impl Slot {
 }
 
 /// What every supervisor of a master shares.
-#[derive(Debug)]
-pub struct Environment {
+pub struct SpawnContext {
     /// `$BALANCER_HOME`: logs go to `home/logs`.
     pub home: PathBuf,
     /// Hands out worker ids across all apps of the master.
     pub ids: AtomicU32,
     /// The `balancer` binary, run as `exec-shim` for reuseport workers.
     pub shim: PathBuf,
+    /// Where connections rescued from leaving reuseport sockets go (the data plane).
+    pub rescue: Rescue,
 }
 
-impl Environment {
-    /// An environment for a master living in `home`, with `shim` as its own binary.
-    pub fn new(home: PathBuf, shim: PathBuf) -> Arc<Self> {
-        Arc::new(Environment {
+impl std::fmt::Debug for SpawnContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpawnContext")
+            .field("home", &self.home)
+            .field("shim", &self.shim)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpawnContext {
+    /// The context of a master living in `home`, with `shim` as its own binary and `rescue`
+    /// carrying connections rescued from leaving reuseport sockets.
+    pub fn new(home: PathBuf, shim: PathBuf, rescue: Rescue) -> Arc<Self> {
+        Arc::new(SpawnContext {
             home,
             ids: AtomicU32::new(0),
             shim,
+            rescue,
         })
     }
 }
@@ -199,7 +211,7 @@ impl Environment {
 /// inside each slot's task and need no lock.
 pub struct AppSupervisor {
     app: ArcSwap<App>,
-    env: Arc<Environment>,
+    env: Arc<SpawnContext>,
     pool: Arc<Pool>,
     /// Reuseport policy: one socket group per listener, shared by every incarnation.
     groups: Mutex<Vec<Arc<Group>>>,
@@ -213,7 +225,7 @@ pub struct AppSupervisor {
 impl AppSupervisor {
     /// Starts `app.instances` workers (without waiting for them: see
     /// [`wait_started`](Self::wait_started)).
-    pub fn start(app: App, env: Arc<Environment>) -> Arc<Self> {
+    pub fn start(app: App, env: Arc<SpawnContext>) -> Arc<Self> {
         let instances = app.instances;
         let sup = Arc::new(AppSupervisor {
             app: ArcSwap::from_pointee(app),
@@ -550,7 +562,7 @@ impl AppSupervisor {
                 {
                     return Arc::clone(g);
                 }
-                let g = Group::new(l.clone());
+                let g = Group::new(l.clone(), Arc::clone(&self.env.rescue));
                 groups.push(Arc::clone(&g));
                 g
             })
@@ -818,7 +830,7 @@ impl SlotTask {
             shim: &self.shim,
         };
         let process = Process::spawn(&spec).map_err(|e| {
-            let reason = error_chain(&e);
+            let reason = crate::Chain(&e).to_string();
             tracing::error!(app = %self.app.name, id = status.id, "{reason}");
             reason
         });
@@ -1078,17 +1090,6 @@ impl RestartPolicy {
 async fn stop_requested(control: &mut watch::Receiver<Control>) {
     // Map the guard away inside: it holds a lock and must not live across the caller's awaits.
     let _ = control.wait_for(|c| *c == Control::Stop).await.map(|_| ());
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -33,7 +33,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::proxy::Route;
 use crate::proxy::http::{HttpProxy, ProxyBody};
@@ -45,13 +44,13 @@ const H2_PREFACE_START: &[u8] = b"PRI";
 
 /// Accepts connections until `stop`, serving each on a task tracked by `tracker`; connections
 /// then finish their requests in flight and close, or end at once when `abort` is cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    route: Arc<Route>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    tracker: TaskTracker,
-) {
+pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
+    let super::ServeContext {
+        route,
+        stop,
+        abort,
+        tracker,
+    } = ctx;
     let proxy = Arc::new(HttpProxy::new(
         Arc::clone(&route),
         stop.clone(),

@@ -52,20 +52,26 @@ pub fn bind(listener: &Listener) -> io::Result<Bound> {
     }
 }
 
-/// Serves `socket` as `proto` until `stop`; connection tasks go on `tracker` and end early when
-/// `abort` is cancelled.
-pub async fn serve(
-    proto: Proto,
-    socket: Bound,
-    route: Arc<Route>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// What an accept loop needs besides its socket: where connections go, and how they end.
+#[derive(Debug, Clone)]
+pub struct ServeContext {
+    /// The app's pool and the listener's settings.
+    pub route: Arc<Route>,
+    /// Cancelled to stop accepting (connections in flight go on).
+    pub stop: CancellationToken,
+    /// Cancelled to end every connection at once (the end of a shutdown).
+    pub abort: CancellationToken,
+    /// Connection tasks are spawned here, so a shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// Serves `socket` as `proto` until `ctx.stop`; connection tasks go on `ctx.tracker` and end
+/// early when `ctx.abort` is cancelled.
+pub async fn serve(proto: Proto, socket: Bound, ctx: ServeContext) {
     match (proto, socket) {
-        (Proto::Tcp, Bound::Stream(l)) => tcp::serve(l, route, stop, abort, tracker).await,
-        (Proto::Http, Bound::Stream(l)) => http::serve(l, route, stop, abort, tracker).await,
-        (Proto::Udp, Bound::Datagram(s)) => udp::serve(s, route, stop, abort, tracker).await,
+        (Proto::Tcp, Bound::Stream(l)) => tcp::serve(l, ctx).await,
+        (Proto::Http, Bound::Stream(l)) => http::serve(l, ctx).await,
+        (Proto::Udp, Bound::Datagram(s)) => udp::serve(s, ctx).await,
         (proto, socket) => {
             tracing::error!(
                 ?proto,

@@ -6,14 +6,8 @@ use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::proxy::Route;
 use crate::proxy::tcp::{ProxyError, proxy};
-
-/// Backlog of public listeners: large, because connections wait there while workers restart.
-const BACKLOG: i32 = 1024;
 
 /// Binds a public TCP listener (SO_REUSEADDR so a restarted master can rebind at once; IPv6
 /// wildcards are v6-only so `[::]` and `0.0.0.0` can be bound side by side).
@@ -25,19 +19,19 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
+    socket.listen(balancer_workers::LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
 }
 
 /// Accepts connections until `stop` is cancelled, proxying each on a task tracked by `tracker`.
 /// Connection tasks end early when `abort` is cancelled (the end of a shutdown).
-pub async fn serve(
-    listener: TcpListener,
-    route: Arc<Route>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    tracker: TaskTracker,
-) {
+pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
+    let super::ServeContext {
+        route,
+        stop,
+        abort,
+        tracker,
+    } = ctx;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,

@@ -14,10 +14,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::time::{Instant, sleep, sleep_until};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::proxy::Route;
 use crate::proxy::udp::{Flows, MAX_DATAGRAM};
 
 /// Kernel buffers asked for the public socket (the kernel caps them at `net.core.rmem_max` /
@@ -53,13 +50,13 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// Serves UDP flows: reads client datagrams until `stop`, then lets established flows relay
 /// the replies still coming (until quiet) and returns; `abort` ends everything at once. Relays
 /// run on `tracker`.
-pub async fn serve(
-    socket: UdpSocket,
-    route: Arc<Route>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    tracker: TaskTracker,
-) {
+pub async fn serve(socket: UdpSocket, ctx: super::ServeContext) {
+    let super::ServeContext {
+        route,
+        stop,
+        abort,
+        tracker,
+    } = ctx;
     let public = Arc::new(socket);
     let (mut flows, mut reports) = Flows::new(Arc::clone(&route), Arc::clone(&public), tracker);
     let mut pool_changes = route.pool.subscribe();

@@ -13,7 +13,6 @@
 //! worker within `queue_timeout` is a 503.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -21,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use balancer_workers::{ConnGuard, PoolSnapshot};
+use balancer_workers::{Chain, ConnGuard, PoolSnapshot};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self as client_http1, SendRequest};
@@ -121,21 +120,6 @@ enum ConnectError {
     Connect(#[source] io::Error),
     #[error("HTTP/1 handshake failed")]
     Handshake(#[source] hyper::Error),
-}
-
-/// Displays an error and its sources, `a: b: c`, for log lines.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
 }
 
 /// One HTTP listener's proxy: its route, and the idle connections it keeps to the workers.

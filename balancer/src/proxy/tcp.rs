@@ -16,6 +16,10 @@ use crate::policy::round_robin;
 /// measurably helps bulk transfers while keeping a connection's memory small.
 const COPY_BUFFER: usize = 16 * 1024;
 
+/// Time allowed to connect a rescued connection to the public address (the kernel answers a
+/// loopback connect at once unless the accept queue is full).
+const RESCUE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a connection could not be proxied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -102,4 +106,27 @@ pub async fn proxy(
         to_worker,
         to_client,
     })
+}
+
+/// Carries a connection rescued from a leaving reuseport socket to `target`, the public
+/// address, where the group's steering program hands it to a live worker (the reuseport
+/// policy's [`Rescue`](balancer_workers::reuseport::Rescue) hook).
+pub fn rescue(mut client: TcpStream, target: std::net::SocketAddr) {
+    tokio::spawn(async move {
+        match timeout(RESCUE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+            Ok(Ok(mut upstream)) => {
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut upstream,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                )
+                .await;
+            }
+            Ok(Err(e)) => tracing::debug!(%target, "rescued connection: connect failed: {e}"),
+            Err(_) => tracing::debug!(%target, "rescued connection: connect timed out"),
+        }
+    });
 }

@@ -1181,10 +1181,12 @@ mod tests {
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(crate::listener::udp::serve(
             socket,
-            route,
-            stop.clone(),
-            tokio_util::sync::CancellationToken::new(),
-            TaskTracker::new(),
+            crate::listener::ServeContext {
+                route,
+                stop: stop.clone(),
+                abort: tokio_util::sync::CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            },
         ));
         (public, stop)
     }

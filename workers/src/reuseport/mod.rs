@@ -32,8 +32,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// Backlog of each worker's listening socket.
-const BACKLOG: i32 = 1024;
 /// A leaving worker's socket is closed once its queue has been empty this long.
 const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(300);
 /// With no other worker to take them, connections queued on a closing socket wait this long
@@ -41,6 +39,12 @@ const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(300);
 const LAST_MEMBER_GRACE: Duration = Duration::from_secs(5);
 /// How often the accept queue is looked at.
 const QUEUE_POLL: Duration = Duration::from_millis(10);
+
+/// What the master does with a connection rescued from a leaving worker's socket: carry it to
+/// the given target (the public address), where the steering program hands it to a live
+/// worker. Copying bytes is the data plane's work, so the control plane only accepts and
+/// hands the connection over.
+pub type Rescue = Arc<dyn Fn(TcpStream, SocketAddr) + Send + Sync>;
 
 /// Identifies a socket within its group.
 pub type MemberKey = u64;
@@ -112,18 +116,29 @@ pub struct Takeover {
 }
 
 /// The `SO_REUSEPORT` group of one public listener of one app.
-#[derive(Debug)]
 pub struct Group {
     listener: Listener,
     members: Mutex<Members>,
+    rescue: Rescue,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("listener", &self.listener)
+            .field("members", &self.members)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Group {
-    /// A group for `listener` (no socket yet).
-    pub fn new(listener: Listener) -> Arc<Group> {
+    /// A group for `listener` (no socket yet); what is rescued from leaving sockets goes to
+    /// `rescue`.
+    pub fn new(listener: Listener, rescue: Rescue) -> Arc<Group> {
         Arc::new(Group {
             listener,
             members: Mutex::new(Members::default()),
+            rescue,
         })
     }
 
@@ -290,7 +305,7 @@ impl Group {
                     _ = tokio::time::sleep(QUEUE_POLL) => continue,
                 }
             }
-            let (mut client, _) = tokio::select! {
+            let (client, _) = tokio::select! {
                 _ = stop.cancelled() => return,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -298,11 +313,7 @@ impl Group {
                 },
             };
             tracing::debug!(listener = %self.listener, "rescuing a connection queued on a leaving worker");
-            tokio::spawn(async move {
-                if let Ok(mut upstream) = TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-            });
+            (self.rescue)(client, target);
         }
     }
 
@@ -425,7 +436,7 @@ fn bound_socket(listener: &Listener) -> io::Result<Socket> {
 fn new_socket(listener: &Listener) -> io::Result<OwnedFd> {
     let socket = bound_socket(listener)?;
     if listener.proto != Proto::Udp {
-        socket.listen(BACKLOG)?;
+        socket.listen(crate::LISTEN_BACKLOG)?;
     }
     Ok(socket.into())
 }
@@ -462,6 +473,17 @@ mod tests {
         })
     }
 
+    /// The test's stand-in for the master's data plane: copy a rescued connection on.
+    fn rescue() -> Rescue {
+        Arc::new(|mut client, target| {
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        })
+    }
+
     fn hello(port: u16) -> String {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let mut out = String::new();
@@ -472,7 +494,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_ready_members_get_connections_and_probes_reach_their_target() {
         let port = free_port();
-        let group = Group::new(tcp_listener(port));
+        let group = Group::new(tcp_listener(port), rescue());
         let (a, fd_a) = group.join().unwrap();
         let (b, fd_b) = group.join().unwrap();
         let _wa = serve(fd_a, "a");
@@ -496,7 +518,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_member_whose_worker_never_accepts_fails_its_probe() {
         let port = free_port();
-        let group = Group::new(tcp_listener(port));
+        let group = Group::new(tcp_listener(port), rescue());
         let (a, _fd_nobody_accepts) = group.join().unwrap();
         let err = group
             .probe(a, &Check::Tcp, Duration::from_millis(300))
@@ -508,7 +530,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_queued_on_a_leaving_socket_are_rescued() {
         let port = free_port();
-        let group = Group::new(tcp_listener(port));
+        let group = Group::new(tcp_listener(port), rescue());
         let (a, fd_a) = group.join().unwrap();
         let (b, fd_b) = group.join().unwrap();
         group.set_ready(a, true);
