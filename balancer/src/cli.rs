@@ -2,11 +2,13 @@
 //! (0 done, 1 the operation failed, 2 bad usage or config).
 //!
 //! `run` and `check` work on a file alone; the PM2 verbs (`start`, `stop`, `ls`, …) are
-//! clients of a master's admin socket and live in [`crate::commands`].
+//! clients of a master's admin socket and live in [`crate::ctl`].
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::protocol::ScaleTo;
 
 /// Exit code: the operation failed.
 pub const EXIT_FAILED: u8 = 1;
@@ -73,8 +75,8 @@ pub enum Command {
         /// App name.
         app: String,
         /// The new count: `4`, `+2`, `-1` or `max`.
-        #[arg(allow_hyphen_values = true, value_parser = scale_count, value_name = "N|+N|-N|max")]
-        to: String,
+        #[arg(allow_hyphen_values = true, value_name = "N|+N|-N|max")]
+        to: ScaleTo,
     },
     /// List every worker of every app.
     #[command(visible_aliases = ["list", "status"])]
@@ -182,28 +184,6 @@ fn instances(s: &str) -> Result<InstancesArg, String> {
         .map_err(|_| format!("expected a number or \"max\", found {s:?}"))
 }
 
-/// `scale`'s count: checked here so a typo is a usage error before anything is sent.
-fn scale_count(s: &str) -> Result<String, String> {
-    let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
-    if s == "max" || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())) {
-        Ok(s.to_owned())
-    } else {
-        Err(format!("expected N, +N, -N or max, found {s:?}"))
-    }
-}
-
-/// `$BALANCER_HOME`, or `~/.balancer`.
-pub fn home() -> PathBuf {
-    if let Some(home) = std::env::var_os("BALANCER_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(home);
-    }
-    let base = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join(".balancer")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,7 +283,7 @@ mod tests {
             match parse(&["scale", "web", to]) {
                 Command::Scale { app, to: got } => {
                     assert_eq!(app, "web");
-                    assert_eq!(got, to);
+                    assert_eq!(got.to_string(), to);
                 }
                 other => panic!("parsed as {other:?}"),
             }

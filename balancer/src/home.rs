@@ -1,5 +1,6 @@
-//! `$BALANCER_HOME`: one master per home, enforced by a lock on `balancer.pid`, which also
-//! tells other processes the master's pid.
+//! `$BALANCER_HOME`: where it is, the names of the files in it (the one place they are built),
+//! and one master per home, enforced by a lock on `balancer.pid`, which also tells other
+//! processes the master's pid.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -15,6 +16,28 @@ pub const PID_FILE: &str = "balancer.pid";
 pub const ADMIN_SOCKET: &str = "admin.sock";
 /// The daemon's own log.
 pub const MASTER_LOG: &str = "balancer.log";
+
+/// `$BALANCER_HOME`, or `~/.balancer`.
+pub fn from_env() -> PathBuf {
+    if let Some(home) = std::env::var_os("BALANCER_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(home);
+    }
+    let base = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join(".balancer")
+}
+
+/// The admin socket of the master whose home is `home`.
+pub fn admin_socket(home: &Path) -> PathBuf {
+    home.join(ADMIN_SOCKET)
+}
+
+/// The daemon's own log (its stdout and stderr).
+pub fn master_log(home: &Path) -> PathBuf {
+    home.join(MASTER_LOG)
+}
 
 /// Why the home could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +106,14 @@ impl HomeLock {
 
     /// Where the admin socket goes.
     pub fn admin_socket(&self) -> PathBuf {
-        self.home.join(ADMIN_SOCKET)
+        admin_socket(&self.home)
     }
 }
 
 impl Drop for HomeLock {
     fn drop(&mut self) {
         // Remove while still holding the lock, so a new master never loses its fresh files.
-        let _ = std::fs::remove_file(self.home.join(ADMIN_SOCKET));
+        let _ = std::fs::remove_file(admin_socket(&self.home));
         let _ = std::fs::remove_file(self.home.join(PID_FILE));
     }
 }

@@ -1,11 +1,23 @@
-//! Where a worker's stdout and stderr go: `$BALANCER_HOME/logs/<app>-<instance>-{out,err}.log`.
+//! Worker logs: where a worker's stdout and stderr go
+//! (`$BALANCER_HOME/logs/<app>-<instance>-{out,err}.log`), and reading them back: the last
+//! lines of a file, the lines added since, and emptying it.
 //!
 //! Workers write straight into the files (their fds are the files), so logging never passes
-//! through the master and costs the proxy nothing.
+//! through the master and costs the proxy nothing. The readers here are blocking file I/O:
+//! the master calls them off its runtime threads (`spawn_blocking`), so a slow disk never stalls
+//! proxying. They read a bounded amount whatever the file's size, and a line that is not UTF-8
+//! is shown with replacement characters rather than hiding the rest.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+/// How much of a file's end [`tail`] reads at a time while looking for enough lines.
+const TAIL_BLOCK: u64 = 64 * 1024;
+/// The most [`tail`] reads from one file, however few newlines it finds.
+const TAIL_MAX: u64 = 4 * 1024 * 1024;
+/// The most [`Follower::read_new`] reads in one call; the rest comes at the next one.
+const FOLLOW_MAX: u64 = 1024 * 1024;
 
 /// The two log files of one worker instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,9 +51,110 @@ fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
+/// The last `n` whole lines of `path` and the length the file had, read backwards from its end
+/// (at most [`TAIL_MAX`] bytes). A missing file has no lines.
+pub fn tail(path: &Path, n: usize) -> io::Result<(Vec<String>, u64)> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if n == 0 {
+        return Ok((Vec::new(), len));
+    }
+    let mut start = len;
+    let mut bytes: Vec<u8> = Vec::new();
+    // `n` lines start after the (n+1)-th newline from the end when the file ends with one, and
+    // after the n-th when its last line has none yet.
+    loop {
+        let wanted = n + usize::from(bytes.ends_with(b"\n"));
+        let newlines = bytes.iter().filter(|&&b| b == b'\n').count();
+        if start == 0 || newlines >= wanted || len - start >= TAIL_MAX {
+            break;
+        }
+        let from = start
+            .saturating_sub(TAIL_BLOCK)
+            .max(len.saturating_sub(TAIL_MAX));
+        let mut block = vec![0; usize::try_from(start - from).unwrap_or(0)];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut block)?;
+        block.extend_from_slice(&bytes);
+        bytes = block;
+        start = from;
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > 0 && !lines.is_empty() {
+        // The first line was cut by the read window.
+        lines.remove(0);
+    }
+    let skip = lines.len().saturating_sub(n);
+    Ok((lines[skip..].iter().map(|l| (*l).to_owned()).collect(), len))
+}
+
+/// Empties `path` (a missing file is already empty). Workers append (`O_APPEND`), so after
+/// the truncation they simply write from the start.
+pub fn flush(path: &Path) -> io::Result<()> {
+    match OpenOptions::new().write(true).open(path) {
+        Ok(file) => file.set_len(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the whole lines appended to one file since an offset (`logs --follow`).
+#[derive(Debug, Clone)]
+pub struct Follower {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Follower {
+    /// Follows `path` from byte `offset` (the length [`tail`] returned).
+    pub fn new(path: PathBuf, offset: u64) -> Self {
+        Follower { path, offset }
+    }
+
+    /// The whole lines written since the last call; a partial last line waits for its newline.
+    /// A file that shrank was flushed: it is read again from its start.
+    pub fn read_new(&mut self) -> io::Result<Vec<String>> {
+        let mut file = match File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let len = file.metadata()?.len();
+        if len < self.offset {
+            self.offset = 0;
+        }
+        if len == self.offset {
+            return Ok(Vec::new());
+        }
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut bytes = Vec::new();
+        file.take(FOLLOW_MAX).read_to_end(&mut bytes)?;
+        let Some(end) = bytes.iter().rposition(|&b| b == b'\n') else {
+            if bytes.len() as u64 >= FOLLOW_MAX {
+                // One line longer than a whole read: pass it on in pieces.
+                self.offset += bytes.len() as u64;
+                return Ok(vec![String::from_utf8_lossy(&bytes).into_owned()]);
+            }
+            return Ok(Vec::new());
+        };
+        let whole = &bytes[..=end];
+        self.offset += whole.len() as u64;
+        Ok(String::from_utf8_lossy(whole)
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn paths_follow_pm2_layout_and_open_appends() {
@@ -49,9 +162,47 @@ mod tests {
         let logs = LogPaths::new(home.path(), "web", 2);
         assert!(logs.out.ends_with("logs/web-2-out.log"));
         assert!(logs.err.ends_with("logs/web-2-err.log"));
-        use std::io::Write;
         logs.open().unwrap().0.write_all(b"one\n").unwrap();
         logs.open().unwrap().0.write_all(b"two\n").unwrap();
         assert_eq!(std::fs::read_to_string(&logs.out).unwrap(), "one\ntwo\n");
+    }
+
+    #[test]
+    fn tail_reads_the_end_only_and_keeps_bad_utf8_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let mut file = File::create(&path).unwrap();
+        for i in 0..20_000 {
+            writeln!(file, "line {i} {}", "x".repeat(40)).unwrap();
+        }
+        file.write_all(b"bad \xff byte\nlast, no newline").unwrap();
+        let (lines, len) = tail(&path, 3).unwrap();
+        assert_eq!(len, file.metadata().unwrap().len());
+        assert!(lines[0].starts_with("line 19999 "), "{lines:?}");
+        assert_eq!(lines[1], "bad \u{fffd} byte");
+        assert_eq!(lines[2], "last, no newline");
+        let (many, _) = tail(&path, 5000).unwrap();
+        assert_eq!(many.len(), 5000);
+        assert!(many[0].starts_with("line 15002 "), "{}", many[0]);
+        assert_eq!(tail(&dir.path().join("none.log"), 5).unwrap(), (vec![], 0));
+    }
+
+    #[test]
+    fn a_follower_sees_whole_new_lines_and_starts_over_after_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        std::fs::write(&path, "old\n").unwrap();
+        let (_, end) = tail(&path, 10).unwrap();
+        let mut follow = Follower::new(path.clone(), end);
+        assert!(follow.read_new().unwrap().is_empty());
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"new 1\nnew 2\npart").unwrap();
+        assert_eq!(follow.read_new().unwrap(), ["new 1", "new 2"]);
+        file.write_all(b"ial\n").unwrap();
+        assert_eq!(follow.read_new().unwrap(), ["partial"]);
+        flush(&path).unwrap();
+        file.write_all(b"after flush\n").unwrap();
+        assert_eq!(follow.read_new().unwrap(), ["after flush"]);
+        flush(&dir.path().join("none.log")).unwrap();
     }
 }

@@ -5,7 +5,7 @@ pub mod table;
 
 use std::io::IsTerminal;
 
-use crate::admin::protocol::LogLine;
+use crate::protocol::LogLine;
 
 /// Whether output may be styled (colors, terminal width) or must be plain text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

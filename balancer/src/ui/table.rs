@@ -10,7 +10,7 @@ use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table, presets
 use serde_json::Value;
 
 use super::{Output, uptime};
-use crate::admin::protocol::{AppInfo, WorkerInfo};
+use crate::protocol::{AppInfo, WorkerInfo};
 
 /// The `ls` header; `↺` is restarts, as in PM2.
 const WORKER_HEADER: [&str; 10] = [

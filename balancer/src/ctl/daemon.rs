@@ -16,16 +16,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::admin::client;
-use crate::admin::protocol::Request;
-use crate::home::MASTER_LOG;
+use super::client;
+use crate::home;
+use crate::protocol::{Reply, Request};
 
 /// How long a new daemon has to answer `ping`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often it is asked.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How long one `ping` may take while waiting.
-const PING_TIMEOUT: Duration = Duration::from_secs(1);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How much of `balancer.log` an error quotes.
 const QUOTED_LINES: usize = 20;
 
@@ -40,7 +40,7 @@ pub fn spawn(home: &Path) -> anyhow::Result<u32> {
         .mode(0o700)
         .create(&home)
         .with_context(|| format!("cannot create the home directory {}", home.display()))?;
-    let log_path = home.join(MASTER_LOG);
+    let log_path = home::master_log(&home);
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -62,12 +62,13 @@ pub fn spawn(home: &Path) -> anyhow::Result<u32> {
         .spawn()
         .with_context(|| format!("cannot run {} daemon", exe.display()))?;
 
-    let socket = client::socket_path(&home);
+    let socket = home::admin_socket(&home);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        let last = match client::request_within(&home, &Request::Ping {}, PING_TIMEOUT) {
-            Ok(reply) if reply.ok => return Ok(reply.pid.unwrap_or_else(|| child.id())),
-            Ok(reply) => reply.error.unwrap_or_else(|| "ping refused".to_owned()),
+        let last = match client::request_within(&home, &Request::Ping, ANSWER_TIMEOUT) {
+            Ok(Reply::Pong(pong)) => return Ok(pong.pid),
+            Ok(Reply::Failed { error, .. }) => error,
+            Ok(other) => format!("unexpected reply {other:?}"),
             Err(e) => e.to_string(),
         };
         // A daemon that exits non-zero has failed; one that exits 0 may have forked again, so
@@ -131,7 +132,7 @@ mod tests {
     #[test]
     fn the_quoted_log_is_the_new_part_only() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(MASTER_LOG);
+        let path = home::master_log(dir.path());
         let mut file = File::create(&path).unwrap();
         writeln!(file, "an old daemon's line").unwrap();
         let start = file.metadata().unwrap().len();

@@ -10,7 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::protocol::{Reply, Request};
+use crate::home::admin_socket;
+use crate::protocol::{Reply, Request};
 
 /// How long a reply may take. Generous because `reload` and `scale` answer only once the new
 /// workers are ready (or have failed to be), which can take several `listen_timeout`s.
@@ -19,11 +20,6 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// How long sending a request may take: it is one short line, so a master that does not read
 /// it within this is stuck.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where the admin socket of the master with this home is.
-pub fn socket_path(home: &Path) -> PathBuf {
-    home.join(crate::home::ADMIN_SOCKET)
-}
 
 /// Why a request got no reply.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +92,7 @@ pub struct Client {
 impl Client {
     /// Connects to the master whose home is `home`.
     pub fn connect(home: &Path) -> Result<Client, ClientError> {
-        let socket = socket_path(home);
+        let socket = admin_socket(home);
         let stream = UnixStream::connect(&socket).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => ClientError::NoMaster {
                 socket: socket.clone(),
@@ -222,7 +218,7 @@ mod tests {
     /// A one-connection fake master: reads one request line, answers with `replies`, and
     /// returns the request it read.
     fn fake_master(home: &Path, replies: Vec<&'static str>) -> std::thread::JoinHandle<String> {
-        let listener = UnixListener::bind(socket_path(home)).unwrap();
+        let listener = UnixListener::bind(admin_socket(home)).unwrap();
         std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
             let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -242,7 +238,7 @@ mod tests {
     #[test]
     fn no_socket_means_no_master() {
         let home = tempfile::tempdir().unwrap();
-        let err = request(home.path(), &Request::Ping {}).unwrap_err();
+        let err = request(home.path(), &Request::Ping).unwrap_err();
         assert!(err.is_no_master());
         let expected = format!(
             "no master is running (no admin socket at {})",
@@ -254,8 +250,8 @@ mod tests {
     #[test]
     fn a_stale_socket_means_no_master() {
         let home = tempfile::tempdir().unwrap();
-        drop(UnixListener::bind(socket_path(home.path())).unwrap());
-        let err = request(home.path(), &Request::Ping {}).unwrap_err();
+        drop(UnixListener::bind(admin_socket(home.path())).unwrap());
+        let err = request(home.path(), &Request::Ping).unwrap_err();
         assert!(
             matches!(err, ClientError::NoMaster { stale: true, .. }),
             "{err:?}"
@@ -269,24 +265,26 @@ mod tests {
             home.path(),
             vec![r#"{"ok":true,"pid":42,"version":"0.1.0","future_field":1}"#],
         );
-        let reply = request(home.path(), &Request::Ping {}).unwrap();
-        assert!(reply.ok);
-        assert_eq!(reply.pid, Some(42));
+        let reply = request(home.path(), &Request::Ping).unwrap();
+        assert!(
+            matches!(reply, Reply::Pong(ref p) if p.pid == 42),
+            "{reply:?}"
+        );
         assert_eq!(master.join().unwrap(), "{\"cmd\":\"ping\"}\n");
     }
 
     #[test]
     fn a_silent_master_times_out_and_a_closed_one_is_reported() {
         let home = tempfile::tempdir().unwrap();
-        let listener = UnixListener::bind(socket_path(home.path())).unwrap();
+        let listener = UnixListener::bind(admin_socket(home.path())).unwrap();
         let err =
-            request_within(home.path(), &Request::Ping {}, Duration::from_millis(50)).unwrap_err();
+            request_within(home.path(), &Request::Ping, Duration::from_millis(50)).unwrap_err();
         assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
         drop(listener);
 
         let home = tempfile::tempdir().unwrap();
         let master = fake_master(home.path(), vec![]);
-        let err = request(home.path(), &Request::List {}).unwrap_err();
+        let err = request(home.path(), &Request::List).unwrap_err();
         assert!(matches!(err, ClientError::Closed), "{err:?}");
         master.join().unwrap();
     }
@@ -295,7 +293,7 @@ mod tests {
     fn garbage_is_a_bad_reply() {
         let home = tempfile::tempdir().unwrap();
         let master = fake_master(home.path(), vec!["not json"]);
-        let err = request(home.path(), &Request::List {}).unwrap_err();
+        let err = request(home.path(), &Request::List).unwrap_err();
         assert!(matches!(err, ClientError::BadReply { .. }), "{err:?}");
         master.join().unwrap();
     }
@@ -318,12 +316,12 @@ mod tests {
         };
         Client::connect(home.path())
             .unwrap()
-            .stream(&request, |reply| {
-                if reply.done == Some(true) {
-                    return ControlFlow::Break(());
+            .stream(&request, |reply| match reply {
+                Reply::Log(log) => {
+                    seen.push(log.line);
+                    ControlFlow::Continue(())
                 }
-                seen.push(reply.log.unwrap().line);
-                ControlFlow::Continue(())
+                _ => ControlFlow::Break(()),
             })
             .unwrap();
         assert_eq!(seen, ["a", "b"]);
@@ -337,7 +335,7 @@ mod tests {
         let mut count = 0;
         Client::connect(home.path())
             .unwrap()
-            .stream(&Request::List {}, |_| {
+            .stream(&Request::List, |_| {
                 count += 1;
                 ControlFlow::Continue(())
             })

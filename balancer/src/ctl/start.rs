@@ -1,0 +1,292 @@
+//! `balancer start`: what its argument is (a balancer.toml, a script, an app the master knows,
+//! or a command), the one-app balancer.toml built from a script's options, and launching the
+//! master when none is running.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use balancer_workers::Chain;
+
+use super::{Outcome, act, check_options, config_errors, daemon, failed, is_toml, running_master};
+use crate::cli::{EXIT_FAILED, EXIT_USAGE, InstancesArg, StartArgs};
+use crate::protocol::{Pong, Reply, Request, Start};
+use crate::ui::Output;
+
+/// What `start`'s argument turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Program {
+    /// An existing file run as the app (`script = …`).
+    Script,
+    /// A program name looked up in `PATH` (`command = […]`).
+    Command,
+}
+
+/// `start`: a balancer.toml (an existing `.toml` file), a script (any other existing path), an
+/// app or worker the master already knows (or `all`), or else a command. The order is fixed so
+/// the same words always mean the same thing.
+pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    let path = Path::new(&args.target);
+    if path.exists() {
+        if is_toml(path) && path.is_file() {
+            return start_file(home, args, output);
+        }
+        return start_program(home, args, Program::Script, output);
+    }
+    if is_toml(path) {
+        return failed(EXIT_USAGE, format!("{}: no such file", args.target));
+    }
+    if !args.no_daemon && !args.target.contains('/') {
+        match knows(home, &args.target) {
+            Ok(true) => return start_known(home, args, output),
+            Ok(false) => {}
+            Err(outcome) => return outcome,
+        }
+    }
+    start_program(home, args, Program::Command, output)
+}
+
+/// Whether the master knows `target` as an app name, a worker id, or `all`. No master: no.
+fn knows(home: &Path, target: &str) -> Result<bool, Outcome> {
+    if target == "all" {
+        return Ok(true);
+    }
+    let show = Request::Show {
+        target: target.to_owned(),
+    };
+    match super::client::request(home, &show) {
+        Ok(reply) => Ok(!matches!(reply, Reply::Failed { .. })),
+        Err(e) if e.is_no_master() => Ok(false),
+        Err(e) => Err(failed(EXIT_FAILED, Chain(&e))),
+    }
+}
+
+/// `start web`, `start 3`, `start all`: start stopped apps or workers again.
+fn start_known(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.describes_an_app() || args.env.is_some() {
+        return failed(
+            EXIT_USAGE,
+            format!(
+                "`{}` is already known to the master; -n, -i, -l, --policy, --env and -- ARGS \
+                 describe a new app (to change its worker count: balancer scale {} N)",
+                args.target, args.target
+            ),
+        );
+    }
+    let request = Request::Start(Start::Stopped {
+        target: args.target,
+    });
+    act(home, &request, output)
+}
+
+/// `start balancer.toml [--env NAME]`.
+fn start_file(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.describes_an_app() {
+        return failed(
+            EXIT_USAGE,
+            "-n, -i, -l, --policy and -- ARGS describe one app; with a balancer.toml, set them \
+             in the file",
+        );
+    }
+    let path = Path::new(&args.target);
+    let master = match master_unless_foreground(home, args.no_daemon) {
+        Ok(master) => master,
+        Err(outcome) => return outcome,
+    };
+    let (opts, load) = check_options(args.env.clone(), master.as_ref());
+    let config = match balancer_config::load(path, &opts) {
+        Ok(config) => config,
+        Err(errors) => return config_errors(&errors),
+    };
+    if args.no_daemon {
+        return Outcome::Foreground(config);
+    }
+    let file = match std::path::absolute(path) {
+        Ok(file) => file,
+        Err(e) => return failed(EXIT_FAILED, format!("{}: {e}", path.display())),
+    };
+    let request = Request::Start(Start::File { file, load });
+    start_on_master(home, master, &request, output)
+}
+
+/// `start server.js -i max -l :8080 -- --flag`, `start python3 -- -m http.server`: one app,
+/// described as balancer.toml text, checked here and sent with the current directory.
+fn start_program(home: &Path, args: StartArgs, program: Program, output: Output) -> Outcome {
+    if program == Program::Command && args.target.contains(char::is_whitespace) {
+        let mut words = args.target.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        let rest: Vec<&str> = words.collect();
+        return failed(
+            EXIT_USAGE,
+            format!(
+                "`{}` is not a file; to run a command with arguments, put them after --: \
+                 balancer start {first} -- {}",
+                args.target,
+                rest.join(" ")
+            ),
+        );
+    }
+    if args.target == "all" {
+        return failed(
+            EXIT_USAGE,
+            "`all` names every app of a running master; there is none with --no-daemon",
+        );
+    }
+    let cwd = match std::env::current_dir() {
+        Ok(cwd) => cwd,
+        Err(e) => {
+            return failed(
+                EXIT_FAILED,
+                format!("cannot read the current directory: {e}"),
+            );
+        }
+    };
+    let text = match app_toml(&args, program) {
+        Ok(text) => text,
+        Err(e) => return failed(EXIT_USAGE, e),
+    };
+    if program == Program::Command && !args.target.contains('/') && !in_path(&args.target) {
+        let known = if args.no_daemon {
+            ""
+        } else {
+            " an app or worker of the running master,"
+        };
+        return failed(
+            EXIT_USAGE,
+            format!(
+                "`{}` is not a file,{known} or a program in PATH",
+                args.target
+            ),
+        );
+    }
+    let master = match master_unless_foreground(home, args.no_daemon) {
+        Ok(master) => master,
+        Err(outcome) => return outcome,
+    };
+    let (opts, load) = check_options(args.env.clone(), master.as_ref());
+    let config = match balancer_config::parse(&text, &cwd.join("balancer.toml"), &opts) {
+        Ok(config) => config,
+        Err(errors) => {
+            // The positions are in text the user never saw: print the messages alone.
+            for diagnostic in &errors.0 {
+                eprintln!("balancer: {}", diagnostic.message);
+            }
+            return Outcome::Exit(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    if args.no_daemon {
+        return Outcome::Foreground(config);
+    }
+    let request = Request::Start(Start::Toml {
+        toml: text,
+        cwd: Some(cwd),
+        load,
+    });
+    start_on_master(home, master, &request, output)
+}
+
+/// The balancer.toml of one app from `start`'s options. Built as a TOML table and serialised
+/// by the `toml` crate, so any name, path or argument is quoted correctly.
+pub(super) fn app_toml(args: &StartArgs, program: Program) -> Result<String, String> {
+    use toml::Value;
+
+    let mut app = toml::Table::new();
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => default_name(&args.target, program).ok_or_else(|| {
+            format!(
+                "cannot name an app after `{}`; give it one with -n NAME",
+                args.target
+            )
+        })?,
+    };
+    app.insert("name".into(), Value::String(name));
+    let target = Value::String(args.target.clone());
+    match program {
+        Program::Script => app.insert("script".into(), target),
+        Program::Command => app.insert("command".into(), Value::Array(vec![target])),
+    };
+    if !args.args.is_empty() {
+        let words = args.args.iter().cloned().map(Value::String).collect();
+        app.insert("args".into(), Value::Array(words));
+    }
+    if let Some(instances) = args.instances {
+        let value = match instances {
+            InstancesArg::Max => Value::String("max".into()),
+            InstancesArg::Count(n) => Value::Integer(n),
+        };
+        app.insert("instances".into(), value);
+    }
+    if !args.listen.is_empty() {
+        let urls = args
+            .listen
+            .iter()
+            .map(|url| {
+                balancer_config::parse_listen_url(url)
+                    .map(|(proto, addr)| Value::String(format!("{}://{addr}", proto.scheme())))
+                    .map_err(|e| format!("-l {url}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        app.insert("listen".into(), Value::Array(urls));
+    }
+    if let Some(policy) = &args.policy {
+        app.insert("policy".into(), Value::String(policy.clone()));
+    }
+    let mut doc = toml::Table::new();
+    doc.insert("app".into(), Value::Array(vec![Value::Table(app)]));
+    toml::to_string(&doc).map_err(|e| format!("cannot describe the app as TOML: {e}"))
+}
+
+/// PM2's default name: the script's file name without its extension, or the program's name.
+pub(super) fn default_name(target: &str, program: Program) -> Option<String> {
+    let path = Path::new(target);
+    let name = match program {
+        Program::Script => path.file_stem(),
+        Program::Command => path.file_name(),
+    }?;
+    Some(name.to_str()?.to_owned()).filter(|n| !n.is_empty())
+}
+
+/// Whether `program` names an executable file in one of `PATH`'s directories. Checked here
+/// because the master would only find out by crash-looping the app.
+fn in_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(program))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// The running master (`None`: none), unless the apps are to run in the foreground, which
+/// needs none.
+fn master_unless_foreground(home: &Path, foreground: bool) -> Result<Option<Pong>, Outcome> {
+    if foreground {
+        Ok(None)
+    } else {
+        running_master(home)
+    }
+}
+
+/// Sends a `start`, first launching the master if none is running (`master` is `None`).
+fn start_on_master(
+    home: &Path,
+    master: Option<Pong>,
+    request: &Request,
+    output: Output,
+) -> Outcome {
+    if master.is_none() {
+        match daemon::spawn(home) {
+            Ok(pid) => {
+                let home = std::path::absolute(home).unwrap_or_else(|_| home.to_path_buf());
+                eprintln!(
+                    "balancer: started master (pid {pid}), home {}",
+                    home.display()
+                );
+            }
+            Err(e) => return failed(EXIT_FAILED, format!("cannot start the master: {e:#}")),
+        }
+    }
+    act(home, request, output)
+}

@@ -1,0 +1,189 @@
+//! The verbs other than `start`: `reload`, `ls`, `jlist`, `show`, `logs`, `ping`, `kill`. The
+//! one-line ones (`stop`, `delete`, `scale`, …) are dispatched straight from `mod.rs`.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use balancer_workers::Chain;
+
+use super::client::{self, Client};
+use super::{
+    Outcome, PING_TIMEOUT, act, check_options, config_errors, failed, is_toml, ok, print, report,
+    running_master, send, unexpected, write_line,
+};
+use crate::cli::{EXIT_FAILED, EXIT_USAGE};
+use crate::protocol::{Reload, Reply, Request};
+use crate::ui::{self, Output};
+
+/// How long `kill` waits for the master to be gone after it said yes.
+const KILL_WAIT: Duration = Duration::from_secs(120);
+
+/// `reload NAME|ID|all`, or `reload balancer.toml [--env NAME]` (checked here first, as the
+/// running master will read it).
+pub(super) fn reload(home: &Path, target: String, env: Option<String>, output: Output) -> Outcome {
+    let path = Path::new(&target);
+    let request = if path.is_file() {
+        let master = match running_master(home) {
+            Ok(master) => master,
+            Err(outcome) => return outcome,
+        };
+        let (opts, load) = check_options(env, master.as_ref());
+        if let Err(errors) = balancer_config::load(path, &opts) {
+            return config_errors(&errors);
+        }
+        match std::path::absolute(path) {
+            Ok(file) => Request::Reload(Reload::File { file, load }),
+            Err(e) => return failed(EXIT_FAILED, format!("{target}: {e}")),
+        }
+    } else if is_toml(path) {
+        return failed(EXIT_USAGE, format!("{target}: no such file"));
+    } else if env.is_some() {
+        return failed(
+            EXIT_USAGE,
+            "--env goes with a balancer.toml: balancer reload FILE --env NAME",
+        );
+    } else {
+        Request::Reload(Reload::Target { target })
+    };
+    act(home, &request, output)
+}
+
+/// The workers of a `list` reply.
+fn workers(home: &Path) -> Result<Vec<crate::protocol::WorkerInfo>, Outcome> {
+    match send(home, &Request::List)? {
+        Reply::Workers(workers) => Ok(workers),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// `ls`: the workers table.
+pub(super) fn ls(home: &Path, output: Output) -> Outcome {
+    match workers(home) {
+        Ok(workers) => {
+            print(ui::table::workers(&workers, output));
+            ok()
+        }
+        Err(outcome) => outcome,
+    }
+}
+
+/// `jlist`: the workers as one line of JSON, exactly as the master sent them.
+pub(super) fn jlist(home: &Path) -> Outcome {
+    match workers(home) {
+        Ok(workers) => match serde_json::to_string(&workers) {
+            Ok(json) => {
+                print(json);
+                ok()
+            }
+            Err(e) => failed(
+                EXIT_FAILED,
+                format!("cannot print the workers as JSON: {e}"),
+            ),
+        },
+        Err(outcome) => outcome,
+    }
+}
+
+/// `show NAME|ID`: the app page.
+pub(super) fn show(home: &Path, target: String, output: Output) -> Outcome {
+    match send(home, &Request::Show { target }) {
+        Ok(Reply::App(app)) => {
+            print(ui::table::app(&app, output).trim_end());
+            ok()
+        }
+        Ok(other) => unexpected(&other),
+        Err(outcome) => outcome,
+    }
+}
+
+/// `logs`: past lines, then (with `follow`) new ones until interrupted or stdout closes.
+pub(super) fn logs(home: &Path, request: Request, json: bool, output: Output) -> Outcome {
+    let mut client = match Client::connect(home) {
+        Ok(client) => client,
+        Err(e) => return failed(EXIT_FAILED, Chain(&e)),
+    };
+    let mut refused = None;
+    let streamed = client.stream(&request, |reply| match reply {
+        Reply::Log(log) => {
+            let line = if json {
+                serde_json::to_string(&log).unwrap_or_default()
+            } else {
+                ui::log_line(&log, output)
+            };
+            if write_line(&line).is_err() {
+                // Whoever read our stdout is gone (`| head`): so is the point of going on.
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+        Reply::End => ControlFlow::Break(()),
+        Reply::Failed { error, code } => {
+            refused = Some(failed(code, error));
+            ControlFlow::Break(())
+        }
+        _ => ControlFlow::Continue(()),
+    });
+    if let Some(outcome) = refused {
+        return outcome;
+    }
+    match streamed {
+        Ok(()) => ok(),
+        Err(e) => failed(EXIT_FAILED, Chain(&e)),
+    }
+}
+
+/// `ping`: the master's pid and version, or that there is none (exit 1).
+pub(super) fn ping(home: &Path) -> Outcome {
+    let pong = match client::request_within(home, &Request::Ping, PING_TIMEOUT) {
+        Ok(Reply::Pong(pong)) => pong,
+        Ok(Reply::Failed { error, code }) => return failed(code, error),
+        Ok(other) => return unexpected(&other),
+        Err(e) => return failed(EXIT_FAILED, Chain(&e)),
+    };
+    let version = pong.version.as_deref().unwrap_or("?");
+    print(format!(
+        "master running: pid {}, version {version}",
+        pong.pid
+    ));
+    let ours = env!("CARGO_PKG_VERSION");
+    if pong.version.as_deref().is_some_and(|v| v != ours) {
+        eprintln!(
+            "balancer: the master runs version {version} and this CLI is {ours}; \
+             `balancer kill` and start again to upgrade"
+        );
+    }
+    ok()
+}
+
+/// `kill`: stop everything and the master, and wait until it is gone. No master is fine.
+pub(super) fn kill(home: &Path, output: Output) -> Outcome {
+    let reply = match client::request(home, &Request::Kill) {
+        Ok(Reply::Failed { error, code }) => return failed(code, error),
+        Ok(reply) => reply,
+        Err(e) if e.is_no_master() => {
+            eprintln!("balancer: {e}");
+            return ok();
+        }
+        Err(e) => return failed(EXIT_FAILED, Chain(&e)),
+    };
+    report(&reply, output);
+    // The reply can come before the master has exited; a `start` right after `kill` must not
+    // find the old one still answering.
+    let deadline = Instant::now() + KILL_WAIT;
+    loop {
+        match client::request_within(home, &Request::Ping, Duration::from_secs(1)) {
+            Err(e) if e.is_no_master() => return ok(),
+            _ if Instant::now() >= deadline => {
+                return failed(
+                    EXIT_FAILED,
+                    format!(
+                        "the master is still running {} after `kill`",
+                        humantime::format_duration(KILL_WAIT)
+                    ),
+                );
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The running master: the registry of apps (each one's supervisor and public listeners), the
+//! operations the admin socket asks for, and the shutdown order — stop accepting, drain, stop
+//! workers.
+//!
+//! [`run`] (in `run.rs`) boots it and handles signals, [`apply`](Master::apply) (in `apply.rs`)
+//! diffs a configuration against what runs, `admin.rs` serves the socket, and `views.rs` turns
+//! supervisor state into the protocol's `ls`/`show` rows.
+
+mod admin;
+mod apply;
+mod run;
+mod views;
+
+pub use apply::Apply;
+pub use run::{MasterOptions, foreground, run, run_daemon};
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use balancer_config::{App, Config, ConfigErrors, Listener, LoadOptions};
+use balancer_workers::{AppSupervisor, Chain, OpError, SpawnContext, Target, WorkerStatus};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::home::LockError;
+use crate::protocol::{Load, Reply, ScaleTo};
+use crate::proxy::Route;
+
+/// Connections still open after every worker has stopped get this long to end on their own.
+const LINGER_AFTER_STOP: Duration = Duration::from_secs(1);
+
+/// Where the master is in its life; published so callers (and tests) wait on phases, not sleeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Binding listeners and starting workers.
+    Starting,
+    /// Serving.
+    Running,
+    /// Stopped accepting; draining connections and stopping workers.
+    ShuttingDown,
+    /// Everything stopped.
+    Stopped,
+}
+
+/// Why the master could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    /// A public listener could not be bound; nothing was started.
+    #[error("cannot listen on {listener} (app {app})")]
+    Bind {
+        /// The listener, as written in the config.
+        listener: String,
+        /// The app that owns it.
+        app: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The home could not be prepared or is taken by another master.
+    #[error(transparent)]
+    Home(#[from] LockError),
+    /// The admin socket could not be created.
+    #[error("cannot create the admin socket {0}")]
+    Admin(PathBuf, #[source] io::Error),
+    /// The async runtime or a signal handler could not be set up.
+    #[error("cannot set up the master's {what}")]
+    Setup {
+        /// What failed.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why an operation asked of the master failed. The exit code the CLI uses follows from the
+/// variant ([`exit_code`](Self::exit_code)), never from where the error was raised.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No app has that name and no worker that id.
+    #[error("no app or worker id named {0:?}")]
+    UnknownTarget(String),
+    /// No app has that name.
+    #[error("no app named {0:?}")]
+    UnknownApp(String),
+    /// A configuration the master was asked to load is wrong; nothing changed.
+    #[error("{0}")]
+    BadConfig(ConfigErrors),
+    /// A new public listener could not be bound; nothing changed.
+    #[error("cannot listen on {listener} (app {app})")]
+    Bind {
+        /// The listener.
+        listener: String,
+        /// The app that wants it.
+        app: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The count asked for cannot be had.
+    #[error("{0}")]
+    BadScale(String),
+    /// An app's supervisor could not carry the operation out.
+    #[error("{app}: {error}")]
+    App {
+        /// The app.
+        app: String,
+        /// What its supervisor said.
+        error: OpError,
+    },
+    /// A log file could not be emptied.
+    #[error("cannot empty {}", path.display())]
+    Flush {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The operation touched several apps and more than one failed.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<ControlError>),
+}
+
+impl ControlError {
+    /// 2 for a request or configuration that is wrong in itself, 1 for an operation that failed.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ControlError::BadConfig(_) => 2,
+            ControlError::Several(all) => all.iter().map(Self::exit_code).max().unwrap_or(1),
+            _ => 1,
+        }
+    }
+
+    fn app(app: &AppSupervisor, error: OpError) -> Self {
+        ControlError::App {
+            app: app.app().name.clone(),
+            error,
+        }
+    }
+
+    /// All of `errors` as one (none: `None`).
+    fn all(mut errors: Vec<ControlError>) -> Option<Self> {
+        match errors.len() {
+            0 => None,
+            1 => errors.pop(),
+            _ => Some(ControlError::Several(errors)),
+        }
+    }
+}
+
+impl From<ControlError> for Reply {
+    fn from(error: ControlError) -> Self {
+        Reply::Failed {
+            error: Chain(&error).to_string(),
+            code: error.exit_code(),
+        }
+    }
+}
+
+/// The outcome of an operation: what was done, in words, or why not.
+pub type Outcome = Result<String, ControlError>;
+
+/// Where an app's configuration came from, so `reload FILE` knows which apps the file owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A balancer.toml (absolute path).
+    File(PathBuf),
+    /// Built from command-line arguments.
+    CommandLine,
+}
+
+/// One public listener of an app.
+struct ListenerEntry {
+    config: Listener,
+    route: Arc<Route>,
+    stop: CancellationToken,
+}
+
+/// One app: its supervisor, listeners and origin.
+struct AppEntry {
+    sup: Arc<AppSupervisor>,
+    listeners: Vec<ListenerEntry>,
+    source: Source,
+}
+
+/// A target named on the command line, resolved to supervisors.
+type Resolved = Vec<(Arc<AppSupervisor>, Target)>;
+
+/// The running master.
+pub struct Master {
+    home: PathBuf,
+    load: LoadOptions,
+    spawn: Arc<SpawnContext>,
+    apps: Mutex<Vec<AppEntry>>,
+    /// One configuration change at a time (operations on single apps lock in their supervisor).
+    changes: tokio::sync::Mutex<()>,
+    abort_connections: CancellationToken,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Master {
+    /// A master with no apps yet, living in `home`, reading configs with `load`.
+    fn new(home: PathBuf, load: LoadOptions, shutdown: CancellationToken) -> Self {
+        let shim = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer"));
+        Master {
+            spawn: SpawnContext::new(home.clone(), shim, Arc::new(crate::proxy::tcp::rescue)),
+            home,
+            load,
+            apps: Mutex::new(Vec::new()),
+            changes: tokio::sync::Mutex::new(()),
+            abort_connections: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    /// `$BALANCER_HOME`.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// How this master reads configs: its CPU count and default policy.
+    pub fn load_options(&self) -> &LoadOptions {
+        &self.load
+    }
+
+    /// Cancels the master's run (the admin `kill`).
+    pub fn request_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// The apps in start order, with each one's current config and worker statuses.
+    pub fn apps(&self) -> Vec<(Arc<App>, Vec<WorkerStatus>)> {
+        self.entries()
+            .iter()
+            .map(|e| (e.sup.app(), e.sup.statuses()))
+            .collect()
+    }
+
+    /// The supervisor of the app named `name`.
+    pub fn supervisor(&self, name: &str) -> Option<Arc<AppSupervisor>> {
+        self.entries()
+            .iter()
+            .find(|e| e.sup.app().name == name)
+            .map(|e| Arc::clone(&e.sup))
+    }
+
+    /// The app owning worker `id`.
+    pub fn supervisor_of_worker(&self, id: u32) -> Option<Arc<AppSupervisor>> {
+        self.entries()
+            .iter()
+            .find(|e| e.sup.has_worker(id))
+            .map(|e| Arc::clone(&e.sup))
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Vec<AppEntry>> {
+        self.apps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `all`, a worker id, or an app name.
+    pub fn resolve(&self, target: &str) -> Result<Resolved, ControlError> {
+        if target == "all" {
+            return Ok(self
+                .entries()
+                .iter()
+                .map(|e| (Arc::clone(&e.sup), Target::All))
+                .collect());
+        }
+        if let Some(sup) = self.supervisor(target) {
+            return Ok(vec![(sup, Target::All)]);
+        }
+        if let Ok(id) = target.parse::<u32>()
+            && let Some(sup) = self.supervisor_of_worker(id)
+        {
+            return Ok(vec![(sup, Target::Worker(id))]);
+        }
+        Err(ControlError::UnknownTarget(target.to_owned()))
+    }
+
+    /// How a request's [`Load`] reads a file here: its `--env`, and its default policy or ours.
+    fn options(&self, load: &Load) -> LoadOptions {
+        LoadOptions {
+            env: load.env.clone(),
+            default_policy: load.policy.unwrap_or(self.load.default_policy),
+            cpus: self.load.cpus,
+        }
+    }
+
+    /// Loads a balancer.toml.
+    pub fn load(&self, file: &Path, load: &Load) -> Result<Config, ControlError> {
+        balancer_config::load(file, &self.options(load)).map_err(ControlError::BadConfig)
+    }
+
+    /// Parses balancer.toml text built by the CLI; relative paths are relative to `cwd`.
+    pub fn parse(&self, toml: &str, cwd: &Path, load: &Load) -> Result<Config, ControlError> {
+        balancer_config::parse(toml, &cwd.join("(command line)"), &self.options(load))
+            .map_err(ControlError::BadConfig)
+    }
+
+    /// Runs `op` on every supervisor `target` names; the messages of those that succeeded, or
+    /// every failure.
+    async fn each(
+        &self,
+        target: &str,
+        op: impl AsyncFn(Arc<AppSupervisor>, Target) -> Result<String, OpError>,
+    ) -> Outcome {
+        let resolved = self.resolve(target)?;
+        if resolved.is_empty() {
+            return Ok("no apps".into());
+        }
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for (sup, t) in resolved {
+            match op(Arc::clone(&sup), t).await {
+                Ok(message) => done.push(message),
+                Err(e) => failures.push(ControlError::app(&sup, e)),
+            }
+        }
+        match ControlError::all(failures) {
+            None => Ok(done.join("; ")),
+            Some(error) => Err(error),
+        }
+    }
+
+    /// Drain and stop (the app stays listed, its listeners keep holding connections).
+    pub async fn stop(&self, target: &str) -> Outcome {
+        self.each(target, async |sup, t| sup.stop(t).await).await
+    }
+
+    /// Start stopped or errored workers again.
+    pub async fn start_stopped(&self, target: &str) -> Outcome {
+        self.each(target, async |sup, t| sup.start_stopped(t).await)
+            .await
+    }
+
+    /// Stop then start.
+    pub async fn restart(&self, target: &str) -> Outcome {
+        self.each(target, async |sup, t| sup.restart(t).await).await
+    }
+
+    /// Zero-downtime replacement of workers.
+    pub async fn reload(&self, target: &str) -> Outcome {
+        self.each(target, async |sup, t| sup.reload(None, t).await)
+            .await
+    }
+
+    /// Delete apps (or one worker).
+    pub async fn delete(&self, target: &str) -> Outcome {
+        let resolved = self.resolve(target)?;
+        let mut done = Vec::new();
+        for (sup, t) in resolved {
+            match t {
+                Target::Worker(id) => done.push(
+                    sup.remove_worker(id)
+                        .await
+                        .map_err(|e| ControlError::app(&sup, e))?,
+                ),
+                Target::All => done.push(self.delete_app(&sup.app().name).await?),
+            }
+        }
+        Ok(done.join("; "))
+    }
+
+    /// `scale APP N|+N|-N|max`.
+    pub async fn scale(&self, app: &str, to: ScaleTo) -> Outcome {
+        let sup = self
+            .supervisor(app)
+            .ok_or_else(|| ControlError::UnknownApp(app.to_owned()))?;
+        let wanted = to
+            .resolve(sup.worker_count(), self.load.cpus)
+            .map_err(ControlError::BadScale)?;
+        sup.scale(wanted)
+            .await
+            .map_err(|e| ControlError::app(&sup, e))
+    }
+
+    /// Drains and stops an app's workers, closes its listeners and forgets it.
+    async fn delete_app(&self, name: &str) -> Outcome {
+        let entry = {
+            let mut entries = self.entries();
+            let pos = entries
+                .iter()
+                .position(|e| e.sup.app().name == name)
+                .ok_or_else(|| ControlError::UnknownApp(name.to_owned()))?;
+            entries.remove(pos)
+        };
+        for l in &entry.listeners {
+            l.stop.cancel();
+        }
+        entry.sup.shutdown().await;
+        Ok(format!("deleted {name}"))
+    }
+
+    /// Stop accepting, drain and stop every app, then end the connections clients still hold.
+    async fn shutdown(&self) {
+        tracing::info!("shutting down: no longer accepting; draining connections");
+        let entries = std::mem::take(&mut *self.entries());
+        for l in entries.iter().flat_map(|e| &e.listeners) {
+            l.stop.cancel();
+        }
+        // Each supervisor drains its workers (≤ drain_timeout: live connections finish) and then
+        // stops them (kill_signal, kill_timeout, SIGKILL). Apps shut down side by side.
+        let mut stopping = tokio::task::JoinSet::new();
+        for e in &entries {
+            let sup = Arc::clone(&e.sup);
+            stopping.spawn(async move { sup.shutdown().await });
+        }
+        while stopping.join_next().await.is_some() {}
+
+        self.connections.close();
+        if tokio::time::timeout(LINGER_AFTER_STOP, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = self.connections.len(),
+                "closing connections left open by clients"
+            );
+            self.abort_connections.cancel();
+            self.connections.wait().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_error() {
+        let bad = ControlError::BadConfig(ConfigErrors(vec![]));
+        assert_eq!(bad.exit_code(), 2);
+        assert_eq!(ControlError::UnknownApp("x".into()).exit_code(), 1);
+        let both = ControlError::Several(vec![ControlError::UnknownApp("x".into()), bad]);
+        assert_eq!(both.exit_code(), 2);
+        assert_eq!(
+            both.to_string(),
+            "no app named \"x\"; ",
+            "each failure in turn"
+        );
+    }
+}

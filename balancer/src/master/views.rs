@@ -1,0 +1,119 @@
+//! What `ls`, `jlist` and `show` see: the supervisors' state turned into the protocol's rows,
+//! and an app's resolved configuration as JSON.
+
+use std::time::{Duration, SystemTime};
+
+use balancer_config::{App, Check};
+use balancer_workers::WorkerStatus;
+
+use super::{ControlError, Master};
+use crate::protocol::{AppInfo, WorkerInfo};
+
+/// Every worker of every app, in start order (`ls`/`jlist`).
+pub(super) fn all_workers(master: &Master) -> Vec<WorkerInfo> {
+    master
+        .apps()
+        .iter()
+        .flat_map(|(app, statuses)| statuses.iter().map(move |s| worker_info(app, s)))
+        .collect()
+}
+
+/// One worker's row.
+pub(super) fn worker_info(app: &App, s: &WorkerStatus) -> WorkerInfo {
+    let running = s.pid.is_some();
+    WorkerInfo {
+        id: s.id,
+        app: s.app.clone(),
+        instance: s.instance,
+        pid: s.pid,
+        policy: app.policy.as_str().to_string(),
+        status: s.state.as_str().to_string(),
+        restarts: s.restarts,
+        uptime_ms: s
+            .since
+            .filter(|_| running)
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        connections: s.live_connections(),
+        listeners: app.listen.iter().map(|l| l.to_string()).collect(),
+        private: s.addrs.iter().map(|a| a.to_string()).collect(),
+        last_exit: s.last_exit.map(|e| e.to_string()),
+        reason: s.reason.clone(),
+    }
+}
+
+/// `show`: the app named `target`, or the app of worker `target` with only that worker.
+pub(super) fn show(master: &Master, target: &str) -> Result<AppInfo, ControlError> {
+    let by_id = || {
+        target
+            .parse::<u32>()
+            .ok()
+            .and_then(|id| master.supervisor_of_worker(id))
+    };
+    let sup = master
+        .supervisor(target)
+        .or_else(by_id)
+        .ok_or_else(|| ControlError::UnknownTarget(target.to_owned()))?;
+    let app = sup.app();
+    let mut workers: Vec<WorkerInfo> = sup
+        .statuses()
+        .iter()
+        .map(|s| worker_info(&app, s))
+        .collect();
+    if let Ok(id) = target.parse::<u32>()
+        && app.name != target
+    {
+        workers.retain(|w| w.id == id);
+    }
+    Ok(AppInfo {
+        name: app.name.clone(),
+        config: app_json(&app),
+        logs: sup
+            .log_paths()
+            .into_iter()
+            .map(|(i, p)| (i, p.out, p.err))
+            .collect(),
+        workers,
+    })
+}
+
+/// The resolved configuration of an app, every default applied, as `show` prints it.
+pub fn app_json(app: &App) -> serde_json::Value {
+    let secs = |d: Duration| humantime::format_duration(d).to_string();
+    let check = match &app.health.check {
+        Check::Tcp => serde_json::json!({ "check": "tcp" }),
+        Check::Http { path } => serde_json::json!({ "check": "http", "path": path }),
+        Check::None => serde_json::json!({ "check": "none" }),
+    };
+    let mut health = check;
+    health["interval"] = secs(app.health.interval).into();
+    health["timeout"] = secs(app.health.timeout).into();
+    health["rise"] = app.health.rise.into();
+    health["fall"] = app.health.fall.into();
+    serde_json::json!({
+        "name": app.name,
+        "program": app.program,
+        "args": app.args,
+        "cwd": app.cwd,
+        "instances": app.instances,
+        "listen": app.listen.iter().map(|l| serde_json::json!({
+            "url": l.to_string(), "port_env": l.port_env,
+        })).collect::<Vec<_>>(),
+        "policy": app.policy.as_str(),
+        "env": app.env,
+        "health": health,
+        "kill_signal": app.kill_signal.as_str(),
+        "kill_timeout": secs(app.kill_timeout),
+        "drain_timeout": secs(app.drain_timeout),
+        "listen_timeout": secs(app.listen_timeout),
+        "queue_timeout": secs(app.queue_timeout),
+        "connect_timeout": secs(app.connect_timeout),
+        "autorestart": app.autorestart,
+        "max_restarts": app.max_restarts,
+        "min_uptime": secs(app.min_uptime),
+        "restart_delay": secs(app.restart_delay),
+        "exp_backoff_restart_delay": app.exp_backoff_restart_delay.map(secs),
+        "max_memory_restart": app.max_memory_restart,
+        "reload_batch": app.reload_batch,
+    })
+}

@@ -1,0 +1,828 @@
+//! The admin protocol: newline-delimited JSON over `$BALANCER_HOME/admin.sock`, shared by the
+//! master's server and the CLI's client.
+//!
+//! One request object per line, `{"cmd":"scale","app":"web","to":"+2"}`; one reply object per
+//! line, `{"ok":true,…}` or `{"ok":false,"error":"…"}`. `logs` with `follow` streams replies
+//! (one per log line) until the client hangs up. The CLI is only a client of this; any language
+//! can script it with a unix socket and a JSON library. The README documents every command.
+//!
+//! [`Request`] and [`Reply`] are typed: one variant per mode, so a request that says two things
+//! at once (a `start` with both a `file` and a `target`) cannot be built, only refused while
+//! decoding. The wire shape is the flat objects of [`wire`], converted on both sides
+//! (`serde(try_from, into)`), so the JSON stays what the README documents.
+
+use std::path::PathBuf;
+
+use balancer_config::Policy;
+use serde::{Deserialize, Serialize};
+
+/// The longest request line the master reads; longer ones get an error and the connection is
+/// closed.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How many past lines per log file `logs` sends when the request does not say.
+pub const DEFAULT_LOG_LINES: usize = 15;
+
+/// One request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "wire::Request", into = "wire::Request")]
+pub enum Request {
+    /// Is a master there? Replies with its pid, version and load options.
+    Ping,
+    /// Every worker of every app (`ls`, `jlist`).
+    List,
+    /// One app (by name) or worker (by id) in detail.
+    Show {
+        /// App name or worker id.
+        target: String,
+    },
+    /// Start apps.
+    Start(Start),
+    /// Drain and stop (the app stays listed; its listeners keep holding connections).
+    Stop {
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Stop, then start (may drop connections, as in PM2).
+    Restart {
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Zero-downtime replacement of workers, or a changed balancer.toml applied.
+    Reload(Reload),
+    /// Stop and forget (its listeners close).
+    Delete {
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Change an app's worker count.
+    Scale {
+        /// App name.
+        app: String,
+        /// The new count.
+        to: ScaleTo,
+    },
+    /// Log lines: the last `lines` of each file, then (with `follow`) new ones as they come.
+    Logs {
+        /// Only this app (or worker id).
+        target: Option<String>,
+        /// How many past lines per file.
+        lines: usize,
+        /// Keep streaming.
+        follow: bool,
+    },
+    /// Empty the log files (of one app or worker id, or all).
+    Flush {
+        /// Only this app (or worker id).
+        target: Option<String>,
+    },
+    /// Stop every app, then the master itself.
+    Kill,
+}
+
+/// How a balancer.toml is read: the `--env` selection, and the default policy the client
+/// checked it with (so client and master read one file the same way).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Load {
+    /// `--env NAME`: which `env_<NAME>` table goes over `env`.
+    pub env: Option<String>,
+    /// The policy of apps that name none; `None`: the master's own default.
+    pub policy: Option<Policy>,
+}
+
+/// What `start` starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// The apps of a balancer.toml (absolute path).
+    File {
+        /// The file.
+        file: PathBuf,
+        /// How to read it.
+        load: Load,
+    },
+    /// The app of an inline balancer.toml built by the CLI for `balancer start server.js …`.
+    Toml {
+        /// balancer.toml text.
+        toml: String,
+        /// The directory its relative paths are relative to (default: the master's home).
+        cwd: Option<PathBuf>,
+        /// How to read it.
+        load: Load,
+    },
+    /// Stopped apps or workers, again: an app name, a worker id or `all`.
+    Stopped {
+        /// What to start.
+        target: String,
+    },
+}
+
+/// What `reload` reloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// Workers: an app name, a worker id or `all`.
+    Target {
+        /// What to reload.
+        target: String,
+    },
+    /// The changes of a balancer.toml (absolute path).
+    File {
+        /// The file.
+        file: PathBuf,
+        /// How to read it.
+        load: Load,
+    },
+}
+
+/// `scale`'s count: `N`, `+N`, `-N` or `max` (one per CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleTo {
+    /// Exactly this many.
+    Exactly(u32),
+    /// This many more.
+    Up(u32),
+    /// This many fewer.
+    Down(u32),
+    /// One per CPU.
+    Max,
+}
+
+impl ScaleTo {
+    /// The new count from the current one and the CPU count; an error when it would go below
+    /// zero or past `u32`.
+    pub fn resolve(self, current: u32, cpus: u32) -> Result<u32, String> {
+        match self {
+            ScaleTo::Exactly(n) => Ok(n),
+            ScaleTo::Max => Ok(cpus),
+            ScaleTo::Up(n) => current
+                .checked_add(n)
+                .ok_or_else(|| format!("cannot scale to {current} + {n} workers")),
+            ScaleTo::Down(n) => current.checked_sub(n).ok_or_else(|| {
+                format!(
+                    "cannot scale to {} workers",
+                    i64::from(current) - i64::from(n)
+                )
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for ScaleTo {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("bad worker count {s:?}: expected N, +N, -N or max");
+        let number = |digits: &str| {
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            digits.parse::<u32>().map_err(|_| bad())
+        };
+        if s == "max" {
+            Ok(ScaleTo::Max)
+        } else if let Some(n) = s.strip_prefix('+') {
+            number(n).map(ScaleTo::Up)
+        } else if let Some(n) = s.strip_prefix('-') {
+            number(n).map(ScaleTo::Down)
+        } else {
+            number(s).map(ScaleTo::Exactly)
+        }
+    }
+}
+
+impl std::fmt::Display for ScaleTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScaleTo::Exactly(n) => write!(f, "{n}"),
+            ScaleTo::Up(n) => write!(f, "+{n}"),
+            ScaleTo::Down(n) => write!(f, "-{n}"),
+            ScaleTo::Max => f.write_str("max"),
+        }
+    }
+}
+
+/// One reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "wire::Reply", into = "wire::Reply")]
+pub enum Reply {
+    /// `ping`: who the master is.
+    Pong(Pong),
+    /// `list`: every worker.
+    Workers(Vec<WorkerInfo>),
+    /// `show`: one app.
+    App(Box<AppInfo>),
+    /// An operation was carried out.
+    Done {
+        /// What was done, in words.
+        message: String,
+        /// The workers it touched, when it says.
+        workers: Vec<WorkerInfo>,
+    },
+    /// `logs`: one line.
+    Log(LogLine),
+    /// `logs` without `follow`: the last reply.
+    End,
+    /// The request failed.
+    Failed {
+        /// Why, in words.
+        error: String,
+        /// The exit code the CLI uses (1 failed, 2 bad request or config).
+        code: u8,
+    },
+}
+
+impl Reply {
+    /// A success that says what it did.
+    pub fn done(message: impl Into<String>) -> Self {
+        Reply::Done {
+            message: message.into(),
+            workers: Vec::new(),
+        }
+    }
+}
+
+/// What `ping` tells about the master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pong {
+    /// Its pid.
+    pub pid: u32,
+    /// Its version.
+    pub version: Option<String>,
+    /// The policy it gives apps that name none (`BALANCER_SCHED_POLICY` in its environment).
+    pub policy: Option<Policy>,
+    /// The CPUs it counts (`instances = "max"`).
+    pub cpus: Option<u32>,
+}
+
+/// One worker, as `ls` and `jlist` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Worker id (stable across restarts and reloads of the same slot).
+    pub id: u32,
+    /// App name.
+    pub app: String,
+    /// `BALANCER_INSTANCE`.
+    pub instance: u32,
+    /// Process id, when running.
+    pub pid: Option<u32>,
+    /// `rr` or `reuseport`.
+    pub policy: String,
+    /// starting, ready, unhealthy, draining, stopping, stopped, errored, waiting-restart.
+    pub status: String,
+    /// Restarts (crash restarts and reloads).
+    pub restarts: u32,
+    /// Milliseconds since the current process started.
+    pub uptime_ms: Option<u64>,
+    /// Connections proxied to it right now.
+    pub connections: usize,
+    /// The app's public listeners.
+    pub listeners: Vec<String>,
+    /// The worker's private addresses.
+    pub private: Vec<String>,
+    /// How the previous process ended.
+    pub last_exit: Option<String>,
+    /// Why it is errored/unhealthy/restarting.
+    pub reason: Option<String>,
+}
+
+/// One app in detail (`show`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppInfo {
+    /// App name.
+    pub name: String,
+    /// The whole resolved configuration, every default applied.
+    pub config: serde_json::Value,
+    /// Log files, per instance: `[instance, out, err]`.
+    pub logs: Vec<(u32, PathBuf, PathBuf)>,
+    /// Its workers.
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// One line of a worker's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// App name.
+    pub app: String,
+    /// Instance number.
+    pub instance: u32,
+    /// `out` or `err`.
+    pub stream: String,
+    /// The line, without its newline.
+    pub line: String,
+}
+
+/// The flat JSON objects on the socket, as the README documents them. Only this module and
+/// serde see them: both ends speak [`Request`] and [`Reply`].
+pub mod wire {
+    use std::path::PathBuf;
+
+    use balancer_config::Policy;
+    use serde::{Deserialize, Serialize};
+
+    use super::{AppInfo, DEFAULT_LOG_LINES, Load, LogLine, Pong, WorkerInfo};
+
+    /// A request as sent.
+    // Empty struct variants rather than unit ones: serde ignores `deny_unknown_fields` on unit
+    // variants of an internally tagged enum, and `{"cmd":"ping","x":1}` must be an error.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+    #[allow(missing_docs)]
+    pub enum Request {
+        Ping {},
+        List {},
+        Show {
+            target: String,
+        },
+        Start {
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            file: Option<PathBuf>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            env: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            policy: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            toml: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            cwd: Option<PathBuf>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            target: Option<String>,
+        },
+        Stop {
+            target: String,
+        },
+        Restart {
+            target: String,
+        },
+        Reload {
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            target: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            file: Option<PathBuf>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            env: Option<String>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            policy: Option<String>,
+        },
+        Delete {
+            target: String,
+        },
+        Scale {
+            app: String,
+            to: String,
+        },
+        Logs {
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            target: Option<String>,
+            #[serde(default = "default_lines")]
+            lines: usize,
+            #[serde(default)]
+            follow: bool,
+        },
+        Flush {
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            target: Option<String>,
+        },
+        Kill {},
+    }
+
+    fn default_lines() -> usize {
+        DEFAULT_LOG_LINES
+    }
+
+    fn parse_policy(text: &str) -> Result<Policy, String> {
+        text.parse()
+            .map_err(|_| format!("unknown policy {text:?}: expected rr or reuseport"))
+    }
+
+    impl TryFrom<Request> for super::Request {
+        type Error = String;
+
+        fn try_from(wire: Request) -> Result<Self, String> {
+            use super::{Reload, Start};
+            Ok(match wire {
+                Request::Ping {} => Self::Ping,
+                Request::List {} => Self::List,
+                Request::Show { target } => Self::Show { target },
+                Request::Start {
+                    file,
+                    env,
+                    policy,
+                    toml,
+                    cwd,
+                    target,
+                } => {
+                    let load = Load {
+                        env,
+                        policy: policy.as_deref().map(parse_policy).transpose()?,
+                    };
+                    Self::Start(match (file, toml, target) {
+                        (Some(file), None, None) if cwd.is_none() => Start::File { file, load },
+                        (None, Some(toml), None) => Start::Toml { toml, cwd, load },
+                        (None, None, Some(target)) if load == Load::default() && cwd.is_none() => {
+                            Start::Stopped { target }
+                        }
+                        (None, None, Some(_)) => {
+                            return Err(
+                                "start of a `target` takes no `env`, `policy` or `cwd`".into()
+                            );
+                        }
+                        (Some(_), None, None) => {
+                            return Err("`cwd` goes with `toml`, not `file`".into());
+                        }
+                        _ => {
+                            return Err(
+                                "start takes exactly one of `file`, `toml` or `target`".into()
+                            );
+                        }
+                    })
+                }
+                Request::Stop { target } => Self::Stop { target },
+                Request::Restart { target } => Self::Restart { target },
+                Request::Reload {
+                    target,
+                    file,
+                    env,
+                    policy,
+                } => Self::Reload(match (target, file) {
+                    (Some(target), None) if env.is_none() && policy.is_none() => {
+                        Reload::Target { target }
+                    }
+                    (Some(_), None) => {
+                        return Err("`env` and `policy` go with `file`, not `target`".into());
+                    }
+                    (None, Some(file)) => Reload::File {
+                        file,
+                        load: Load {
+                            env,
+                            policy: policy.as_deref().map(parse_policy).transpose()?,
+                        },
+                    },
+                    _ => return Err("reload takes exactly one of `target` or `file`".into()),
+                }),
+                Request::Delete { target } => Self::Delete { target },
+                Request::Scale { app, to } => Self::Scale {
+                    app,
+                    to: to.parse()?,
+                },
+                Request::Logs {
+                    target,
+                    lines,
+                    follow,
+                } => Self::Logs {
+                    target,
+                    lines,
+                    follow,
+                },
+                Request::Flush { target } => Self::Flush { target },
+                Request::Kill {} => Self::Kill,
+            })
+        }
+    }
+
+    impl From<super::Request> for Request {
+        fn from(request: super::Request) -> Self {
+            use super::{Reload, Start};
+            match request {
+                super::Request::Ping => Request::Ping {},
+                super::Request::List => Request::List {},
+                super::Request::Show { target } => Request::Show { target },
+                super::Request::Start(start) => {
+                    let (file, toml, cwd, target, load) = match start {
+                        Start::File { file, load } => (Some(file), None, None, None, load),
+                        Start::Toml { toml, cwd, load } => (None, Some(toml), cwd, None, load),
+                        Start::Stopped { target } => {
+                            (None, None, None, Some(target), Load::default())
+                        }
+                    };
+                    Request::Start {
+                        file,
+                        env: load.env,
+                        policy: load.policy.map(|p| p.as_str().to_owned()),
+                        toml,
+                        cwd,
+                        target,
+                    }
+                }
+                super::Request::Stop { target } => Request::Stop { target },
+                super::Request::Restart { target } => Request::Restart { target },
+                super::Request::Reload(Reload::Target { target }) => Request::Reload {
+                    target: Some(target),
+                    file: None,
+                    env: None,
+                    policy: None,
+                },
+                super::Request::Reload(Reload::File { file, load }) => Request::Reload {
+                    target: None,
+                    file: Some(file),
+                    env: load.env,
+                    policy: load.policy.map(|p| p.as_str().to_owned()),
+                },
+                super::Request::Delete { target } => Request::Delete { target },
+                super::Request::Scale { app, to } => Request::Scale {
+                    app,
+                    to: to.to_string(),
+                },
+                super::Request::Logs {
+                    target,
+                    lines,
+                    follow,
+                } => Request::Logs {
+                    target,
+                    lines,
+                    follow,
+                },
+                super::Request::Flush { target } => Request::Flush { target },
+                super::Request::Kill => Request::Kill {},
+            }
+        }
+    }
+
+    /// A reply as sent: `ok` always, the rest when it has something to say.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[allow(missing_docs)]
+    pub struct Reply {
+        pub ok: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub code: Option<u8>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub message: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub pid: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub version: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub policy: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub cpus: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub workers: Option<Vec<WorkerInfo>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub app: Option<Box<AppInfo>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub log: Option<LogLine>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub done: Option<bool>,
+    }
+
+    impl From<super::Reply> for Reply {
+        fn from(reply: super::Reply) -> Self {
+            let ok = Reply {
+                ok: true,
+                ..Reply::default()
+            };
+            match reply {
+                super::Reply::Pong(p) => Reply {
+                    pid: Some(p.pid),
+                    version: p.version,
+                    policy: p.policy.map(|p| p.as_str().to_owned()),
+                    cpus: p.cpus,
+                    ..ok
+                },
+                super::Reply::Workers(workers) => Reply {
+                    workers: Some(workers),
+                    ..ok
+                },
+                super::Reply::App(app) => Reply {
+                    app: Some(app),
+                    ..ok
+                },
+                super::Reply::Done { message, workers } => Reply {
+                    message: Some(message),
+                    workers: Some(workers).filter(|w| !w.is_empty()),
+                    ..ok
+                },
+                super::Reply::Log(line) => Reply {
+                    log: Some(line),
+                    ..ok
+                },
+                super::Reply::End => Reply {
+                    done: Some(true),
+                    ..ok
+                },
+                super::Reply::Failed { error, code } => Reply {
+                    ok: false,
+                    error: Some(error),
+                    code: Some(code),
+                    ..Reply::default()
+                },
+            }
+        }
+    }
+
+    impl TryFrom<Reply> for super::Reply {
+        type Error = String;
+
+        /// Reads a reply by what it carries; a master of another version may add fields, which
+        /// are ignored, but a success must carry something this client knows.
+        fn try_from(wire: Reply) -> Result<Self, String> {
+            if !wire.ok {
+                return Ok(Self::Failed {
+                    error: wire
+                        .error
+                        .unwrap_or_else(|| "the master refused (no reason given)".into()),
+                    // 0 would read as success: a refusal without a usable code is a failure.
+                    code: wire.code.filter(|c| *c != 0).unwrap_or(1),
+                });
+            }
+            Ok(if let Some(line) = wire.log {
+                Self::Log(line)
+            } else if wire.done == Some(true) {
+                Self::End
+            } else if let Some(app) = wire.app {
+                Self::App(app)
+            } else if let Some(pid) = wire.pid {
+                Self::Pong(Pong {
+                    pid,
+                    version: wire.version,
+                    // A policy this client does not know is one it cannot check with.
+                    policy: wire.policy.as_deref().and_then(|p| p.parse().ok()),
+                    cpus: wire.cpus,
+                })
+            } else if let Some(message) = wire.message {
+                Self::Done {
+                    message,
+                    workers: wire.workers.unwrap_or_default(),
+                }
+            } else {
+                // `list`, possibly with no worker at all (`{"ok":true}`).
+                Self::Workers(wire.workers.unwrap_or_default())
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: &str) -> Result<Request, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn requests_read_as_documented() {
+        assert_eq!(
+            request(r#"{"cmd":"scale","app":"web","to":"+2"}"#),
+            Ok(Request::Scale {
+                app: "web".into(),
+                to: ScaleTo::Up(2)
+            })
+        );
+        assert_eq!(
+            request(r#"{"cmd":"logs","follow":true}"#),
+            Ok(Request::Logs {
+                target: None,
+                lines: 15,
+                follow: true
+            })
+        );
+        assert_eq!(
+            request(r#"{"cmd":"start","file":"/srv/b.toml","env":"production"}"#),
+            Ok(Request::Start(Start::File {
+                file: "/srv/b.toml".into(),
+                load: Load {
+                    env: Some("production".into()),
+                    policy: None
+                }
+            }))
+        );
+        assert_eq!(
+            request(r#"{"cmd":"reload","target":"web"}"#),
+            Ok(Request::Reload(Reload::Target {
+                target: "web".into()
+            }))
+        );
+        assert!(
+            request(r#"{"cmd":"explode"}"#)
+                .unwrap_err()
+                .contains("explode")
+        );
+        assert!(request(r#"{"cmd":"ping","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn a_request_that_says_two_things_is_refused() {
+        let err = request(r#"{"cmd":"start","file":"/a.toml","target":"web"}"#).unwrap_err();
+        assert!(err.contains("exactly one of"), "{err}");
+        let err = request(r#"{"cmd":"start"}"#).unwrap_err();
+        assert!(err.contains("exactly one of"), "{err}");
+        let err = request(r#"{"cmd":"reload","target":"web","file":"/a.toml"}"#).unwrap_err();
+        assert!(err.contains("exactly one of"), "{err}");
+        let err = request(r#"{"cmd":"reload","target":"web","env":"prod"}"#).unwrap_err();
+        assert!(err.contains("go with `file`"), "{err}");
+        let err = request(r#"{"cmd":"start","target":"web","env":"prod"}"#).unwrap_err();
+        assert!(err.contains("takes no"), "{err}");
+    }
+
+    #[test]
+    fn scale_counts_are_checked_when_read() {
+        for (text, to) in [
+            ("3", ScaleTo::Exactly(3)),
+            ("+2", ScaleTo::Up(2)),
+            ("-1", ScaleTo::Down(1)),
+            ("max", ScaleTo::Max),
+        ] {
+            assert_eq!(text.parse(), Ok(to));
+            assert_eq!(to.to_string(), text);
+        }
+        for bad in [
+            "x",
+            "+",
+            "-",
+            "2.5",
+            "+-1",
+            "-+1",
+            "+9223372036854775807",
+            " 1",
+        ] {
+            assert!(bad.parse::<ScaleTo>().is_err(), "{bad}");
+        }
+        assert_eq!(ScaleTo::Up(2).resolve(1, 8), Ok(3));
+        assert_eq!(ScaleTo::Down(1).resolve(3, 8), Ok(2));
+        assert_eq!(ScaleTo::Max.resolve(1, 8), Ok(8));
+        assert_eq!(
+            ScaleTo::Down(4).resolve(3, 8),
+            Err("cannot scale to -1 workers".into())
+        );
+        assert!(ScaleTo::Up(u32::MAX).resolve(1, 8).is_err());
+    }
+
+    #[test]
+    fn every_request_survives_the_wire() {
+        let all = [
+            Request::Ping,
+            Request::List,
+            Request::Kill,
+            Request::Start(Start::Toml {
+                toml: "[[app]]".into(),
+                cwd: Some("/srv".into()),
+                load: Load {
+                    env: None,
+                    policy: Some(Policy::ReusePort),
+                },
+            }),
+            Request::Start(Start::Stopped { target: "3".into() }),
+            Request::Reload(Reload::File {
+                file: "/a.toml".into(),
+                load: Load::default(),
+            }),
+            Request::Scale {
+                app: "web".into(),
+                to: ScaleTo::Down(2),
+            },
+        ];
+        for r in all {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r, "{json}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Request::Ping).unwrap(),
+            r#"{"cmd":"ping"}"#
+        );
+    }
+
+    #[test]
+    fn replies_omit_what_they_do_not_carry() {
+        let failed = Reply::Failed {
+            error: "no such app: x".into(),
+            code: 1,
+        };
+        let json = serde_json::to_string(&failed).unwrap();
+        assert_eq!(json, r#"{"ok":false,"error":"no such app: x","code":1}"#);
+        assert_eq!(
+            serde_json::to_string(&Reply::done("scaled")).unwrap(),
+            r#"{"ok":true,"message":"scaled"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::End).unwrap(),
+            r#"{"ok":true,"done":true}"#
+        );
+    }
+
+    #[test]
+    fn replies_are_read_by_what_they_carry() {
+        let read = |json: &str| serde_json::from_str::<Reply>(json).unwrap();
+        assert_eq!(read(r#"{"ok":true}"#), Reply::Workers(vec![]));
+        assert!(matches!(
+            read(r#"{"ok":true,"pid":42,"version":"0.1.0","future_field":1}"#),
+            Reply::Pong(Pong { pid: 42, .. })
+        ));
+        assert_eq!(
+            read(r#"{"ok":false,"error":"boom"}"#),
+            Reply::Failed {
+                error: "boom".into(),
+                code: 1
+            }
+        );
+        assert_eq!(
+            read(r#"{"ok":false,"error":"bad","code":0}"#),
+            Reply::Failed {
+                error: "bad".into(),
+                code: 1
+            },
+            "a refusal never exits 0"
+        );
+        assert_eq!(read(r#"{"ok":true,"done":true}"#), Reply::End);
+    }
+}
