@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use balancer::cli::{Cli, Command, EXIT_FAILED, EXIT_USAGE};
 use balancer::ctl::{self, Outcome};
-use balancer::master;
-use balancer_config::{Config, LoadOptions};
+use balancer::master::{self, run as master_run};
+use balancer::protocol::Load;
+use balancer_config::Config;
 use balancer_workers::Chain;
 use clap::Parser;
 
@@ -33,13 +34,13 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Run { file, env } => match load(&file, env) {
-            Ok(config) => exit(master::foreground(config)),
+            Ok(config) => exit(master_run::foreground(config)),
             Err(code) => code,
         },
-        Command::Daemon => exit(master::run_daemon()),
+        Command::Daemon => exit(master_run::run_daemon()),
         command => match ctl::client(command) {
             Outcome::Exit(code) => code,
-            Outcome::Foreground(config) => exit(master::foreground(config)),
+            Outcome::Foreground(config) => exit(master_run::foreground(config)),
         },
     }
 }
@@ -89,10 +90,7 @@ fn warn_about_bad_policy_env() {
 /// Loads and validates a config as this process's master would; on failure prints every
 /// diagnostic and gives exit code 2.
 fn load(file: &Path, env: Option<String>) -> Result<Config, ExitCode> {
-    let opts = LoadOptions {
-        env,
-        ..LoadOptions::from_env()
-    };
+    let (opts, _) = Load::options(env, None);
     balancer_config::load(file, &opts).map_err(|errors| {
         eprintln!("{errors}");
         ExitCode::from(EXIT_USAGE)

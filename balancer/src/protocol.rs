@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 
-use balancer_config::Policy;
+use balancer_config::{LoadOptions, Policy};
 use serde::{Deserialize, Serialize};
 
 /// The longest request line the master reads; longer ones get an error and the connection is
@@ -88,6 +88,39 @@ pub struct Load {
     pub env: Option<String>,
     /// The policy of apps that name none; `None`: the master's own default.
     pub policy: Option<Policy>,
+}
+
+impl Load {
+    /// The one place the binary builds [`LoadOptions`]: this process's (CPUs, and the default
+    /// policy from `BALANCER_SCHED_POLICY`) under `--env`, overridden by the running master's
+    /// policy and CPU count when there is one (from its [`Pong`]), so that the CLI checks a file
+    /// exactly as the master will read it. Also returns the `Load` to send along, which makes
+    /// the master read it that way.
+    pub fn options(env: Option<String>, master: Option<&Pong>) -> (LoadOptions, Load) {
+        let mut opts = LoadOptions {
+            env,
+            ..LoadOptions::from_env()
+        };
+        if let Some(pong) = master {
+            opts.default_policy = pong.policy.unwrap_or(opts.default_policy);
+            opts.cpus = pong.cpus.unwrap_or(opts.cpus);
+        }
+        let load = Load {
+            env: opts.env.clone(),
+            policy: Some(opts.default_policy),
+        };
+        (opts, load)
+    }
+
+    /// How the master reads a file sent with this `Load`: its own options (`base`) under this
+    /// `--env` and, when given, this default policy.
+    pub fn apply_to(&self, base: &LoadOptions) -> LoadOptions {
+        LoadOptions {
+            env: self.env.clone(),
+            default_policy: self.policy.unwrap_or(base.default_policy),
+            cpus: base.cpus,
+        }
+    }
 }
 
 /// What `start` starts.

@@ -840,3 +840,50 @@ fn load_options_from_env_has_at_least_one_cpu() {
     assert!(opts.cpus >= 1);
     assert_eq!(opts.env, None);
 }
+
+/// How a set of typical mistakes reads, whole, as `check` prints it: reviewed as snapshots so
+/// that any change to the wording or the positions shows up in review.
+#[test]
+fn typical_mistakes_read_well() {
+    let p = Project::new();
+    p.file("app.py", false);
+    let cases = [
+        (
+            "typo_in_a_key",
+            format!("[[app]]\nname = \"web\"\n{CMD}instnaces = 2\n"),
+        ),
+        (
+            "wrong_type",
+            format!("[[app]]\nname = \"web\"\n{CMD}instances = true\n"),
+        ),
+        (
+            "bad_listen_address",
+            format!("[[app]]\nname = \"web\"\n{CMD}listen = [\"tcp://127.0.0.1:99999\"]\n"),
+        ),
+        (
+            "duplicate_app_name",
+            format!("[[app]]\nname = \"web\"\n{CMD}\n[[app]]\nname = \"web\"\n{CMD}"),
+        ),
+        ("toml_syntax", format!("[[app]]\nname = \"web\n{CMD}")),
+        (
+            "several_at_once",
+            format!(
+                "[[app]]\nname = \"web\"\n{CMD}instances = \"many\"\nkill_timeout = \"soon\"\n\
+                 [app.health]\ncheck = \"ping\"\n"
+            ),
+        ),
+        (
+            "missing_script",
+            "[[app]]\nname = \"web\"\nscript = \"nowhere.js\"\n".to_string(),
+        ),
+    ];
+    let dir = p.dir.path().display().to_string();
+    for (name, toml) in cases {
+        let errors = p.parse(&toml).expect_err(name);
+        let text = errors
+            .to_string()
+            .replace(&format!("{dir}/"), "")
+            .replace(&dir, "[project]");
+        insta::assert_snapshot!(name, text, &toml);
+    }
+}

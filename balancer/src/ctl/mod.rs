@@ -7,38 +7,24 @@
 //! other verb just says there is none.
 //!
 //! `start.rs` resolves what `start`'s argument is, `verbs.rs` holds the other verbs,
-//! `client.rs` is the socket client and `daemon.rs` launches the background master.
+//! `reply.rs` what every verb does with the master's reply, `client.rs` is the socket client
+//! and `daemon.rs` launches the background master.
 
 pub mod client;
 pub mod daemon;
+mod reply;
 mod start;
 mod verbs;
 
-use std::fmt::Display;
-use std::io::{self, Write};
 use std::path::Path;
-use std::process::ExitCode;
-use std::time::Duration;
 
-use balancer_config::{Config, ConfigErrors, LoadOptions};
-use balancer_workers::Chain;
+pub use reply::Outcome;
 
-use crate::cli::{Command, EXIT_FAILED, EXIT_USAGE};
+use crate::cli::{Command, EXIT_USAGE};
 use crate::home;
-use crate::protocol::{Load, Pong, Reply, Request};
-use crate::ui::{self, Output};
-
-/// How long `ping` (and the look for a running master) waits for the master.
-const PING_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What `main` should do once a client verb is done.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Exit with this code; everything has been printed.
-    Exit(ExitCode),
-    /// `start --no-daemon`: run this config in the foreground, as `run` does.
-    Foreground(Config),
-}
+use crate::protocol::Request;
+use crate::ui::Output;
+use reply::{act, failed};
 
 /// Runs a client verb against the master of [`home::from_env`], printing for a terminal when
 /// stdout is one. `run`, `check` and `daemon` are not client verbs and give a usage error.
@@ -82,112 +68,18 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
     }
 }
 
-/// The options a config is read with here and, sent along as [`Load`], by the master: the
-/// running master's default policy and CPU count (from its `ping`), so both read one file the
-/// same way; with no master, this process's (a daemon started from here inherits them).
-fn check_options(env: Option<String>, master: Option<&Pong>) -> (LoadOptions, Load) {
-    let mut opts = LoadOptions {
-        env,
-        ..LoadOptions::from_env()
-    };
-    if let Some(pong) = master {
-        opts.default_policy = pong.policy.unwrap_or(opts.default_policy);
-        opts.cpus = pong.cpus.unwrap_or(opts.cpus);
-    }
-    let load = Load {
-        env: opts.env.clone(),
-        policy: Some(opts.default_policy),
-    };
-    (opts, load)
-}
-
-/// The running master's `ping` reply, or `None` when no master is running.
-fn running_master(home: &Path) -> Result<Option<Pong>, Outcome> {
-    match client::request_within(home, &Request::Ping, PING_TIMEOUT) {
-        Ok(Reply::Pong(pong)) => Ok(Some(pong)),
-        Ok(Reply::Failed { error, code }) => Err(failed(code, error)),
-        Ok(other) => Err(unexpected(&other)),
-        Err(e) if e.is_no_master() => Ok(None),
-        Err(e) => Err(failed(EXIT_FAILED, Chain(&e))),
-    }
-}
-
-/// Sends `request` and prints what was done: the message, then the workers touched.
-fn act(home: &Path, request: &Request, output: Output) -> Outcome {
-    match send(home, request) {
-        Ok(reply) => {
-            report(&reply, output);
-            ok()
-        }
-        Err(outcome) => outcome,
-    }
-}
-
-/// One request, one successful reply; a refusal or no reply is printed and becomes the exit
-/// code.
-fn send(home: &Path, request: &Request) -> Result<Reply, Outcome> {
-    match client::request(home, request) {
-        Ok(Reply::Failed { error, code }) => Err(failed(code, error)),
-        Ok(reply) => Ok(reply),
-        Err(e) => Err(failed(EXIT_FAILED, Chain(&e))),
-    }
-}
-
-fn report(reply: &Reply, output: Output) {
-    if let Reply::Done { message, workers } = reply {
-        print(message);
-        if !workers.is_empty() {
-            print(ui::table::workers(workers, output));
-        }
-    }
-}
-
-/// A reply of the wrong kind for the request (a master of another version?).
-fn unexpected(reply: &Reply) -> Outcome {
-    failed(
-        EXIT_FAILED,
-        format!("the master's reply does not answer the request: {reply:?}"),
-    )
-}
-
-fn config_errors(errors: &ConfigErrors) -> Outcome {
-    eprintln!("{errors}");
-    Outcome::Exit(ExitCode::from(EXIT_USAGE))
-}
-
-fn is_toml(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "toml")
-}
-
-fn failed(code: u8, message: impl Display) -> Outcome {
-    eprintln!("balancer: {message}");
-    Outcome::Exit(ExitCode::from(code))
-}
-
-fn ok() -> Outcome {
-    Outcome::Exit(ExitCode::SUCCESS)
-}
-
-/// Prints to stdout; a closed stdout is not worth a panic.
-fn print(text: impl Display) {
-    let _ = write_line(&text.to_string());
-}
-
-fn write_line(line: &str) -> io::Result<()> {
-    let mut out = io::stdout().lock();
-    writeln!(out, "{line}")?;
-    out.flush()
-}
-
 #[cfg(test)]
 mod tests {
     use super::start::{Program, app_toml, default_name};
     use super::*;
     use crate::cli::{InstancesArg, StartArgs};
-    use crate::protocol::{ScaleTo, Start};
+    use crate::protocol::{Load, ScaleTo, Start};
+    use balancer_config::LoadOptions;
+    use std::io::Write;
     use std::io::{BufRead, BufReader};
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixListener;
+    use std::process::ExitCode;
     use std::thread::JoinHandle;
 
     fn args(target: &str) -> StartArgs {

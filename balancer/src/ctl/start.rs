@@ -7,9 +7,10 @@ use std::process::ExitCode;
 
 use balancer_workers::Chain;
 
-use super::{Outcome, act, check_options, config_errors, daemon, failed, is_toml, running_master};
+use super::daemon;
+use super::reply::{Outcome, act, config_errors, failed, is_toml, running_master};
 use crate::cli::{EXIT_FAILED, EXIT_USAGE, InstancesArg, StartArgs};
-use crate::protocol::{Pong, Reply, Request, Start};
+use crate::protocol::{Load, Pong, Reply, Request, Start};
 use crate::ui::Output;
 
 /// What `start`'s argument turned out to be.
@@ -92,7 +93,7 @@ fn start_file(home: &Path, args: StartArgs, output: Output) -> Outcome {
         Ok(master) => master,
         Err(outcome) => return outcome,
     };
-    let (opts, load) = check_options(args.env.clone(), master.as_ref());
+    let (opts, load) = Load::options(args.env.clone(), master.as_ref());
     let config = match balancer_config::load(path, &opts) {
         Ok(config) => config,
         Err(errors) => return config_errors(&errors),
@@ -162,7 +163,7 @@ fn start_program(home: &Path, args: StartArgs, program: Program, output: Output)
         Ok(master) => master,
         Err(outcome) => return outcome,
     };
-    let (opts, load) = check_options(args.env.clone(), master.as_ref());
+    let (opts, load) = Load::options(args.env.clone(), master.as_ref());
     let config = match balancer_config::parse(&text, &cwd.join("balancer.toml"), &opts) {
         Ok(config) => config,
         Err(errors) => {

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use balancer_workers::Chain;
 
 use super::client::{self, Client};
-use super::{
-    Outcome, PING_TIMEOUT, act, check_options, config_errors, failed, is_toml, ok, print, report,
-    running_master, send, unexpected, write_line,
+use super::reply::{
+    Outcome, PING_TIMEOUT, act, config_errors, failed, is_toml, ok, print, report, running_master,
+    send, unexpected, write_line,
 };
 use crate::cli::{EXIT_FAILED, EXIT_USAGE};
-use crate::protocol::{Reload, Reply, Request};
+use crate::protocol::{Load, Reload, Reply, Request};
 use crate::ui::{self, Output};
 
 /// How long `kill` waits for the master to be gone after it said yes.
@@ -28,7 +28,7 @@ pub(super) fn reload(home: &Path, target: String, env: Option<String>, output: O
             Ok(master) => master,
             Err(outcome) => return outcome,
         };
-        let (opts, load) = check_options(env, master.as_ref());
+        let (opts, load) = Load::options(env, master.as_ref());
         if let Err(errors) = balancer_config::load(path, &opts) {
             return config_errors(&errors);
         }

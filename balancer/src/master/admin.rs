@@ -19,7 +19,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
 use super::views::{all_workers, show};
-use super::{Apply, ControlError, Master, Outcome, Source};
+use super::{Apply, ControlError, Master, OpResult, Source};
 use crate::protocol::{LogLine, MAX_REQUEST_BYTES, Pong, Reload, Reply, Request, Start};
 
 /// How often `logs --follow` looks for new lines.
@@ -152,7 +152,7 @@ async fn send(out: &mut Out, reply: &Reply) -> Result<(), LinesCodecError> {
     out.send(json).await
 }
 
-fn outcome(result: Outcome) -> Reply {
+fn outcome(result: OpResult) -> Reply {
     match result {
         Ok(message) => Reply::done(message),
         Err(error) => error.into(),
@@ -253,7 +253,7 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
-async fn flush(master: &Master, target: Option<&str>) -> Outcome {
+async fn flush(master: &Master, target: Option<&str>) -> OpResult {
     let files = log_files(master, target)?;
     let count = files.len();
     let paths: Vec<PathBuf> = files.into_iter().map(|f| f.path).collect();

@@ -9,18 +9,9 @@ use balancer_workers::AppSupervisor;
 use balancer_workers::reuseport::Group;
 use tokio_util::sync::CancellationToken;
 
-use super::{AppEntry, ControlError, ListenerEntry, Master, Outcome, Source};
+use super::{AppEntry, Apply, ControlError, ListenerEntry, Master, OpResult, Source};
 use crate::listener::{self, Bound};
 use crate::proxy::{Route, RouteSettings};
-
-/// Whether `apply` replaces workers of apps that did not change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Apply {
-    /// `start FILE`: start new apps, apply changes, leave unchanged apps alone.
-    Start,
-    /// `reload FILE`: like `Start`, and reload unchanged apps too (a deploy changed their code).
-    Reload,
-}
 
 /// What happens to one app of a configuration that is being applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +75,7 @@ impl Master {
     /// new worker count), apps that `source` brought earlier but the config no longer has are
     /// deleted. With [`Apply::Reload`], unchanged apps are reloaded too. New listeners are all
     /// bound before anything changes, so a taken port changes nothing.
-    pub async fn apply(&self, config: Config, source: Source, mode: Apply) -> Outcome {
+    pub async fn apply(&self, config: Config, source: Source, mode: Apply) -> OpResult {
         let _change = self.changes.lock().await;
         // Bind first: every listener that no current app already holds.
         let mut fresh = Vec::new();

@@ -2,17 +2,15 @@
 //! operations the admin socket asks for, and the shutdown order — stop accepting, drain, stop
 //! workers.
 //!
-//! [`run`] (in `run.rs`) boots it and handles signals, [`apply`](Master::apply) (in `apply.rs`)
-//! diffs a configuration against what runs, `admin.rs` serves the socket, and `views.rs` turns
-//! supervisor state into the protocol's `ls`/`show` rows.
+//! [`run`] boots it and handles signals, [`apply`](Master::apply) (in `apply.rs`) diffs a
+//! configuration against what runs, `admin.rs` serves the socket, and [`views`] turns
+//! supervisor state into the protocol's `ls`/`show` rows. The children use this module's types;
+//! this module uses none of theirs.
 
 mod admin;
 mod apply;
-mod run;
-mod views;
-
-pub use apply::Apply;
-pub use run::{MasterOptions, foreground, run, run_daemon};
+pub mod run;
+pub mod views;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -161,7 +159,16 @@ impl From<ControlError> for Reply {
 }
 
 /// The outcome of an operation: what was done, in words, or why not.
-pub type Outcome = Result<String, ControlError>;
+pub type OpResult = Result<String, ControlError>;
+
+/// Whether `apply` replaces workers of apps that did not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// `start FILE`: start new apps, apply changes, leave unchanged apps alone.
+    Start,
+    /// `reload FILE`: like `Start`, and reload unchanged apps too (a deploy changed their code).
+    Reload,
+}
 
 /// Where an app's configuration came from, so `reload FILE` knows which apps the file owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,11 +290,7 @@ impl Master {
 
     /// How a request's [`Load`] reads a file here: its `--env`, and its default policy or ours.
     fn options(&self, load: &Load) -> LoadOptions {
-        LoadOptions {
-            env: load.env.clone(),
-            default_policy: load.policy.unwrap_or(self.load.default_policy),
-            cpus: self.load.cpus,
-        }
+        load.apply_to(&self.load)
     }
 
     /// Loads a balancer.toml.
@@ -307,7 +310,7 @@ impl Master {
         &self,
         target: &str,
         op: impl AsyncFn(Arc<AppSupervisor>, Target) -> Result<String, OpError>,
-    ) -> Outcome {
+    ) -> OpResult {
         let resolved = self.resolve(target)?;
         if resolved.is_empty() {
             return Ok("no apps".into());
@@ -327,29 +330,29 @@ impl Master {
     }
 
     /// Drain and stop (the app stays listed, its listeners keep holding connections).
-    pub async fn stop(&self, target: &str) -> Outcome {
+    pub async fn stop(&self, target: &str) -> OpResult {
         self.each(target, async |sup, t| sup.stop(t).await).await
     }
 
     /// Start stopped or errored workers again.
-    pub async fn start_stopped(&self, target: &str) -> Outcome {
+    pub async fn start_stopped(&self, target: &str) -> OpResult {
         self.each(target, async |sup, t| sup.start_stopped(t).await)
             .await
     }
 
     /// Stop then start.
-    pub async fn restart(&self, target: &str) -> Outcome {
+    pub async fn restart(&self, target: &str) -> OpResult {
         self.each(target, async |sup, t| sup.restart(t).await).await
     }
 
     /// Zero-downtime replacement of workers.
-    pub async fn reload(&self, target: &str) -> Outcome {
+    pub async fn reload(&self, target: &str) -> OpResult {
         self.each(target, async |sup, t| sup.reload(None, t).await)
             .await
     }
 
     /// Delete apps (or one worker).
-    pub async fn delete(&self, target: &str) -> Outcome {
+    pub async fn delete(&self, target: &str) -> OpResult {
         let resolved = self.resolve(target)?;
         let mut done = Vec::new();
         for (sup, t) in resolved {
@@ -366,7 +369,7 @@ impl Master {
     }
 
     /// `scale APP N|+N|-N|max`.
-    pub async fn scale(&self, app: &str, to: ScaleTo) -> Outcome {
+    pub async fn scale(&self, app: &str, to: ScaleTo) -> OpResult {
         let sup = self
             .supervisor(app)
             .ok_or_else(|| ControlError::UnknownApp(app.to_owned()))?;
@@ -379,7 +382,7 @@ impl Master {
     }
 
     /// Drains and stops an app's workers, closes its listeners and forgets it.
-    async fn delete_app(&self, name: &str) -> Outcome {
+    async fn delete_app(&self, name: &str) -> OpResult {
         let entry = {
             let mut entries = self.entries();
             let pos = entries

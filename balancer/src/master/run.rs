@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use balancer_config::{App, Config, LoadOptions};
+
+use crate::protocol::Load;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -151,7 +153,7 @@ fn block_on(config: Config, source: Source) -> Result<(), MasterError> {
             home: home::from_env(),
             shutdown,
             phase,
-            load: LoadOptions::from_env(),
+            load: Load::options(None, None).0,
             reload_all: Some(reload_all),
         };
         run(config, source, opts).await

@@ -208,26 +208,14 @@ mod tests {
     #[test]
     fn ls_is_one_row_per_worker() {
         let text = workers(&[worker(0, 0, "ready"), errored()], Output::Plain);
-        let expected = "\
-┌────┬─────┬──────┬──────┬────────┬─────────┬────┬────────┬───────┬─────────────────────────────────────────┐
-│ id ┆ app ┆ inst ┆  pid ┆ policy ┆ status  ┆  ↺ ┆ uptime ┆ conns ┆ listeners                               │
-╞════╪═════╪══════╪══════╪════════╪═════════╪════╪════════╪═══════╪═════════════════════════════════════════╡
-│  0 ┆ web ┆    0 ┆ 4000 ┆ rr     ┆ ready   ┆  0 ┆ 2m     ┆     3 ┆ tcp://0.0.0.0:8080, http://0.0.0.0:8081 │
-│ 12 ┆ web ┆    1 ┆    - ┆ rr     ┆ errored ┆ 16 ┆ -      ┆     0 ┆ tcp://0.0.0.0:8080, http://0.0.0.0:8081 │
-└────┴─────┴──────┴──────┴────────┴─────────┴────┴────────┴───────┴─────────────────────────────────────────┘";
-        assert_eq!(text, expected, "\n{text}");
+        insta::assert_snapshot!("ls", text);
         assert!(!text.contains('\x1b'), "no escape codes off a terminal");
     }
 
     #[test]
     fn an_empty_ls_is_just_the_header() {
         let text = workers(&[], Output::Plain);
-        let expected = "\
-┌────┬─────┬──────┬─────┬────────┬────────┬───┬────────┬───────┬───────────┐
-│ id ┆ app ┆ inst ┆ pid ┆ policy ┆ status ┆ ↺ ┆ uptime ┆ conns ┆ listeners │
-╞════╪═════╪══════╪═════╪════════╪════════╪═══╪════════╪═══════╪═══════════╡
-└────┴─────┴──────┴─────┴────────┴────────┴───┴────────┴───────┴───────────┘";
-        assert_eq!(text, expected, "\n{text}");
+        insta::assert_snapshot!("ls_empty", text);
     }
 
     #[test]
@@ -272,29 +260,7 @@ mod tests {
             workers: vec![worker(0, 0, "ready"), errored()],
         };
         let text = app(&info, Output::Plain);
-        let expected_config = "\
-app web
-┌────────────────────┬──────────────────────────┐
-│ key                ┆ value                    │
-╞════════════════════╪══════════════════════════╡
-│ args               ┆ /srv/server.js, --port=x │
-│ env.NODE_ENV       ┆ production               │
-│ health.check       ┆ tcp                      │
-│ health.interval_ms ┆ 1000                     │
-│ instances          ┆ 2                        │
-│ listen[0].port_env ┆ PORT                     │
-│ listen[0].url      ┆ tcp://0.0.0.0:8080       │
-│ max_memory_restart ┆ -                        │
-│ name               ┆ web                      │
-│ program            ┆ node                     │
-│ watch              ┆ -                        │
-│ out log #0         ┆ /h/logs/web-0-out.log    │
-│ err log #0         ┆ /h/logs/web-0-err.log    │
-└────────────────────┴──────────────────────────┘
-
-workers
-";
-        assert!(text.starts_with(expected_config), "\n{text}");
+        insta::assert_snapshot!("show", text);
         assert!(text.contains("│ 12 ┆ web ┆    1 ┆    - ┆ rr     ┆ errored ┆ 16 ┆"));
         assert!(text.ends_with(
             "\nlast exits\nworker 12 (web #1) errored: 16 unstable restarts (each under \
