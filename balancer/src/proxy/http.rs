@@ -30,12 +30,11 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{QueueEnd, Route, RouteSettings, wait_in_queue};
-use crate::policy::round_robin;
+use super::{Attempt, Pick, PickError, Route, RouteSettings, pick_and_connect};
 
 /// Kept worker connections idle for longer are not reused. Node closes idle keep-alive
 /// connections after 5 s by default, and a request sent on a connection the worker is closing
@@ -58,7 +57,7 @@ pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 
 /// Why a request got no response from a worker.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub enum HttpProxyError {
     /// No worker took the request within `queue_timeout`.
     #[error("no ready worker took the request within queue_timeout {0:?}")]
     NoWorker(Duration),
@@ -79,12 +78,14 @@ pub enum ProxyError {
     UnexpectedUpgrade(u32),
 }
 
-impl ProxyError {
+impl HttpProxyError {
     /// The status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoWorker(_) | ProxyError::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream { .. } | ProxyError::UnexpectedUpgrade(_) => {
+            HttpProxyError::NoWorker(_) | HttpProxyError::Shutdown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            HttpProxyError::Upstream { .. } | HttpProxyError::UnexpectedUpgrade(_) => {
                 StatusCode::BAD_GATEWAY
             }
         }
@@ -188,78 +189,85 @@ impl HttpProxy {
         })
     }
 
-    /// Sends `req` to a worker: every ready worker is tried once per pass from the round-robin
-    /// cursor; when a pass fails or the pool is empty, waits for a pool change (or a short
-    /// pause) and tries again, until `queue_timeout` (the TCP proxy's `connect`, per request).
+    /// Sends `req` to a worker through the one pick-and-connect loop
+    /// ([`pick_and_connect`]), a worker per attempt; [`attempt`](Self::attempt) decides what
+    /// each failure means.
     async fn forward(
         &self,
-        mut req: Request<UpstreamBody>,
+        req: Request<UpstreamBody>,
         replay: Option<Replay>,
-    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    ) -> Result<(Response<Incoming>, Lease), HttpProxyError> {
         let settings = self.route.settings();
-        let deadline = Instant::now() + settings.queue_timeout;
-        let mut changes = self.route.pool.subscribe();
-        let mut resends = 0;
-        loop {
-            changes.borrow_and_update();
-            let mut tried = 0;
-            for worker in round_robin::candidates(&self.route.pool) {
-                let Some(guard) = worker.acquire() else {
-                    continue;
+        let pending = Pending { req, resends: 0 };
+        let replay = replay.as_ref();
+        pick_and_connect(
+            &self.route,
+            &settings,
+            &self.stop,
+            pending,
+            |pick, pending| self.attempt(pick, pending, replay, &settings),
+        )
+        .await
+        .map_err(|e| match e {
+            PickError::NoWorker(waited) => HttpProxyError::NoWorker(waited),
+            PickError::Stopped => HttpProxyError::Shutdown,
+            PickError::GaveUp(e) => e,
+        })
+    }
+
+    /// One try at a picked worker. A connect failure, or a kept connection the worker closed
+    /// before the request went out (hyper hands it back), goes to the next worker. A failure
+    /// after sending goes to the next worker only as a resend of a bodiless idempotent
+    /// request (`replay`), at most [`MAX_RESENDS`] times; anything else is a 502.
+    async fn attempt(
+        &self,
+        pick: Pick,
+        mut pending: Pending,
+        replay: Option<&Replay>,
+        settings: &RouteSettings,
+    ) -> Attempt<(Response<Incoming>, Lease), Pending, HttpProxyError> {
+        let Pick { guard, addr } = pick;
+        let worker = guard.worker();
+        let key = Key {
+            addr,
+            pid: worker.pid,
+        };
+        let mut sender = match self.sender(key, settings).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                tracing::debug!(app = %self.route.app, id = worker.id, %addr, "{}; trying the next worker", Chain(&e));
+                return Attempt::Next(pending);
+            }
+        };
+        match sender.try_send_request(pending.req).await {
+            Ok(response) => {
+                let lease = Lease {
+                    guard,
+                    conn: Some((key, sender)),
+                    idle: Arc::clone(&self.idle),
                 };
-                let Some(&addr) = worker.addrs.get(settings.listener_index) else {
-                    continue;
-                };
-                tried += 1;
-                let key = Key {
-                    addr,
-                    pid: worker.pid,
-                };
-                let mut sender = match self.sender(key, &settings).await {
-                    Ok(sender) => sender,
-                    Err(e) => {
-                        tracing::debug!(app = %self.route.app, id = worker.id, %addr, "{}; trying the next worker", Chain(&e));
-                        continue;
+                Attempt::Connected((response, lease))
+            }
+            Err(mut e) => {
+                if let Some(unsent) = e.take_message() {
+                    tracing::debug!(app = %self.route.app, id = worker.id, %addr, "request not sent: {}; trying the next worker", Chain(e.error()));
+                    pending.req = unsent;
+                    return Attempt::Next(pending);
+                }
+                let source = e.into_error();
+                match replay {
+                    Some(replay) if pending.resends < MAX_RESENDS => {
+                        tracing::debug!(app = %self.route.app, id = worker.id, %addr, "worker failed: {}; sending again to the next worker", Chain(&source));
+                        pending.resends += 1;
+                        pending.req = replay.request();
+                        Attempt::Next(pending)
                     }
-                };
-                match sender.try_send_request(req).await {
-                    Ok(response) => {
-                        let lease = Lease {
-                            guard,
-                            conn: Some((key, sender)),
-                            idle: Arc::clone(&self.idle),
-                        };
-                        return Ok((response, lease));
-                    }
-                    Err(mut e) => {
-                        if let Some(unsent) = e.take_message() {
-                            tracing::debug!(app = %self.route.app, id = worker.id, %addr, "request not sent: {}; trying the next worker", Chain(e.error()));
-                            req = unsent;
-                            continue;
-                        }
-                        let source = e.into_error();
-                        match &replay {
-                            Some(replay) if resends < MAX_RESENDS => {
-                                tracing::debug!(app = %self.route.app, id = worker.id, %addr, "worker failed: {}; sending again to the next worker", Chain(&source));
-                                resends += 1;
-                                req = replay.request();
-                            }
-                            _ => {
-                                return Err(ProxyError::Upstream {
-                                    worker: worker.id,
-                                    source,
-                                });
-                            }
-                        }
-                    }
+                    _ => Attempt::GiveUp(HttpProxyError::Upstream {
+                        worker: worker.id,
+                        source,
+                    }),
                 }
             }
-            wait_in_queue(&mut changes, tried > 0, deadline, &self.stop)
-                .await
-                .map_err(|end| match end {
-                    QueueEnd::TimedOut => ProxyError::NoWorker(settings.queue_timeout),
-                    QueueEnd::Stopped => ProxyError::Shutdown,
-                })?;
         }
     }
 
@@ -283,10 +291,10 @@ impl HttpProxy {
         mut response: Response<Incoming>,
         mut lease: Lease,
         client_upgrade: Option<OnUpgrade>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, HttpProxyError> {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client) = client_upgrade else {
-                return Err(ProxyError::UnexpectedUpgrade(lease.guard.worker().id));
+                return Err(HttpProxyError::UnexpectedUpgrade(lease.guard.worker().id));
             };
             let worker = hyper::upgrade::on(&mut response);
             strip_hop_by_hop(response.headers_mut(), true);
@@ -539,6 +547,14 @@ impl Drop for ProxyBody {
             lease.release(done);
         }
     }
+}
+
+/// The request on its way through the attempts: handed back by an attempt that did not send
+/// it (or resent it), with how many resends it has had.
+#[derive(Debug)]
+struct Pending {
+    req: Request<UpstreamBody>,
+    resends: u32,
 }
 
 /// What is needed to send a bodiless request again after the first copy was consumed.

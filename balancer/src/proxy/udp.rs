@@ -59,8 +59,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::Route;
-use crate::policy::round_robin;
+use super::{Pick, Route, Walk};
 
 /// Receive buffer size: the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6) fits,
 /// so no datagram is ever truncated.
@@ -636,28 +635,12 @@ impl Flows {
             Some(_) => {}
             None => return false,
         }
-        let settings = self.route.settings();
-        let mut fallback = None;
-        let mut chosen = None;
-        for worker in round_robin::candidates(&self.route.pool) {
-            if worker.is_gone() {
-                continue;
-            }
-            let Some(&addr) = worker.addrs.get(settings.listener_index) else {
-                continue;
-            };
-            if avoid.is_some_and(|a| Arc::ptr_eq(a, &worker)) {
-                fallback = Some((worker, addr));
-                continue;
-            }
-            if let Some(guard) = worker.acquire() {
-                chosen = Some((guard, addr));
-                break;
-            }
-        }
-        let chosen =
-            chosen.or_else(|| fallback.and_then(|(w, addr)| w.acquire().map(|g| (g, addr))));
-        let Some((guard, addr)) = chosen else {
+        let listener_index = self.route.settings().listener_index;
+        let Some(Pick { guard, addr }) = Walk::new(&self.route.pool, listener_index)
+            .skip_gone()
+            .avoiding(avoid)
+            .next()
+        else {
             return false;
         };
         let socket = match connect(addr) {
