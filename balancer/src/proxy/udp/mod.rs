@@ -1,5 +1,7 @@
-//! UDP flow proxying: the flow table that pins each client address to one worker, and the
-//! per-flow relays that carry the worker's replies back to the client.
+//! UDP flow proxying: the dispatcher ([`dispatch`], one task per listener, [`Flows`] its state)
+//! that pins each client address to one worker, and the per-flow relays that carry the worker's
+//! replies back to the client. The flow table is `table`'s, the relays and upstream sockets
+//! `relay`'s, the datagrams waiting for a worker `hold`'s.
 //!
 //! **A flow** is a client address (ip, port). Its first datagram picks a ready worker round-robin
 //! and opens an *upstream socket* for it: a UDP socket of its own, bound to an ephemeral loopback
@@ -12,7 +14,7 @@
 //! is one file descriptor per flow, which is why the table is bounded.
 //!
 //! **Ownership.** The table lives in one task, the listener's dispatcher ([`Flows`] is its state),
-//! as a plain `HashMap`: no lock and no concurrent map on the hot path. A relay shares two atomics
+//! which also owns the public socket's receive side, as a plain `HashMap`: no lock and no concurrent map on the hot path. A relay shares two atomics
 //! with its flow (when the worker last replied, and whether the socket failed) and reports a
 //! failure over a bounded channel; it never touches the table.
 //!
@@ -42,24 +44,31 @@
 //! as a worker becomes ready; past the timeout or the limits they are dropped (counted, with a
 //! warning at most every [`WARN_EVERY`]). Nothing is logged per datagram above `debug`.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use balancer_workers::{ConnGuard, WorkerHandle};
-use socket2::{SockAddr, SockRef};
-use tokio::io::Interest;
+use balancer_workers::WorkerHandle;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Pick, Route, Walk};
+use hold::Held;
+use relay::{FlowShared, Relay, RelayAlive, Sent, Upstream, Usable, connect};
+
+mod hold;
+mod relay;
+mod table;
+
+pub use hold::{HOLD_BYTES, HOLD_MAX, HOLD_PER_FLOW};
+pub use relay::Broken;
+pub use table::FlowTable;
 
 /// Receive buffer size: the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6) fits,
 /// so no datagram is ever truncated.
@@ -67,35 +76,14 @@ pub const MAX_DATAGRAM: usize = 65_536;
 /// The largest datagram kept per flow for a replay after a bounce (a full Ethernet frame's
 /// payload): enough for DNS, QUIC and game traffic, and at most `max_flows` × this in memory.
 pub const REPLAY_MAX: usize = 1472;
-/// Datagrams held per flow while no worker is ready.
-pub const HOLD_PER_FLOW: usize = 4;
-/// Datagrams held in all while no worker is ready.
-pub const HOLD_MAX: usize = 1024;
-/// Bytes held in all while no worker is ready.
-pub const HOLD_BYTES: usize = 1 << 20;
 /// After `stop`, a flow lingers (relaying the replies to what it already forwarded) until it
 /// has been quiet this long, or `udp_idle_timeout` if shorter.
 pub const STOP_LINGER: Duration = Duration::from_secs(1);
 /// Dropped-datagram warnings are rate limited to one per this period.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
-/// Replies a relay moves per wake-up before it lets other tasks run.
-const RELAY_BATCH: usize = 32;
 /// Failure reports in flight from relays to the dispatcher; past it a flow's failure is still
 /// seen on its next datagram (through the shared flag), just not acted on early.
 const EVENTS: usize = 1024;
-
-thread_local! {
-    /// One receive buffer per runtime thread, shared by the relays that run on it: a relay
-    /// never awaits while it holds the buffer, so thousands of flows cost no buffer memory.
-    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
-}
-
-/// A relay's report that its upstream socket failed (a bounce, or another error).
-#[derive(Debug, Clone, Copy)]
-pub struct Broken {
-    client: SocketAddr,
-    upstream: u64,
-}
 
 /// Counters of one UDP listener (for logs and tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -118,204 +106,6 @@ pub struct FlowStats {
     pub dropped: u64,
 }
 
-const UPSTREAM_OK: u8 = 0;
-const UPSTREAM_REFUSED: u8 = 1;
-const UPSTREAM_BROKEN: u8 = 2;
-
-/// What a flow's relay shares with the dispatcher.
-#[derive(Debug)]
-struct FlowShared {
-    /// Base of `last_reply`.
-    epoch: Instant,
-    /// When the worker last replied, in nanoseconds after `epoch` (0: never).
-    last_reply: AtomicU64,
-    /// `UPSTREAM_*`: whether the upstream socket failed, and how.
-    state: AtomicU8,
-}
-
-impl FlowShared {
-    fn new(epoch: Instant) -> Self {
-        FlowShared {
-            epoch,
-            last_reply: AtomicU64::new(0),
-            state: AtomicU8::new(UPSTREAM_OK),
-        }
-    }
-
-    fn replied(&self) {
-        let nanos = Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_nanos();
-        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX).max(1);
-        self.last_reply.store(nanos, Ordering::Relaxed);
-    }
-
-    fn last_reply(&self) -> Option<Instant> {
-        match self.last_reply.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(self.epoch + Duration::from_nanos(nanos)),
-        }
-    }
-
-    fn fail(&self, error: &io::Error) {
-        let state = if is_refused(error) {
-            UPSTREAM_REFUSED
-        } else {
-            UPSTREAM_BROKEN
-        };
-        self.state.store(state, Ordering::SeqCst);
-    }
-}
-
-fn is_refused(error: &io::Error) -> bool {
-    error.kind() == io::ErrorKind::ConnectionRefused
-}
-
-/// The flows of one listener, by client address, in least-recently-active order.
-///
-/// Activity the table does not see (a relay's replies) is supplied by an `activity` function and
-/// taken into account lazily: before a flow is evicted or expired, its key is moved forward to
-/// its latest activity if that is newer. Every operation is O(log n).
-#[derive(Debug)]
-pub struct FlowTable<V> {
-    flows: HashMap<SocketAddr, Slot<V>>,
-    /// (last activity, tie-breaker) → client. The first entry is the least recently active.
-    order: BTreeMap<(Instant, u64), SocketAddr>,
-    seq: u64,
-}
-
-#[derive(Debug)]
-struct Slot<V> {
-    value: V,
-    key: (Instant, u64),
-}
-
-impl<V> Default for FlowTable<V> {
-    fn default() -> Self {
-        FlowTable {
-            flows: HashMap::new(),
-            order: BTreeMap::new(),
-            seq: 0,
-        }
-    }
-}
-
-impl<V> FlowTable<V> {
-    /// An empty table.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Number of flows.
-    pub fn len(&self) -> usize {
-        self.flows.len()
-    }
-
-    /// Whether the table holds no flow.
-    pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
-    }
-
-    /// The flow of `client`, without counting it as activity.
-    pub fn get_mut(&mut self, client: &SocketAddr) -> Option<&mut V> {
-        self.flows.get_mut(client).map(|s| &mut s.value)
-    }
-
-    /// The flow of `client`, recording activity at `now`.
-    pub fn touch(&mut self, client: &SocketAddr, now: Instant) -> Option<&mut V> {
-        let slot = self.flows.get_mut(client)?;
-        self.order.remove(&slot.key);
-        self.seq += 1;
-        slot.key = (now, self.seq);
-        self.order.insert(slot.key, *client);
-        Some(&mut slot.value)
-    }
-
-    /// Adds (or replaces) the flow of `client`, active at `now`; returns the replaced one.
-    /// Making room is the caller's business (see [`pop_lru`](Self::pop_lru)).
-    pub fn insert(&mut self, client: SocketAddr, value: V, now: Instant) -> Option<V> {
-        let old = self.remove(&client);
-        self.seq += 1;
-        let key = (now, self.seq);
-        self.order.insert(key, client);
-        self.flows.insert(client, Slot { value, key });
-        old
-    }
-
-    /// Removes the flow of `client`.
-    pub fn remove(&mut self, client: &SocketAddr) -> Option<V> {
-        let slot = self.flows.remove(client)?;
-        self.order.remove(&slot.key);
-        Some(slot.value)
-    }
-
-    /// When the least recently active flow was last seen active (a lower bound: activity the
-    /// table has not been told about may be newer).
-    pub fn oldest(&self) -> Option<Instant> {
-        self.order.first_key_value().map(|(key, _)| key.0)
-    }
-
-    /// Removes and returns the least recently active flow.
-    pub fn pop_lru(&mut self, activity: impl Fn(&V) -> Option<Instant>) -> Option<(SocketAddr, V)> {
-        self.pop_first_before(None, activity)
-    }
-
-    /// Removes and returns one flow with no activity after `cutoff`, if there is one.
-    pub fn pop_idle(
-        &mut self,
-        cutoff: Instant,
-        activity: impl Fn(&V) -> Option<Instant>,
-    ) -> Option<(SocketAddr, V)> {
-        self.pop_first_before(Some(cutoff), activity)
-    }
-
-    fn pop_first_before(
-        &mut self,
-        cutoff: Option<Instant>,
-        activity: impl Fn(&V) -> Option<Instant>,
-    ) -> Option<(SocketAddr, V)> {
-        loop {
-            let (&key, &client) = self.order.first_key_value()?;
-            if cutoff.is_some_and(|cutoff| key.0 > cutoff) {
-                return None;
-            }
-            let Some(slot) = self.flows.get_mut(&client) else {
-                // Unreachable (both maps change together); heal rather than loop.
-                self.order.remove(&key);
-                continue;
-            };
-            match activity(&slot.value) {
-                // Active since: move it to its place and look at the next oldest.
-                Some(seen) if seen > key.0 => {
-                    self.order.remove(&key);
-                    self.seq += 1;
-                    slot.key = (seen, self.seq);
-                    self.order.insert(slot.key, client);
-                }
-                _ => {
-                    self.order.remove(&key);
-                    let slot = self.flows.remove(&client)?;
-                    return Some((client, slot.value));
-                }
-            }
-        }
-    }
-
-    /// Removes every flow `keep` rejects; returns how many.
-    pub fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) -> usize {
-        let before = self.flows.len();
-        let order = &mut self.order;
-        self.flows.retain(|_, slot| {
-            let kept = keep(&slot.value);
-            if !kept {
-                order.remove(&slot.key);
-            }
-            kept
-        });
-        before - self.flows.len()
-    }
-}
-
 /// One flow: a client address and, when it has one, its worker.
 #[derive(Debug)]
 struct Flow {
@@ -331,98 +121,6 @@ impl Flow {
     fn last_reply(&self) -> Option<Instant> {
         self.upstream.as_ref()?.shared.last_reply()
     }
-}
-
-/// A flow's link to its worker: the connected socket, the relay reading it, and the live count
-/// the flow holds on the worker.
-#[derive(Debug)]
-struct Upstream {
-    /// Identifies this link (a relay's failure report names it).
-    id: u64,
-    guard: ConnGuard,
-    socket: Arc<UdpSocket>,
-    shared: Arc<FlowShared>,
-    relay: AbortHandle,
-    /// The last datagram sent, kept for a replay should it bounce (empty when too large).
-    last: Vec<u8>,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        // The relay holds the other reference to the socket: ending it closes the descriptor.
-        self.relay.abort();
-    }
-}
-
-/// What happened to a datagram sent upstream.
-enum Sent {
-    Ok,
-    Dropped,
-    /// The worker's port bounced an earlier datagram: this one was not sent.
-    Refused,
-}
-
-/// Whether a flow's worker can still be used.
-enum Usable {
-    Yes,
-    /// Its port bounced a datagram: move, resending the last one.
-    Refused,
-    /// Its process exited or the socket failed otherwise: move.
-    No,
-}
-
-impl Upstream {
-    fn worker(&self) -> &Arc<WorkerHandle> {
-        self.guard.worker()
-    }
-
-    fn usable(&self) -> Usable {
-        match self.shared.state.load(Ordering::SeqCst) {
-            UPSTREAM_REFUSED => return Usable::Refused,
-            UPSTREAM_BROKEN => return Usable::No,
-            _ => {}
-        }
-        if !self.worker().is_gone() {
-            return Usable::Yes;
-        }
-        // The process exited: a datagram may have bounced off its closed port before the relay
-        // had a chance to report it. Look, so that it is replayed rather than lost.
-        match self.socket.take_error() {
-            Ok(Some(e)) if is_refused(&e) => Usable::Refused,
-            _ => Usable::No,
-        }
-    }
-
-    fn send(&mut self, data: &[u8]) -> Sent {
-        // Straight to the kernel: tokio's `try_send` would refuse a fresh socket whose first
-        // writable event the reactor has not seen yet.
-        match SockRef::from(&*self.socket).send(data) {
-            Ok(_) => {
-                self.last.clear();
-                if data.len() <= REPLAY_MAX {
-                    self.last.extend_from_slice(data);
-                }
-                Sent::Ok
-            }
-            Err(e) if is_refused(&e) => {
-                self.shared.fail(&e);
-                Sent::Refused
-            }
-            Err(e) => {
-                tracing::debug!(worker = self.worker().id, "udp send to worker failed: {e}");
-                Sent::Dropped
-            }
-        }
-    }
-}
-
-/// A datagram held for a flow that waits for a ready worker.
-#[derive(Debug)]
-struct Held {
-    at: Instant,
-    client: SocketAddr,
-    flow: u64,
-    data: Box<[u8]>,
 }
 
 /// The state of one UDP listener's dispatcher: its flow table, held datagrams and counters.
@@ -690,91 +388,6 @@ impl Flows {
         }
     }
 
-    /// Holds a datagram for a flow waiting for a worker, within the limits.
-    fn hold(&mut self, client: SocketAddr, data: &[u8], now: Instant) {
-        let timeout = self.route.settings().queue_timeout;
-        let fits = !timeout.is_zero()
-            && self.held.len() < HOLD_MAX
-            && self.held_bytes + data.len() <= HOLD_BYTES;
-        match self.table.get_mut(&client) {
-            Some(flow) if fits && flow.held < HOLD_PER_FLOW => {
-                flow.held += 1;
-                self.held_bytes += data.len();
-                self.held.push_back(Held {
-                    at: now,
-                    client,
-                    flow: flow.id,
-                    data: data.into(),
-                });
-                self.stats.held += 1;
-            }
-            _ => self.drop_unroutable(now, 1),
-        }
-    }
-
-    /// Counts datagrams dropped for want of a worker; warns at most every [`WARN_EVERY`].
-    fn drop_unroutable(&mut self, now: Instant, count: u64) {
-        self.stats.dropped += count;
-        self.dropped_since_warning += count;
-        if self.warned_at.is_none_or(|at| now >= at + WARN_EVERY) {
-            tracing::warn!(
-                app = %self.route.app,
-                dropped = self.dropped_since_warning,
-                "udp datagrams dropped for want of a ready worker (held up to queue_timeout {:?})",
-                self.route.settings().queue_timeout
-            );
-            self.warned_at = Some(now);
-            self.dropped_since_warning = 0;
-        }
-    }
-
-    /// Sends held datagrams, in arrival order, to the workers now ready; keeps the rest.
-    fn flush(&mut self, now: Instant) {
-        let timeout = self.route.settings().queue_timeout;
-        let mut keep = VecDeque::new();
-        let mut expired = 0;
-        let mut no_worker = false;
-        for held in std::mem::take(&mut self.held) {
-            let flow = match self.table.get_mut(&held.client) {
-                Some(flow) if flow.id == held.flow => flow,
-                // Its flow was evicted or expired meanwhile.
-                _ => {
-                    self.held_bytes -= held.data.len();
-                    expired += 1;
-                    continue;
-                }
-            };
-            if held.at + timeout <= now {
-                flow.held -= 1;
-                self.held_bytes -= held.data.len();
-                expired += 1;
-                continue;
-            }
-            let bound = flow.upstream.is_some() || (!no_worker && self.bind(held.client, None));
-            if !bound {
-                no_worker = true;
-                keep.push_back(held);
-                continue;
-            }
-            if let Some(flow) = self.table.get_mut(&held.client) {
-                flow.held -= 1;
-            }
-            self.held_bytes -= held.data.len();
-            self.send(held.client, &held.data);
-        }
-        self.held = keep;
-        if expired > 0 {
-            self.drop_unroutable(now, expired);
-        }
-    }
-
-    /// The pool changed: a worker may be ready for the held datagrams.
-    pub fn pool_changed(&mut self) {
-        if !self.held.is_empty() && !self.stopping {
-            self.flush(Instant::now());
-        }
-    }
-
     /// A relay reported its socket failed: let the worker go; if the failure was a bounce and
     /// the datagram that bounced was kept, resend it to another worker now.
     pub fn broken(&mut self, report: Broken) {
@@ -830,23 +443,7 @@ impl Flows {
                 tracing::debug!(app = %self.route.app, %client, "udp flow idle: forgotten");
             }
         }
-        let timeout = self.route.settings().queue_timeout;
-        let mut expired = 0;
-        while self.held.front().is_some_and(|h| h.at + timeout <= now) {
-            let Some(held) = self.held.pop_front() else {
-                break;
-            };
-            self.held_bytes -= held.data.len();
-            if let Some(flow) = self.table.get_mut(&held.client)
-                && flow.id == held.flow
-            {
-                flow.held -= 1;
-            }
-            expired += 1;
-        }
-        if expired > 0 {
-            self.drop_unroutable(now, expired);
-        }
+        self.expire_held(now);
     }
 
     /// Stops taking datagrams: held ones and flows without a worker are dropped; the others
@@ -859,115 +456,95 @@ impl Flows {
     }
 }
 
-/// Opens the upstream socket of a flow: an ephemeral port, connected to the worker so that only
-/// its datagrams are received, and bounces are reported. Ephemeral ports never collide with a
-/// worker's private port: those come from below the ephemeral range (`process::private_port`).
-fn connect(worker: SocketAddr) -> io::Result<UdpSocket> {
-    let local = match worker.ip() {
-        ip if ip.is_loopback() => SocketAddr::new(ip, 0),
-        IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-        IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
-    };
-    let socket = std::net::UdpSocket::bind(local)?;
-    socket.connect(worker)?;
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
-}
+/// Datagrams read per wake-up before the loop looks at its other inputs again.
+const RECV_BATCH: usize = 32;
+/// Pause after an unexpected receive error, so a persistent one cannot spin the loop.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
+/// The timer's deadline when nothing is due.
+const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Counts a relay task as alive until it is dropped (see [`Flows::closing`]).
-struct RelayAlive(Arc<AtomicUsize>);
-
-impl Drop for RelayAlive {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Carries one flow's replies from its worker to its client.
-struct Relay {
-    /// Held for its `Drop`.
-    _alive: RelayAlive,
-    client: SocketAddr,
-    upstream: u64,
-    socket: Arc<UdpSocket>,
-    public: Arc<UdpSocket>,
-    shared: Arc<FlowShared>,
-    events: mpsc::Sender<Broken>,
-}
-
-impl Relay {
-    /// Relays until the socket fails (or the flow is dropped, which aborts this task).
-    async fn run(self) {
-        let error = loop {
-            // ERROR too: a bounce raises only EPOLLERR, which `readable()` would not see.
-            let ready = match self
-                .socket
-                .ready(Interest::READABLE | Interest::ERROR)
-                .await
-            {
-                Ok(ready) => ready,
-                Err(e) => break e,
-            };
-            if ready.is_error() {
-                // The dispatcher may have taken the error already (its send saw it); then this
-                // clears the readiness instead of spinning.
-                let taken =
-                    self.socket
-                        .try_io(Interest::ERROR, || match self.socket.take_error() {
-                            Ok(Some(e)) => Ok(e),
-                            Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
-                            Err(e) => Ok(e),
-                        });
-                if let Ok(e) = taken {
-                    break e;
-                }
-            }
-            if ready.is_readable()
-                && let Err(e) = self.relay_ready().await
-            {
-                break e;
-            }
-        };
-        self.shared.fail(&error);
-        tracing::debug!(client = %self.client, "udp flow's worker socket failed: {error}");
-        let _ = self.events.try_send(Broken {
-            client: self.client,
-            upstream: self.upstream,
-        });
-    }
-
-    /// Moves the replies waiting on the socket (up to [`RELAY_BATCH`]).
-    async fn relay_ready(&self) -> io::Result<()> {
-        let public = SockRef::from(&*self.public);
-        let client = SockAddr::from(self.client);
-        for _ in 0..RELAY_BATCH {
-            // Receive and send without awaiting, so the thread's buffer is free again at once.
-            let step: io::Result<Option<Vec<u8>>> = REPLY_BUF.with_borrow_mut(|buf| {
-                let n = self.socket.try_recv(buf)?;
-                self.shared.replied();
-                Ok(match public.send_to(&buf[..n], &client) {
-                    Ok(_) => None,
-                    // The public socket's send buffer is full: wait for room with a copy.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(buf[..n].to_vec()),
-                    Err(e) => {
-                        tracing::debug!(client = %self.client, "udp reply to client failed: {e}");
-                        None
-                    }
-                })
-            });
-            match step {
-                Ok(None) => {}
-                Ok(Some(reply)) => {
-                    if let Err(e) = self.public.send_to(&reply, self.client).await {
-                        tracing::debug!(client = %self.client, "udp reply to client failed: {e}");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+/// The listener's dispatcher, one task per UDP listener: reads client datagrams until `stop`, then lets established flows relay
+/// the replies still coming (until quiet) and returns; `abort` ends everything at once. Relays
+/// run on `tracker`.
+pub async fn dispatch(
+    socket: UdpSocket,
+    route: Arc<Route>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let public = Arc::new(socket);
+    let (mut flows, mut reports) = Flows::new(Arc::clone(&route), Arc::clone(&public), tracker);
+    let mut pool_changes = route.pool.subscribe();
+    let mut pool_alive = true;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let timer = sleep_until(Instant::now() + FAR);
+    tokio::pin!(timer);
+    let mut stopping = false;
+    loop {
+        // Only move the timer earlier: one that fires early finds nothing to do and is re-armed,
+        // which is cheaper than re-arming it on every datagram.
+        let due = flows
+            .next_deadline()
+            .unwrap_or_else(|| Instant::now() + FAR);
+        if due < timer.deadline() {
+            timer.as_mut().reset(due);
         }
-        Ok(())
+        tokio::select! {
+            biased;
+            _ = abort.cancelled() => break,
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                flows.stop();
+            }
+            Some(report) = reports.recv() => flows.broken(report),
+            changed = pool_changes.changed(), if pool_alive && flows.has_held() => match changed {
+                Ok(()) => flows.pool_changed(),
+                Err(_) => pool_alive = false,
+            },
+            _ = &mut timer => {
+                flows.expire();
+                timer.as_mut().reset(Instant::now() + FAR);
+            }
+            received = public.recv_from(&mut buf), if !stopping => match received {
+                Ok((n, client)) => {
+                    flows.datagram(client, &buf[..n]);
+                    for _ in 1..RECV_BATCH {
+                        if flows.closing() > 0 {
+                            break;
+                        }
+                        match public.try_recv_from(&mut buf) {
+                            Ok((n, client)) => flows.datagram(client, &buf[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                    if flows.closing() > 0 {
+                        // Let the evicted flows' relays be dropped (closing their sockets)
+                        // before taking more new clients.
+                        tokio::task::yield_now().await;
+                    }
+                }
+                Err(e) => receive_error(&e).await,
+            },
+        }
+        if stopping && flows.is_empty() {
+            break;
+        }
+    }
+    tracing::debug!(app = %route.app, stats = ?flows.stats(), "udp listener stopped");
+}
+
+async fn receive_error(e: &io::Error) {
+    match e.kind() {
+        // Leftovers of ICMP errors about earlier replies, or a signal: nothing to do.
+        io::ErrorKind::ConnectionRefused
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::Interrupted
+        | io::ErrorKind::WouldBlock => {}
+        _ => {
+            tracing::debug!("udp receive: {e}");
+            sleep(ERROR_PAUSE).await;
+        }
     }
 }
 
@@ -977,7 +554,6 @@ mod tests {
     use crate::proxy::RouteSettings;
     use balancer_config::{HttpSettings, UdpSettings};
     use balancer_workers::Pool;
-    use std::cell::Cell;
 
     fn addr(port: u16) -> SocketAddr {
         ([127, 0, 0, 1], port).into()
@@ -985,118 +561,6 @@ mod tests {
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
-    }
-
-    /// Keeps at most `max` entries the way the dispatcher does.
-    fn insert_bounded(
-        table: &mut FlowTable<u32>,
-        client: u16,
-        now: Instant,
-        max: usize,
-    ) -> Vec<SocketAddr> {
-        let mut evicted = Vec::new();
-        while table.len() >= max {
-            evicted.push(table.pop_lru(|_| None).unwrap().0);
-        }
-        table.insert(addr(client), u32::from(client), now);
-        evicted
-    }
-
-    #[test]
-    fn the_table_never_exceeds_its_bound() {
-        let t0 = Instant::now();
-        let mut table = FlowTable::new();
-        for port in 1..=1000u16 {
-            insert_bounded(
-                &mut table,
-                port,
-                t0 + Duration::from_millis(port.into()),
-                100,
-            );
-            assert!(table.len() <= 100);
-        }
-        assert_eq!(table.len(), 100);
-        assert_eq!(table.order.len(), 100, "the order index follows the map");
-        // The 100 most recent survive.
-        assert!(table.get_mut(&addr(901)).is_some());
-        assert!(table.get_mut(&addr(900)).is_none());
-    }
-
-    #[test]
-    fn the_least_recently_active_flow_is_evicted() {
-        let t0 = Instant::now();
-        let mut table = FlowTable::new();
-        for (i, port) in [1, 2, 3].into_iter().enumerate() {
-            table.insert(addr(port), u32::from(port), t0 + secs(i as u64));
-        }
-        // 1 is the oldest by insertion, but it just sent something.
-        table.touch(&addr(1), t0 + secs(10));
-        assert_eq!(insert_bounded(&mut table, 4, t0 + secs(11), 3), [addr(2)]);
-        assert_eq!(insert_bounded(&mut table, 5, t0 + secs(12), 3), [addr(3)]);
-        assert_eq!(insert_bounded(&mut table, 6, t0 + secs(13), 3), [addr(1)]);
-    }
-
-    #[test]
-    fn replies_count_as_activity_for_eviction() {
-        let t0 = Instant::now();
-        let replies: Vec<Cell<Option<Instant>>> = (0..4).map(|_| Cell::new(None)).collect();
-        let mut table = FlowTable::new();
-        for i in 0..3u16 {
-            table.insert(addr(i), usize::from(i), t0 + secs(u64::from(i)));
-        }
-        // Flow 0 sent nothing since t0, but its worker replied at t0+5.
-        replies[0].set(Some(t0 + secs(5)));
-        let activity = |v: &usize| replies[*v].get();
-        assert_eq!(table.pop_lru(activity).map(|(a, _)| a), Some(addr(1)));
-        assert_eq!(table.pop_lru(activity).map(|(a, _)| a), Some(addr(2)));
-        assert_eq!(table.pop_lru(activity).map(|(a, _)| a), Some(addr(0)));
-        assert!(table.pop_lru(activity).is_none());
-    }
-
-    #[test]
-    fn idle_flows_expire_after_the_idle_timeout_and_activity_postpones_it() {
-        let idle = secs(30);
-        let t0 = Instant::now();
-        let replies: Vec<Cell<Option<Instant>>> = (0..3).map(|_| Cell::new(None)).collect();
-        let activity = |v: &usize| replies[*v].get();
-        let mut table = FlowTable::new();
-        table.insert(addr(0), 0, t0);
-        table.insert(addr(1), 1, t0 + secs(5));
-        table.insert(addr(2), 2, t0 + secs(6));
-        // Flow 1 keeps getting replies; flow 2 keeps sending.
-        replies[1].set(Some(t0 + secs(20)));
-        table.touch(&addr(2), t0 + secs(25));
-
-        let expire = |table: &mut FlowTable<usize>, now: Instant| {
-            let mut gone = Vec::new();
-            while let Some((a, _)) = table.pop_idle(now - idle, activity) {
-                gone.push(a);
-            }
-            gone
-        };
-        assert_eq!(expire(&mut table, t0 + secs(29)), []);
-        assert_eq!(expire(&mut table, t0 + secs(30)), [addr(0)]);
-        assert_eq!(expire(&mut table, t0 + secs(49)), []);
-        assert_eq!(expire(&mut table, t0 + secs(50)), [addr(1)]);
-        assert_eq!(table.oldest(), Some(t0 + secs(25)));
-        assert_eq!(expire(&mut table, t0 + secs(55)), [addr(2)]);
-        assert!(table.is_empty() && table.order.is_empty());
-    }
-
-    #[test]
-    fn retain_and_remove_keep_both_indexes_in_step() {
-        let t0 = Instant::now();
-        let mut table = FlowTable::new();
-        for port in 0..10u16 {
-            table.insert(addr(port), port, t0 + secs(port.into()));
-        }
-        assert_eq!(table.retain(|v| v % 2 == 0), 5);
-        assert_eq!(table.remove(&addr(4)), Some(4));
-        assert_eq!(table.remove(&addr(4)), None);
-        assert_eq!(table.insert(addr(2), 22, t0), Some(2));
-        assert_eq!(table.len(), 4);
-        assert_eq!(table.order.len(), 4);
-        assert_eq!(table.oldest(), Some(t0));
     }
 
     // Flows against real loopback sockets standing in for workers.
