@@ -251,3 +251,163 @@ impl Route {
         self.settings.store(Arc::new(settings));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pool_of(n: usize) -> (Pool, Vec<Arc<WorkerHandle>>) {
+        let pool = Pool::new();
+        let workers: Vec<_> = (0..n as u32)
+            .map(|id| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 10_000 + id as u16));
+                Arc::new(WorkerHandle::new(id, id, 1000 + id, vec![addr]))
+            })
+            .collect();
+        for w in &workers {
+            pool.insert(Arc::clone(w));
+        }
+        (pool, workers)
+    }
+
+    fn settings(queue_timeout: Duration) -> RouteSettings {
+        RouteSettings {
+            listener_index: 0,
+            connect_timeout: Duration::from_secs(1),
+            queue_timeout,
+            udp: UdpSettings {
+                max_flows: 16,
+                idle_timeout: Duration::from_secs(30),
+            },
+            http: HttpSettings {
+                header_timeout: Duration::from_secs(1),
+                max_header_size: 1024,
+                idle_timeout: Duration::from_secs(1),
+            },
+        }
+    }
+
+    proptest! {
+        /// The policy production runs — round-robin candidates, then `acquire` — through the
+        /// proxies' own walk. Over `turns` full turns (one walk per connection, as the proxies
+        /// do) a draining worker is never picked, and each other worker is picked `turns`
+        /// times plus one more per turn for each draining worker just before it (a skipped
+        /// worker's turn goes to the next one): never starved, never more than that.
+        #[test]
+        fn the_walk_is_fair_and_never_picks_a_draining_worker(
+            draining in proptest::collection::vec(any::<bool>(), 1..8),
+            turns in 1usize..5,
+        ) {
+            let n = draining.len();
+            let (pool, workers) = pool_of(n);
+            for (w, d) in workers.iter().zip(&draining) {
+                if *d {
+                    w.start_draining();
+                }
+            }
+            let mut picked = vec![0usize; n];
+            for _ in 0..n * turns {
+                match Walk::new(&pool, 0).next() {
+                    Some(pick) => {
+                        prop_assert!(!pick.worker().is_draining());
+                        picked[pick.worker().id as usize] += 1;
+                    }
+                    None => prop_assert!(draining.iter().all(|d| *d)),
+                }
+            }
+            if draining.iter().all(|d| *d) {
+                return Ok(());
+            }
+            for i in (0..n).filter(|&i| !draining[i]) {
+                let skipped_before = (1..n).take_while(|b| draining[(i + n - b) % n]).count();
+                prop_assert_eq!(picked[i], turns * (1 + skipped_before), "worker {}", i);
+            }
+            prop_assert_eq!(picked.iter().sum::<usize>(), n * turns);
+        }
+
+        /// UDP's walk: never a draining or gone worker, and the worker a flow just left only
+        /// when no other one takes the flow.
+        #[test]
+        fn the_flow_walk_avoids_the_worker_left_unless_it_is_the_only_one(
+            states in proptest::collection::vec(0u8..3, 1..8),
+            left in 0usize..8,
+        ) {
+            let (pool, workers) = pool_of(states.len());
+            for (w, s) in workers.iter().zip(&states) {
+                match s {
+                    1 => { w.start_draining(); }
+                    2 => w.mark_gone(),
+                    _ => {}
+                }
+            }
+            let left = &workers[left % workers.len()];
+            let takes = |w: &WorkerHandle| !w.is_draining() && !w.is_gone();
+            let others = workers.iter().any(|w| !Arc::ptr_eq(w, left) && takes(w));
+            let pick = Walk::new(&pool, 0).skip_gone().avoiding(Some(left)).next();
+            match pick {
+                Some(pick) => {
+                    prop_assert!(takes(pick.worker()));
+                    prop_assert_eq!(Arc::ptr_eq(pick.worker(), left), !others);
+                }
+                None => prop_assert!(!others && !takes(left)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_hands_its_state_to_the_next_worker() {
+        let (pool, _workers) = pool_of(3);
+        let route = Route::new("t", Arc::new(pool), settings(Duration::from_secs(1)));
+        let stop = CancellationToken::new();
+        let mut tried = Vec::new();
+        let got: Result<u32, PickError<()>> =
+            pick_and_connect(&route, &route.settings(), &stop, 0u32, |pick, failures| {
+                tried.push(pick.worker().id);
+                async move {
+                    if failures < 2 {
+                        Attempt::Next(failures + 1)
+                    } else {
+                        Attempt::Connected(pick.worker().id)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(got.ok(), Some(2));
+        assert_eq!(tried, [0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn giving_up_stops_and_an_empty_pool_times_out_or_stops() {
+        let (pool, workers) = pool_of(2);
+        let route = Route::new("t", Arc::new(pool), settings(Duration::from_millis(50)));
+        let stop = CancellationToken::new();
+        let got = pick_and_connect(&route, &route.settings(), &stop, (), |_, ()| async {
+            Attempt::<(), (), _>::GiveUp("no")
+        })
+        .await;
+        assert!(matches!(got, Err(PickError::GaveUp("no"))));
+
+        for w in &workers {
+            route.pool.remove(w);
+        }
+        let started = Instant::now();
+        let got = pick_and_connect(&route, &route.settings(), &stop, (), |_, ()| async {
+            Attempt::<(), (), ()>::Connected(())
+        })
+        .await;
+        assert!(matches!(got, Err(PickError::NoWorker(d)) if d == Duration::from_millis(50)));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+
+        stop.cancel();
+        let got = pick_and_connect(
+            &route,
+            &settings(Duration::from_secs(30)),
+            &stop,
+            (),
+            |_, ()| async { Attempt::<(), (), ()>::Connected(()) },
+        )
+        .await;
+        assert!(matches!(got, Err(PickError::Stopped)));
+    }
+}
