@@ -381,4 +381,132 @@ mod tests {
             assert!(!is_idempotent(&m), "{m}");
         }
     }
+
+    // The retry rules against stand-in workers on loopback (raw sockets, no hyper server).
+
+    use crate::proxy::RouteSettings;
+    use balancer_config::{HttpSettings, UdpSettings};
+    use balancer_workers::{Pool, WorkerHandle};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A worker that reads each request head and then either answers `200 <id>` or closes.
+    async fn worker(id: u32, answers: bool) -> Arc<WorkerHandle> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if answers {
+                        let body = id.to_string();
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = s.write_all(reply.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        Arc::new(WorkerHandle::new(id, id, 1000 + id, vec![addr]))
+    }
+
+    async fn proxy_over(workers: &[(u32, bool)]) -> HttpProxy {
+        let pool = Arc::new(Pool::new());
+        for &(id, answers) in workers {
+            pool.insert(worker(id, answers).await);
+        }
+        let settings = RouteSettings {
+            listener_index: 0,
+            connect_timeout: Duration::from_secs(2),
+            queue_timeout: Duration::from_millis(200),
+            udp: UdpSettings {
+                max_flows: 16,
+                idle_timeout: Duration::from_secs(30),
+            },
+            http: HttpSettings {
+                header_timeout: Duration::from_secs(1),
+                max_header_size: 1024,
+                idle_timeout: Duration::from_secs(1),
+            },
+        };
+        HttpProxy::new(
+            Arc::new(Route::new("http-test", pool, settings)),
+            CancellationToken::new(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        )
+    }
+
+    /// Forwards a bodiless request the way `handle` does; the id of the worker that answered.
+    async fn send(proxy: &HttpProxy, method: Method) -> Result<u32, HttpProxyError> {
+        let (parts, ()) = Request::builder()
+            .method(method)
+            .uri("/")
+            .header("host", "t")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let replay = is_idempotent(&parts.method).then(|| Replay::of(&parts));
+        let req = Request::from_parts(parts, Either::Right(Empty::new()));
+        let (response, _lease) = proxy.forward(req, replay).await?;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&body).parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_bodiless_get_is_resent_at_most_max_resends_times() {
+        // Two workers fail after reading the request: the GET is resent twice and answered.
+        let proxy = proxy_over(&[(0, false), (1, false), (2, true)]).await;
+        assert_eq!(send(&proxy, Method::GET).await.unwrap(), 2);
+        // Three failing workers use up the resends: a 502 naming the third.
+        let proxy = proxy_over(&[(0, false), (1, false), (2, false), (3, true)]).await;
+        let e = send(&proxy, Method::GET).await.unwrap_err();
+        assert!(
+            matches!(e, HttpProxyError::Upstream { worker: 2, .. }),
+            "{e}"
+        );
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn a_post_that_failed_after_sending_is_a_502_and_no_worker_is_a_503() {
+        let proxy = proxy_over(&[(0, false), (1, true)]).await;
+        let e = send(&proxy, Method::POST).await.unwrap_err();
+        assert!(
+            matches!(e, HttpProxyError::Upstream { worker: 0, .. }),
+            "{e}"
+        );
+        let proxy = proxy_over(&[]).await;
+        let e = send(&proxy, Method::GET).await.unwrap_err();
+        assert!(matches!(e, HttpProxyError::NoWorker(_)), "{e}");
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_goes_to_the_next_worker_even_for_a_post() {
+        let proxy = proxy_over(&[(0, true), (1, true)]).await;
+        // Worker 0's port closes: the connect is refused, worker 1 answers the POST.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let pool = &proxy.route.pool;
+        let w0 = Arc::clone(&pool.load().workers[0]);
+        pool.remove(&w0);
+        pool.insert(Arc::new(WorkerHandle::new(0, 0, 999, vec![closed])));
+        assert_eq!(send(&proxy, Method::POST).await.unwrap(), 1);
+    }
 }
