@@ -82,6 +82,7 @@ impl Pick {
 /// [`skip_gone`](Self::skip_gone) passes over workers whose process already exited (the pool
 /// may still list them for a moment), and [`avoiding`](Self::avoiding) tries the worker a
 /// flow just left only after every other one, so a flow that moves does not land back on it.
+#[derive(Debug)]
 pub struct Walk<'a> {
     candidates: round_robin::Candidates,
     listener_index: usize,

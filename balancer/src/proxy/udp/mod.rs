@@ -48,7 +48,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use balancer_workers::WorkerHandle;
@@ -58,9 +57,9 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Pick, Route, Walk};
+use super::{Route, Walk};
 use hold::Held;
-use relay::{FlowShared, Relay, RelayAlive, Sent, Upstream, Usable, connect};
+use relay::{Relays, Sent, Upstream, Usable};
 
 mod hold;
 mod relay;
@@ -81,9 +80,6 @@ pub const REPLAY_MAX: usize = 1472;
 pub const STOP_LINGER: Duration = Duration::from_secs(1);
 /// Dropped-datagram warnings are rate limited to one per this period.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
-/// Failure reports in flight from relays to the dispatcher; past it a flow's failure is still
-/// seen on its next datagram (through the shared flag), just not acted on early.
-const EVENTS: usize = 1024;
 
 /// Counters of one UDP listener (for logs and tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +115,7 @@ struct Flow {
 
 impl Flow {
     fn last_reply(&self) -> Option<Instant> {
-        self.upstream.as_ref()?.shared.last_reply()
+        self.upstream.as_ref()?.last_reply()
     }
 }
 
@@ -128,21 +124,16 @@ impl Flow {
 #[derive(Debug)]
 pub struct Flows {
     route: Arc<Route>,
-    public: Arc<UdpSocket>,
-    tracker: TaskTracker,
+    relays: Relays,
     table: FlowTable<Flow>,
     held: VecDeque<Held>,
     held_bytes: usize,
-    epoch: Instant,
     next_id: u64,
-    events: mpsc::Sender<Broken>,
     stopping: bool,
     stats: FlowStats,
     warned_at: Option<Instant>,
     dropped_since_warning: u64,
     socket_warned_at: Option<Instant>,
-    /// Relay tasks not yet dropped: each holds its flow's socket open.
-    relays: Arc<AtomicUsize>,
 }
 
 impl Flows {
@@ -153,23 +144,19 @@ impl Flows {
         public: Arc<UdpSocket>,
         tracker: TaskTracker,
     ) -> (Self, mpsc::Receiver<Broken>) {
-        let (events, reports) = mpsc::channel(EVENTS);
+        let (relays, reports) = Relays::new(public, tracker);
         let flows = Flows {
             route,
-            public,
-            tracker,
+            relays,
             table: FlowTable::new(),
             held: VecDeque::new(),
             held_bytes: 0,
-            epoch: Instant::now(),
             next_id: 0,
-            events,
             stopping: false,
             stats: FlowStats::default(),
             warned_at: None,
             dropped_since_warning: 0,
             socket_warned_at: None,
-            relays: Arc::new(AtomicUsize::new(0)),
         };
         (flows, reports)
     }
@@ -194,9 +181,7 @@ impl Flows {
     /// listener yields while this is non-zero, so a flood of new clients cannot open sockets
     /// faster than evictions close them (descriptors stay within `max_flows` + a few).
     pub fn closing(&self) -> usize {
-        self.relays
-            .load(Ordering::SeqCst)
-            .saturating_sub(self.table.len())
+        self.relays.alive().saturating_sub(self.table.len())
     }
 
     /// Whether datagrams wait for a ready worker (the listener then watches the pool).
@@ -334,15 +319,16 @@ impl Flows {
             None => return false,
         }
         let listener_index = self.route.settings().listener_index;
-        let Some(Pick { guard, addr }) = Walk::new(&self.route.pool, listener_index)
+        let Some(pick) = Walk::new(&self.route.pool, listener_index)
             .skip_gone()
             .avoiding(avoid)
             .next()
         else {
             return false;
         };
-        let socket = match connect(addr) {
-            Ok(socket) => Arc::new(socket),
+        let id = self.id();
+        let upstream = match self.relays.start(client, id, pick) {
+            Ok(upstream) => upstream,
             Err(e) => {
                 // Out of descriptors, most likely: not the worker's fault, and nothing to retry
                 // (the datagram is held as if no worker were ready).
@@ -357,28 +343,7 @@ impl Flows {
                 return false;
             }
         };
-        let id = self.id();
-        let shared = Arc::new(FlowShared::new(self.epoch));
-        self.relays.fetch_add(1, Ordering::SeqCst);
-        let relay = Relay {
-            _alive: RelayAlive(Arc::clone(&self.relays)),
-            client,
-            upstream: id,
-            socket: Arc::clone(&socket),
-            public: Arc::clone(&self.public),
-            shared: Arc::clone(&shared),
-            events: self.events.clone(),
-        };
-        let relay = self.tracker.spawn(relay.run()).abort_handle();
-        tracing::debug!(app = %self.route.app, %client, worker = guard.worker().id, "udp flow bound");
-        let upstream = Upstream {
-            id,
-            guard,
-            socket,
-            shared,
-            relay,
-            last: Vec::new(),
-        };
+        tracing::debug!(app = %self.route.app, %client, worker = upstream.worker().id, "udp flow bound");
         match self.table.get_mut(&client) {
             Some(flow) => {
                 flow.upstream = Some(upstream);

@@ -17,9 +17,14 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use super::{MAX_DATAGRAM, REPLAY_MAX};
+use crate::proxy::Pick;
 
+/// Failure reports in flight from relays to the dispatcher; past it a flow's failure is still
+/// seen on its next datagram (through the shared flag), just not acted on early.
+const EVENTS: usize = 1024;
 /// Replies a relay moves per wake-up before it lets other tasks run.
 const RELAY_BATCH: usize = 32;
 
@@ -42,7 +47,7 @@ const UPSTREAM_BROKEN: u8 = 2;
 
 /// What a flow's relay shares with the dispatcher.
 #[derive(Debug)]
-pub(super) struct FlowShared {
+struct FlowShared {
     /// Base of `last_reply`.
     epoch: Instant,
     /// When the worker last replied, in nanoseconds after `epoch` (0: never).
@@ -52,7 +57,7 @@ pub(super) struct FlowShared {
 }
 
 impl FlowShared {
-    pub(super) fn new(epoch: Instant) -> Self {
+    fn new(epoch: Instant) -> Self {
         FlowShared {
             epoch,
             last_reply: AtomicU64::new(0),
@@ -68,7 +73,7 @@ impl FlowShared {
         self.last_reply.store(nanos, Ordering::Relaxed);
     }
 
-    pub(super) fn last_reply(&self) -> Option<Instant> {
+    fn last_reply(&self) -> Option<Instant> {
         match self.last_reply.load(Ordering::Relaxed) {
             0 => None,
             nanos => Some(self.epoch + Duration::from_nanos(nanos)),
@@ -95,10 +100,10 @@ fn is_refused(error: &io::Error) -> bool {
 pub(super) struct Upstream {
     /// Identifies this link (a relay's failure report names it).
     pub(super) id: u64,
-    pub(super) guard: ConnGuard,
-    pub(super) socket: Arc<UdpSocket>,
-    pub(super) shared: Arc<FlowShared>,
-    pub(super) relay: AbortHandle,
+    guard: ConnGuard,
+    socket: Arc<UdpSocket>,
+    shared: Arc<FlowShared>,
+    relay: AbortHandle,
     /// The last datagram sent, kept for a replay should it bounce (empty when too large).
     pub(super) last: Vec<u8>,
 }
@@ -128,6 +133,11 @@ pub(super) enum Usable {
 }
 
 impl Upstream {
+    /// When the worker last replied on this link (activity the flow table is not told about).
+    pub(super) fn last_reply(&self) -> Option<Instant> {
+        self.shared.last_reply()
+    }
+
     pub(super) fn worker(&self) -> &Arc<WorkerHandle> {
         self.guard.worker()
     }
@@ -172,10 +182,75 @@ impl Upstream {
     }
 }
 
+/// What the relays of one listener share: the public socket replies leave from, the channel
+/// their failure reports go to, the tracker they run on, and how many are still alive.
+#[derive(Debug)]
+pub(super) struct Relays {
+    public: Arc<UdpSocket>,
+    tracker: TaskTracker,
+    events: mpsc::Sender<Broken>,
+    /// Base of every flow's reply clock ([`FlowShared`]).
+    epoch: Instant,
+    /// Relay tasks not yet dropped: each holds its flow's socket open.
+    alive: Arc<AtomicUsize>,
+}
+
+impl Relays {
+    /// Relays answering from `public`, run on `tracker`; also returns the receiver of their
+    /// failure reports.
+    pub(super) fn new(
+        public: Arc<UdpSocket>,
+        tracker: TaskTracker,
+    ) -> (Self, mpsc::Receiver<Broken>) {
+        let (events, reports) = mpsc::channel(EVENTS);
+        let relays = Relays {
+            public,
+            tracker,
+            events,
+            epoch: Instant::now(),
+            alive: Arc::new(AtomicUsize::new(0)),
+        };
+        (relays, reports)
+    }
+
+    /// Relay tasks not dropped yet. An aborted relay is dropped (closing its socket) on a later
+    /// turn of the runtime, so this runs ahead of the flow count for a moment after evictions.
+    pub(super) fn alive(&self) -> usize {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Links `client`'s flow to the picked worker: opens the upstream socket and starts its
+    /// relay. `id` names the link in the relay's failure report. Fails only when the socket
+    /// cannot be opened (out of descriptors, most likely).
+    pub(super) fn start(&self, client: SocketAddr, id: u64, pick: Pick) -> io::Result<Upstream> {
+        let socket = Arc::new(connect(pick.addr)?);
+        let shared = Arc::new(FlowShared::new(self.epoch));
+        self.alive.fetch_add(1, Ordering::SeqCst);
+        let relay = Relay {
+            _alive: RelayAlive(Arc::clone(&self.alive)),
+            client,
+            upstream: id,
+            socket: Arc::clone(&socket),
+            public: Arc::clone(&self.public),
+            shared: Arc::clone(&shared),
+            events: self.events.clone(),
+        };
+        let relay = self.tracker.spawn(relay.run()).abort_handle();
+        Ok(Upstream {
+            id,
+            guard: pick.guard,
+            socket,
+            shared,
+            relay,
+            last: Vec::new(),
+        })
+    }
+}
+
 /// Opens the upstream socket of a flow: an ephemeral port, connected to the worker so that only
 /// its datagrams are received, and bounces are reported. Ephemeral ports never collide with a
 /// worker's private port: those come from below the ephemeral range (`process::private_port`).
-pub(super) fn connect(worker: SocketAddr) -> io::Result<UdpSocket> {
+fn connect(worker: SocketAddr) -> io::Result<UdpSocket> {
     let local = match worker.ip() {
         ip if ip.is_loopback() => SocketAddr::new(ip, 0),
         IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
@@ -187,8 +262,8 @@ pub(super) fn connect(worker: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
-/// Counts a relay task as alive until it is dropped (see [`Flows::closing`](super::Flows::closing)).
-pub(super) struct RelayAlive(pub(super) Arc<AtomicUsize>);
+/// Counts a relay task as alive until it is dropped (see [`Relays::alive`]).
+struct RelayAlive(Arc<AtomicUsize>);
 
 impl Drop for RelayAlive {
     fn drop(&mut self) {
@@ -197,20 +272,20 @@ impl Drop for RelayAlive {
 }
 
 /// Carries one flow's replies from its worker to its client.
-pub(super) struct Relay {
+struct Relay {
     /// Held for its `Drop`.
-    pub(super) _alive: RelayAlive,
-    pub(super) client: SocketAddr,
-    pub(super) upstream: u64,
-    pub(super) socket: Arc<UdpSocket>,
-    pub(super) public: Arc<UdpSocket>,
-    pub(super) shared: Arc<FlowShared>,
-    pub(super) events: mpsc::Sender<Broken>,
+    _alive: RelayAlive,
+    client: SocketAddr,
+    upstream: u64,
+    socket: Arc<UdpSocket>,
+    public: Arc<UdpSocket>,
+    shared: Arc<FlowShared>,
+    events: mpsc::Sender<Broken>,
 }
 
 impl Relay {
     /// Relays until the socket fails (or the flow is dropped, which aborts this task).
-    pub(super) async fn run(self) {
+    async fn run(self) {
         let error = loop {
             // ERROR too: a bounce raises only EPOLLERR, which `readable()` would not see.
             let ready = match self
