@@ -18,13 +18,17 @@ pub struct ProxyBody {
     lease: Option<Lease>,
 }
 
+/// Where the bytes come from. One enum rather than a boxed body: no allocation per response.
 #[derive(Debug)]
 enum Kind {
+    /// The worker's response body, frame by frame as hyper reads it.
     Upstream(Incoming),
+    /// A 502/503 text, or the empty body of a 101 (the tunnel carries the rest).
     Local(Full<Bytes>),
 }
 
 impl ProxyBody {
+    /// The worker's body; `lease` is released when it ends (or is dropped).
     pub(super) fn upstream(body: Incoming, lease: Lease) -> Self {
         ProxyBody {
             kind: Kind::Upstream(body),
@@ -32,6 +36,7 @@ impl ProxyBody {
         }
     }
 
+    /// A short answer of the proxy's own.
     pub(super) fn text(text: &'static str) -> Self {
         ProxyBody {
             kind: Kind::Local(Full::new(Bytes::from_static(text.as_bytes()))),
@@ -39,6 +44,7 @@ impl ProxyBody {
         }
     }
 
+    /// No body at all.
     pub(super) fn empty() -> Self {
         ProxyBody {
             kind: Kind::Local(Full::default()),
@@ -47,6 +53,9 @@ impl ProxyBody {
     }
 }
 
+/// Streams the worker's frames through untouched. The last frame releases the lease with the
+/// connection reusable; an error releases it without (the connection is broken), so the
+/// worker's count drops as soon as the response is over, not when hyper drops the body.
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;

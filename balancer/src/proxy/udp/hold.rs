@@ -19,6 +19,7 @@ pub const HOLD_BYTES: usize = 1 << 20;
 /// A datagram held for a flow that waits for a ready worker.
 #[derive(Debug)]
 pub(super) struct Held {
+    /// When it arrived: it is dropped `queue_timeout` later.
     pub(super) at: Instant,
     pub(super) client: SocketAddr,
     /// The flow's table id: a datagram outlives an evicted flow and must not go to its successor.
@@ -26,6 +27,9 @@ pub(super) struct Held {
     pub(super) data: Box<[u8]>,
 }
 
+/// The hold queue's half of the dispatcher. A second `impl` block rather than a queue type of
+/// its own: flushing binds flows and sends on them, which is the dispatcher's state, and a
+/// separate type would have to borrow all of it back.
 impl Flows {
     /// Holds a datagram for a flow waiting for a worker, within the limits.
     pub(super) fn hold(&mut self, client: SocketAddr, data: &[u8], now: Instant) {
