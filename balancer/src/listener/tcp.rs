@@ -7,7 +7,7 @@ use std::sync::Arc;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
-use crate::proxy::tcp::{ProxyError, proxy};
+use crate::proxy::tcp::{TcpProxyError, proxy};
 
 /// Binds a public TCP listener (SO_REUSEADDR so a restarted master can rebind at once; IPv6
 /// wildcards are v6-only so `[::]` and `0.0.0.0` can be bound side by side).
@@ -46,8 +46,8 @@ pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
                         // `stop` ends only the wait for a worker: once shutdown starts, no new
                         // worker will become ready. Established copies go on until `abort`.
                         result = proxy(client, &route, &stop) => match result {
-                            Ok(_) | Err(ProxyError::Shutdown) => {}
-                            Err(e @ ProxyError::NoWorker(_)) => {
+                            Ok(_) | Err(TcpProxyError::Shutdown) => {}
+                            Err(e @ TcpProxyError::NoWorker(_)) => {
                                 tracing::warn!(app = %route.app, %peer, "connection closed: {e}");
                             }
                             Err(e) => tracing::debug!(app = %route.app, %peer, "{e}"),

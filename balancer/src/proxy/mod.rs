@@ -1,14 +1,25 @@
-//! Proxies: moving a client's bytes to the worker the policy picked.
+//! Proxies: moving a client's bytes to the worker the policy picked. This module owns what the
+//! three protocols share: the [`Route`] a listener sends to, and the one pick-and-connect loop
+//! ([`pick_and_connect`] over a [`Walk`]) that turns the policy's candidate order into a worker
+//! that took the connection — or a wait in the queue, or a give-up.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use balancer_config::{HttpSettings, UdpSettings};
-use balancer_workers::Pool;
+use balancer_workers::{ConnGuard, Pool, WorkerHandle};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
+
+use crate::policy::round_robin;
+
+pub mod http;
+pub mod tcp;
+pub mod udp;
 
 /// After every ready worker refused, wait this long (or for a pool change) before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -46,9 +57,154 @@ pub async fn wait_in_queue(
     }
 }
 
-pub mod http;
-pub mod tcp;
-pub mod udp;
+/// A worker that took a connection: it is counted against the worker (`guard`) from here on,
+/// and `addr` is its private address for this listener.
+#[derive(Debug)]
+pub struct Pick {
+    /// The live count held on the worker; dropping it lets a drain finish.
+    pub guard: ConnGuard,
+    /// Where to connect.
+    pub addr: SocketAddr,
+}
+
+impl Pick {
+    /// The picked worker.
+    pub fn worker(&self) -> &Arc<WorkerHandle> {
+        self.guard.worker()
+    }
+}
+
+/// One pass over the pool for one connection: the policy's candidates in order, each counted
+/// against (`acquire`, which refuses a draining worker) only when it is about to be tried, so
+/// a pass that stops early leaves the rest untouched.
+///
+/// Two refinements serve UDP flows, which pin a client to a worker for a long time:
+/// [`skip_gone`](Self::skip_gone) passes over workers whose process already exited (the pool
+/// may still list them for a moment), and [`avoiding`](Self::avoiding) tries the worker a
+/// flow just left only after every other one, so a flow that moves does not land back on it.
+#[derive(Debug)]
+pub struct Walk<'a> {
+    candidates: round_robin::Candidates,
+    listener_index: usize,
+    skip_gone: bool,
+    avoid: Option<&'a Arc<WorkerHandle>>,
+    fallback: Option<(Arc<WorkerHandle>, SocketAddr)>,
+}
+
+impl<'a> Walk<'a> {
+    /// A pass over `pool` from its round-robin cursor, for the listener at `listener_index`
+    /// in the app's `listen` list (one `fetch_add` and one snapshot `Arc` clone).
+    pub fn new(pool: &Pool, listener_index: usize) -> Self {
+        Walk {
+            candidates: round_robin::candidates(pool),
+            listener_index,
+            skip_gone: false,
+            avoid: None,
+            fallback: None,
+        }
+    }
+
+    /// Also passes over workers whose process has exited.
+    pub fn skip_gone(mut self) -> Self {
+        self.skip_gone = true;
+        self
+    }
+
+    /// Tries `avoid` last, after every other candidate.
+    pub fn avoiding(mut self, avoid: Option<&'a Arc<WorkerHandle>>) -> Self {
+        self.avoid = avoid;
+        self
+    }
+}
+
+impl Iterator for Walk<'_> {
+    type Item = Pick;
+
+    fn next(&mut self) -> Option<Pick> {
+        for worker in self.candidates.by_ref() {
+            if self.skip_gone && worker.is_gone() {
+                continue;
+            }
+            let Some(&addr) = worker.addrs.get(self.listener_index) else {
+                continue;
+            };
+            if self.avoid.is_some_and(|a| Arc::ptr_eq(a, &worker)) {
+                self.fallback = Some((worker, addr));
+                continue;
+            }
+            if let Some(guard) = worker.acquire() {
+                return Some(Pick { guard, addr });
+            }
+        }
+        let (worker, addr) = self.fallback.take()?;
+        worker.acquire().map(|guard| Pick { guard, addr })
+    }
+}
+
+/// What one try at a picked worker came to.
+#[derive(Debug)]
+pub enum Attempt<T, S, E> {
+    /// The worker took it.
+    Connected(T),
+    /// This worker failed in a way the client must not see: try the next one, with the
+    /// attempt's state handed back (an HTTP request that was not sent, say).
+    Next(S),
+    /// A failure another worker cannot mend: stop here.
+    GiveUp(E),
+}
+
+/// Why [`pick_and_connect`] ended without a worker.
+#[derive(Debug)]
+pub enum PickError<E> {
+    /// No worker took it within `queue_timeout` (the duration).
+    NoWorker(Duration),
+    /// `stop` was cancelled while waiting for a worker.
+    Stopped,
+    /// An attempt gave up.
+    GaveUp(E),
+}
+
+/// THE pick-and-connect loop of the TCP and HTTP proxies: walks the pool once from the
+/// round-robin cursor, handing each worker that takes the connection to `attempt` (with the
+/// state the previous attempt handed back); when a pass ends with no worker, waits in the
+/// queue (a pool change, or a short pause if some worker failed) and walks again, until
+/// `settings.queue_timeout` or `stop`.
+///
+/// The state is threaded through by value rather than borrowed by the closure, so an attempt
+/// can consume it (hyper takes the request) and give it back on failure, and the loop stays
+/// free of allocation: the closure and its future are concrete types.
+pub async fn pick_and_connect<S, T, E, F, Fut>(
+    route: &Route,
+    settings: &RouteSettings,
+    stop: &CancellationToken,
+    mut state: S,
+    mut attempt: F,
+) -> Result<T, PickError<E>>
+where
+    F: FnMut(Pick, S) -> Fut,
+    Fut: Future<Output = Attempt<T, S, E>>,
+{
+    let deadline = Instant::now() + settings.queue_timeout;
+    let mut changes = route.pool.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let mut tried = 0;
+        for pick in Walk::new(&route.pool, settings.listener_index) {
+            tried += 1;
+            match attempt(pick, state).await {
+                Attempt::Connected(done) => return Ok(done),
+                Attempt::Next(back) => state = back,
+                Attempt::GiveUp(e) => return Err(PickError::GaveUp(e)),
+            }
+        }
+        wait_in_queue(&mut changes, tried > 0, deadline, stop)
+            .await
+            .map_err(|end| match end {
+                QueueEnd::TimedOut => PickError::NoWorker(settings.queue_timeout),
+                QueueEnd::Stopped => PickError::Stopped,
+            })?;
+    }
+}
 
 /// Where one public listener (TCP, UDP or HTTP) sends its traffic: an app's pool, and the
 /// settings a reload may change.
@@ -94,5 +250,165 @@ impl Route {
     /// Replaces the settings (after a reload changed the app).
     pub fn update(&self, settings: RouteSettings) {
         self.settings.store(Arc::new(settings));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pool_of(n: usize) -> (Pool, Vec<Arc<WorkerHandle>>) {
+        let pool = Pool::new();
+        let workers: Vec<_> = (0..n as u32)
+            .map(|id| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 10_000 + id as u16));
+                Arc::new(WorkerHandle::new(id, id, 1000 + id, vec![addr]))
+            })
+            .collect();
+        for w in &workers {
+            pool.insert(Arc::clone(w));
+        }
+        (pool, workers)
+    }
+
+    fn settings(queue_timeout: Duration) -> RouteSettings {
+        RouteSettings {
+            listener_index: 0,
+            connect_timeout: Duration::from_secs(1),
+            queue_timeout,
+            udp: UdpSettings {
+                max_flows: 16,
+                idle_timeout: Duration::from_secs(30),
+            },
+            http: HttpSettings {
+                header_timeout: Duration::from_secs(1),
+                max_header_size: 1024,
+                idle_timeout: Duration::from_secs(1),
+            },
+        }
+    }
+
+    proptest! {
+        /// The policy production runs — round-robin candidates, then `acquire` — through the
+        /// proxies' own walk. Over `turns` full turns (one walk per connection, as the proxies
+        /// do) a draining worker is never picked, and each other worker is picked `turns`
+        /// times plus one more per turn for each draining worker just before it (a skipped
+        /// worker's turn goes to the next one): never starved, never more than that.
+        #[test]
+        fn the_walk_is_fair_and_never_picks_a_draining_worker(
+            draining in proptest::collection::vec(any::<bool>(), 1..8),
+            turns in 1usize..5,
+        ) {
+            let n = draining.len();
+            let (pool, workers) = pool_of(n);
+            for (w, d) in workers.iter().zip(&draining) {
+                if *d {
+                    w.start_draining();
+                }
+            }
+            let mut picked = vec![0usize; n];
+            for _ in 0..n * turns {
+                match Walk::new(&pool, 0).next() {
+                    Some(pick) => {
+                        prop_assert!(!pick.worker().is_draining());
+                        picked[pick.worker().id as usize] += 1;
+                    }
+                    None => prop_assert!(draining.iter().all(|d| *d)),
+                }
+            }
+            if draining.iter().all(|d| *d) {
+                return Ok(());
+            }
+            for i in (0..n).filter(|&i| !draining[i]) {
+                let skipped_before = (1..n).take_while(|b| draining[(i + n - b) % n]).count();
+                prop_assert_eq!(picked[i], turns * (1 + skipped_before), "worker {}", i);
+            }
+            prop_assert_eq!(picked.iter().sum::<usize>(), n * turns);
+        }
+
+        /// UDP's walk: never a draining or gone worker, and the worker a flow just left only
+        /// when no other one takes the flow.
+        #[test]
+        fn the_flow_walk_avoids_the_worker_left_unless_it_is_the_only_one(
+            states in proptest::collection::vec(0u8..3, 1..8),
+            left in 0usize..8,
+        ) {
+            let (pool, workers) = pool_of(states.len());
+            for (w, s) in workers.iter().zip(&states) {
+                match s {
+                    1 => { w.start_draining(); }
+                    2 => w.mark_gone(),
+                    _ => {}
+                }
+            }
+            let left = &workers[left % workers.len()];
+            let takes = |w: &WorkerHandle| !w.is_draining() && !w.is_gone();
+            let others = workers.iter().any(|w| !Arc::ptr_eq(w, left) && takes(w));
+            let pick = Walk::new(&pool, 0).skip_gone().avoiding(Some(left)).next();
+            match pick {
+                Some(pick) => {
+                    prop_assert!(takes(pick.worker()));
+                    prop_assert_eq!(Arc::ptr_eq(pick.worker(), left), !others);
+                }
+                None => prop_assert!(!others && !takes(left)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_hands_its_state_to_the_next_worker() {
+        let (pool, _workers) = pool_of(3);
+        let route = Route::new("t", Arc::new(pool), settings(Duration::from_secs(1)));
+        let stop = CancellationToken::new();
+        let mut tried = Vec::new();
+        let got: Result<u32, PickError<()>> =
+            pick_and_connect(&route, &route.settings(), &stop, 0u32, |pick, failures| {
+                tried.push(pick.worker().id);
+                async move {
+                    if failures < 2 {
+                        Attempt::Next(failures + 1)
+                    } else {
+                        Attempt::Connected(pick.worker().id)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(got.ok(), Some(2));
+        assert_eq!(tried, [0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn giving_up_stops_and_an_empty_pool_times_out_or_stops() {
+        let (pool, workers) = pool_of(2);
+        let route = Route::new("t", Arc::new(pool), settings(Duration::from_millis(50)));
+        let stop = CancellationToken::new();
+        let got = pick_and_connect(&route, &route.settings(), &stop, (), |_, ()| async {
+            Attempt::<(), (), _>::GiveUp("no")
+        })
+        .await;
+        assert!(matches!(got, Err(PickError::GaveUp("no"))));
+
+        for w in &workers {
+            route.pool.remove(w);
+        }
+        let started = Instant::now();
+        let got = pick_and_connect(&route, &route.settings(), &stop, (), |_, ()| async {
+            Attempt::<(), (), ()>::Connected(())
+        })
+        .await;
+        assert!(matches!(got, Err(PickError::NoWorker(d)) if d == Duration::from_millis(50)));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+
+        stop.cancel();
+        let got = pick_and_connect(
+            &route,
+            &settings(Duration::from_secs(30)),
+            &stop,
+            (),
+            |_, ()| async { Attempt::<(), (), ()>::Connected(()) },
+        )
+        .await;
+        assert!(matches!(got, Err(PickError::Stopped)));
     }
 }

@@ -1,16 +1,16 @@
 //! TCP proxying: connect to a ready worker (retrying the next one on refusal or timeout, waiting
 //! up to `queue_timeout` when none is ready), then copy both ways with half-close preserved.
 
+use std::convert::Infallible;
 use std::io;
 use std::time::Duration;
 
 use balancer_workers::ConnGuard;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use super::{QueueEnd, Route, wait_in_queue};
-use crate::policy::round_robin;
+use super::{Attempt, PickError, Route, pick_and_connect};
 
 /// Per-direction copy buffer: HAProxy's default `tune.bufsize`; twice tokio's default, which
 /// measurably helps bulk transfers while keeping a connection's memory small.
@@ -20,9 +20,10 @@ const COPY_BUFFER: usize = 16 * 1024;
 /// loopback connect at once unless the accept queue is full).
 const RESCUE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why a connection could not be proxied.
+/// Why a TCP connection could not be proxied (distinct from the HTTP proxy's per-request
+/// [`HttpProxyError`](super::http::HttpProxyError)).
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub enum TcpProxyError {
     /// No worker accepted within `queue_timeout`.
     #[error("no ready worker accepted the connection within queue_timeout {0:?}")]
     NoWorker(Duration),
@@ -44,43 +45,33 @@ pub struct Transferred {
 }
 
 /// Connects to a ready worker: every ready worker is tried once per pass, starting at the
-/// round-robin cursor; when a pass fails or the pool is empty, waits for the pool to change (or a
-/// short pause) and tries again, until `queue_timeout`.
+/// round-robin cursor; a refused or timed-out connect steps to the next worker, and a pass that
+/// found none waits in the queue ([`pick_and_connect`]), until `queue_timeout`.
 pub async fn connect(
     route: &Route,
     shutdown: &CancellationToken,
-) -> Result<(TcpStream, ConnGuard), ProxyError> {
+) -> Result<(TcpStream, ConnGuard), TcpProxyError> {
     let settings = route.settings();
-    let deadline = Instant::now() + settings.queue_timeout;
-    let mut changes = route.pool.subscribe();
-    loop {
-        changes.borrow_and_update();
-        let mut tried = 0;
-        for worker in round_robin::candidates(&route.pool) {
-            let Some(guard) = worker.acquire() else {
-                continue;
-            };
-            let Some(&addr) = worker.addrs.get(settings.listener_index) else {
-                continue;
-            };
-            tried += 1;
-            match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => return Ok((stream, guard)),
-                Ok(Err(e)) => {
-                    tracing::debug!(app = %route.app, id = worker.id, %addr, "connect failed: {e}; trying the next worker");
-                }
-                Err(_) => {
-                    tracing::debug!(app = %route.app, id = worker.id, %addr, "connect timed out; trying the next worker");
-                }
+    pick_and_connect(route, &settings, shutdown, (), |pick, ()| async move {
+        let addr = pick.addr;
+        match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => Attempt::Connected((stream, pick.guard)),
+            Ok(Err(e)) => {
+                tracing::debug!(app = %route.app, id = pick.worker().id, %addr, "connect failed: {e}; trying the next worker");
+                Attempt::<_, _, Infallible>::Next(())
+            }
+            Err(_) => {
+                tracing::debug!(app = %route.app, id = pick.worker().id, %addr, "connect timed out; trying the next worker");
+                Attempt::Next(())
             }
         }
-        wait_in_queue(&mut changes, tried > 0, deadline, shutdown)
-            .await
-            .map_err(|end| match end {
-                QueueEnd::TimedOut => ProxyError::NoWorker(settings.queue_timeout),
-                QueueEnd::Stopped => ProxyError::Shutdown,
-            })?;
-    }
+    })
+    .await
+    .map_err(|e| match e {
+        PickError::NoWorker(waited) => TcpProxyError::NoWorker(waited),
+        PickError::Stopped => TcpProxyError::Shutdown,
+        PickError::GaveUp(never) => match never {},
+    })
 }
 
 /// Proxies one client connection to a worker until both directions are closed.
@@ -88,7 +79,7 @@ pub async fn proxy(
     mut client: TcpStream,
     route: &Route,
     shutdown: &CancellationToken,
-) -> Result<Transferred, ProxyError> {
+) -> Result<Transferred, TcpProxyError> {
     let (mut upstream, _guard) = connect(route, shutdown).await?;
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
@@ -101,7 +92,7 @@ pub async fn proxy(
         COPY_BUFFER,
     )
     .await
-    .map_err(ProxyError::Copy)?;
+    .map_err(TcpProxyError::Copy)?;
     Ok(Transferred {
         to_worker,
         to_client,
