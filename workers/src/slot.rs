@@ -95,9 +95,11 @@ impl Slot {
         }
     }
 
-    /// Whether its task has ended (stopped, errored, or autorestart off).
+    /// Whether its worker is down for good: stopped, errored, or `autorestart` off. The task
+    /// writes those states last, so it has ended or is about to; going by the state as well
+    /// means a `start` right after a `stop` finds the worker it just stopped.
     pub fn finished(&self) -> bool {
-        self.task.is_finished()
+        self.task.is_finished() || self.status.borrow().state.is_down()
     }
 
     /// Restarts counted so far.

@@ -580,3 +580,271 @@ where
     }
     outputs
 }
+
+#[cfg(test)]
+mod tests {
+    //! Real (tiny) worker processes: `sleep` for apps without listeners (ready once spawned), a
+    //! shell + Python TCP server for one that must be probed. Every test ends with `shutdown`
+    //! and is bounded by [`BOUND`]; no assertion depends on how fast the machine is.
+
+    use std::path::Path;
+    use std::time::Duration;
+
+    use balancer_config::LoadOptions;
+
+    use super::*;
+
+    const BOUND: Duration = Duration::from_secs(60);
+
+    /// The first app of `toml`, as if read from a balancer.toml in `dir`.
+    fn app(dir: &Path, toml: &str) -> App {
+        let opts = LoadOptions {
+            env: None,
+            default_policy: Policy::default(),
+            cpus: 2,
+        };
+        let config = balancer_config::parse(toml, &dir.join("balancer.toml"), &opts)
+            .unwrap_or_else(|e| panic!("{e}"));
+        config.apps.into_iter().next().expect("one app")
+    }
+
+    fn sleeper(dir: &Path, instances: u32) -> App {
+        app(
+            dir,
+            &format!("[[app]]\nname = \"t\"\ncommand = \"sleep 1000\"\ninstances = {instances}\n"),
+        )
+    }
+
+    fn context(home: &Path) -> Arc<SpawnContext> {
+        SpawnContext::new(home.into(), "/bin/false".into(), Arc::new(|_, _| {}))
+    }
+
+    fn states(sup: &AppSupervisor) -> Vec<(u32, WorkerState)> {
+        sup.statuses().iter().map(|s| (s.id, s.state)).collect()
+    }
+
+    fn pids(sup: &AppSupervisor) -> Vec<u32> {
+        sup.statuses().iter().filter_map(|s| s.pid).collect()
+    }
+
+    async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(BOUND, f).await.expect("bounded")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scale_up_joins_when_ready_and_scale_down_drops_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 1), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let first = sup.statuses()[0].id;
+            let msg = sup.scale(3).await.unwrap();
+            assert_eq!(msg, "scaled t from 1 to 3: all ready");
+            assert!(states(&sup).iter().all(|(_, s)| *s == WorkerState::Ready));
+            assert_eq!((sup.worker_count(), sup.pool().len()), (3, 3));
+            assert_eq!(sup.app().instances, 3, "the count is part of the config");
+            let instances: Vec<u32> = sup.statuses().iter().map(|s| s.instance).collect();
+            assert_eq!(instances, [0, 1, 2]);
+
+            let msg = sup.scale(1).await.unwrap();
+            assert_eq!(msg, "scaled t from 3 down to 1");
+            assert_eq!(states(&sup), [(first, WorkerState::Ready)], "oldest kept");
+            assert_eq!(sup.pool().len(), 1);
+            assert_eq!(sup.scale(1).await.unwrap(), "t already has 1 workers");
+
+            sup.shutdown().await;
+            assert!(sup.statuses().is_empty());
+            assert!(sup.pool().is_empty());
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_start_and_restart_keep_the_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 2), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let (a, b) = (sup.statuses()[0].id, sup.statuses()[1].id);
+            let before = pids(&sup);
+
+            assert_eq!(
+                sup.stop(Target::Worker(a)).await.unwrap(),
+                "stopped 1 worker(s) of t"
+            );
+            assert_eq!(
+                states(&sup),
+                [(a, WorkerState::Stopped), (b, WorkerState::Ready)]
+            );
+            assert_eq!(sup.statuses()[0].pid, None);
+            assert_eq!(sup.pool().len(), 1);
+            let err = sup.stop(Target::Worker(999)).await.unwrap_err();
+            assert_eq!(err.to_string(), "app t has no worker 999");
+
+            assert_eq!(
+                sup.start_stopped(Target::All).await.unwrap(),
+                "started 1 worker(s) of t",
+                "running workers are left alone"
+            );
+            assert!(states(&sup).iter().all(|(_, s)| *s == WorkerState::Ready));
+            assert_eq!(sup.statuses()[1].pid, Some(before[1]));
+            assert_ne!(sup.statuses()[0].pid, Some(before[0]));
+
+            let before = pids(&sup);
+            assert_eq!(sup.restart(Target::All).await.unwrap(), "restarted t");
+            let after = sup.statuses();
+            assert_eq!(after.iter().map(|s| s.id).collect::<Vec<_>>(), [a, b]);
+            assert!(after.iter().all(|s| s.state == WorkerState::Ready));
+            assert!(after.iter().all(|s| s.restarts == 1), "{after:?}");
+            assert!(after.iter().all(|s| !before.contains(&s.pid.unwrap())));
+
+            sup.shutdown().await;
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remove_worker_forgets_one_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 2), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let id = sup.statuses()[1].id;
+            assert!(sup.has_worker(id));
+            assert_eq!(
+                sup.remove_worker(id).await.unwrap(),
+                format!("deleted worker {id} of t")
+            );
+            assert!(!sup.has_worker(id));
+            assert_eq!((sup.worker_count(), sup.pool().len()), (1, 1));
+            let err = sup.remove_worker(id).await.unwrap_err();
+            assert_eq!(
+                err,
+                OpError::NoSuchWorker {
+                    app: "t".into(),
+                    id
+                }
+            );
+            sup.shutdown().await;
+            assert_eq!(sup.worker_count(), 0);
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_replaces_every_worker_and_keeps_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 2), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let ids: Vec<u32> = sup.statuses().iter().map(|s| s.id).collect();
+            let before = pids(&sup);
+            let msg = sup.reload(None, Target::All).await.unwrap();
+            assert_eq!(msg, "reloaded 2 worker(s) of t");
+            let after = sup.statuses();
+            assert_eq!(after.iter().map(|s| s.id).collect::<Vec<_>>(), ids);
+            assert!(
+                after
+                    .iter()
+                    .all(|s| s.state == WorkerState::Ready && s.restarts == 1)
+            );
+            assert!(after.iter().all(|s| !before.contains(&s.pid.unwrap())));
+            assert_eq!(sup.pool().len(), 2);
+            sup.shutdown().await;
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_reload_keeps_the_old_workers_and_the_old_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 2), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let before = pids(&sup);
+            let first = sup.statuses()[0].id;
+            let broken = app(
+                dir.path(),
+                "[[app]]\nname = \"t\"\ncommand = \"false\"\ninstances = 2\n",
+            );
+            let err = sup.reload(Some(broken), Target::All).await.unwrap_err();
+            let OpError::NotReady(failures) = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(failures.len(), 1, "the reload stops at the first batch");
+            assert_eq!(failures[0].id, first);
+            assert_eq!(failures[0].state, Some(WorkerState::Errored));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "worker {first} errored: replacement never became ready: exited with exit code 1"
+                )
+            );
+            assert_eq!(pids(&sup), before, "the old workers keep serving");
+            assert!(sup.app().program.ends_with("sleep"), "config restored");
+            sup.shutdown().await;
+        })
+        .await;
+    }
+
+    /// LIFECYCLE.md, reload step 4: a batch's old workers drain while the next batch starts,
+    /// and `statuses` lists them meanwhile; the reload returns once every drain is over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_drains_each_batch_while_the_next_one_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        // Takes a second to listen (so a batch's start is visible) and ignores SIGTERM (so
+        // its stop lasts kill_timeout).
+        let script = dir.path().join("worker.sh");
+        std::fs::write(
+            &script,
+            "trap '' TERM\nsleep 1\nexec python3 -c '\nimport os, socket\n\
+             s = socket.socket()\ns.bind((\"127.0.0.1\", int(os.environ[\"PORT\"])))\ns.listen(16)\n\
+             while True: s.accept()[0].close()\n'\n",
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let toml = format!(
+            "[[app]]\nname = \"t\"\ncommand = [\"sh\", {:?}]\ninstances = 2\nreload_batch = 1\n\
+             listen = [\"tcp://127.0.0.1:{port}\"]\nkill_timeout = \"2s\"\nlisten_timeout = \"30s\"\n",
+            script.display().to_string()
+        );
+        let sup = AppSupervisor::start(app(dir.path(), &toml), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let before = pids(&sup);
+            let reload = tokio::spawn({
+                let sup = Arc::clone(&sup);
+                async move { sup.reload(None, Target::All).await }
+            });
+            let mut overlapped = false;
+            while !reload.is_finished() {
+                let now = sup.statuses();
+                let leaving = now
+                    .iter()
+                    .any(|s| matches!(s.state, WorkerState::Draining | WorkerState::Stopping));
+                // A worker of the next batch still serving from before the reload: its
+                // replacement has yet to start or is starting (it is listed once swapped in).
+                let unreplaced = now.iter().any(|s| {
+                    s.state == WorkerState::Ready && s.pid.is_some_and(|p| before.contains(&p))
+                });
+                overlapped |= leaving && unreplaced;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(reload.await.unwrap().unwrap(), "reloaded 2 worker(s) of t");
+            assert!(
+                overlapped,
+                "a replaced worker is listed as draining/stopping while the next batch starts"
+            );
+            let after = sup.statuses();
+            assert_eq!(after.len(), 2, "every drain is over: {after:?}");
+            assert!(after.iter().all(|s| s.state == WorkerState::Ready));
+            assert!(after.iter().all(|s| !before.contains(&s.pid.unwrap())));
+            sup.shutdown().await;
+        })
+        .await;
+    }
+}
