@@ -763,9 +763,12 @@ mod tests {
             sup.wait_started().await.unwrap();
             let before = pids(&sup);
             let first = sup.statuses()[0].id;
+            // With a listener to probe, so it cannot pass as "ready once spawned" before its exit
+            // is seen.
             let broken = app(
                 dir.path(),
-                "[[app]]\nname = \"t\"\ncommand = \"false\"\ninstances = 2\n",
+                "[[app]]\nname = \"t\"\ncommand = \"false\"\ninstances = 2\n\
+                 listen = [\"tcp://127.0.0.1:1\"]\n",
             );
             let err = sup.reload(Some(broken), Target::All).await.unwrap_err();
             let OpError::NotReady(failures) = &err else {
