@@ -1,5 +1,11 @@
 //! Health probes and the rise/fall hysteresis that turns their results into readiness.
+//!
+//! [`probe`] tests a worker's private address (the rr policy); the reuseport policy connects its
+//! own, steered, probe socket and then runs the same [`http_check`] over it, so there is one
+//! HTTP probe. [`Monitor`] is the probe loop's timing and hysteresis, apart from any process so
+//! that tests can run it on tokio's paused clock.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -72,6 +78,14 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("http connect to {addr}: {e}"))?;
+    http_check(stream, addr, path).await
+}
+
+/// The HTTP check over an already connected `stream` to `addr`: `GET path` must answer 2xx.
+///
+/// It takes a connection rather than an address because the reuseport policy must connect
+/// from a source port its steering program knows; the caller bounds it with a timeout.
+pub async fn http_check(stream: TcpStream, addr: SocketAddr, path: &str) -> Result<(), String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("http handshake with {addr}: {e}"))?;
@@ -92,6 +106,68 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
     };
     conn.abort();
     result
+}
+
+/// Probe period while a worker is not ready (yet, or any more), so readiness is noticed quickly.
+pub const STARTING_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The probe loop of one incarnation: when to probe, and what the results add up to.
+///
+/// The first probe goes at once; then every `interval` while the worker is up, and every
+/// [`STARTING_PROBE_INTERVAL`] (or `interval`, if shorter) while it is down, so a starting
+/// worker joins the pool soon after it listens without probing ready ones that often.
+#[derive(Debug)]
+pub struct Monitor {
+    hysteresis: Hysteresis,
+    interval: Duration,
+    first: bool,
+    last_failure: String,
+}
+
+impl Monitor {
+    /// A monitor for a worker that has not been probed yet (down).
+    pub fn new(rise: u32, fall: u32, interval: Duration) -> Self {
+        Monitor {
+            hysteresis: Hysteresis::new(rise, fall),
+            interval,
+            first: true,
+            last_failure: String::from("no health probe answered yet"),
+        }
+    }
+
+    /// Why the last failing probe failed, for `listen_timeout` and `unhealthy` reasons.
+    pub fn last_failure(&self) -> &str {
+        &self.last_failure
+    }
+
+    /// Probes on schedule until the readiness flips, and returns the flip.
+    ///
+    /// Only cancel it for good (the worker exited or is being stopped): a cancelled wait starts
+    /// its period over.
+    pub async fn next_transition<F, Fut>(&mut self, mut probe: F) -> Transition
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        loop {
+            let period = if std::mem::take(&mut self.first) {
+                Duration::ZERO
+            } else if self.hysteresis.is_up() {
+                self.interval
+            } else {
+                self.interval.min(STARTING_PROBE_INTERVAL)
+            };
+            tokio::time::sleep(period).await;
+            let result = probe().await;
+            let ok = result.is_ok();
+            if let Err(e) = result {
+                self.last_failure = e;
+            }
+            if let Some(transition) = self.hysteresis.record(ok) {
+                return transition;
+            }
+        }
+    }
 }
 
 /// A change of readiness decided by [`Hysteresis`].
@@ -164,6 +240,64 @@ mod tests {
         assert_eq!(h.record(false), None);
         assert_eq!(h.record(false), Some(Transition::Down));
         assert!(!h.is_up());
+    }
+
+    /// A monitor fed by a scripted probe, on the paused clock.
+    fn scripted(results: Vec<bool>) -> impl FnMut() -> std::future::Ready<Result<(), String>> {
+        let mut results = results.into_iter();
+        move || {
+            std::future::ready(match results.next() {
+                Some(true) => Ok(()),
+                Some(false) | None => Err("scripted failure".to_string()),
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_after_rise_probes_at_the_starting_interval() {
+        let start = tokio::time::Instant::now();
+        let mut m = Monitor::new(3, 2, Duration::from_secs(5));
+        // One failure breaks the streak: probes at 0, 100 (fail), 200, 300, 400 ms.
+        let probe = scripted(vec![true, false, true, true, true]);
+        assert_eq!(m.next_transition(probe).await, Transition::Up);
+        assert_eq!(start.elapsed(), STARTING_PROBE_INTERVAL * 4);
+        assert_eq!(m.last_failure(), "scripted failure");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn out_of_the_pool_after_fall_failures_at_the_interval_and_back_after_rise() {
+        let interval = Duration::from_secs(2);
+        let mut m = Monitor::new(1, 3, interval);
+        assert_eq!(
+            m.next_transition(scripted(vec![true])).await,
+            Transition::Up
+        );
+        let up = tokio::time::Instant::now();
+        // Up: probed every `interval`; a pass in between restarts the fall streak.
+        let probe = scripted(vec![false, true, false, false, false]);
+        assert_eq!(m.next_transition(probe).await, Transition::Down);
+        assert_eq!(up.elapsed(), interval * 5);
+        let down = tokio::time::Instant::now();
+        assert_eq!(
+            m.next_transition(scripted(vec![true])).await,
+            Transition::Up
+        );
+        assert_eq!(
+            down.elapsed(),
+            STARTING_PROBE_INTERVAL,
+            "a down worker is probed at the starting interval"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_interval_is_kept_while_starting() {
+        let start = tokio::time::Instant::now();
+        let mut m = Monitor::new(2, 1, Duration::from_millis(30));
+        assert_eq!(
+            m.next_transition(scripted(vec![true, true])).await,
+            Transition::Up
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
     }
 
     #[tokio::test]

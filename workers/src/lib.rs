@@ -2,20 +2,26 @@
 //! ready ones in a [`Pool`] that the data path reads.
 //!
 //! Dependencies point one way: the `balancer` crate reads pools and calls supervisors; nothing
-//! here knows about listeners or proxies. The worker state machine is in `LIFECYCLE.md`.
+//! here knows about listeners or proxies. The worker state machine is in `LIFECYCLE.md`, with a
+//! map of which module owns which part of it.
 
 pub mod error;
 pub mod health;
 pub mod logs;
 pub mod pool;
 pub mod process;
+pub mod restart;
 pub mod reuseport;
+mod slot;
+pub mod spawn;
+pub mod status;
 pub mod supervisor;
 
 pub use error::Chain;
 pub use pool::{ConnGuard, Pool, PoolSnapshot, WorkerHandle};
 pub use process::Exit;
-pub use supervisor::{AppSupervisor, OpError, SpawnContext, Target, WorkerState, WorkerStatus};
+pub use status::{Target, WorkerState, WorkerStatus};
+pub use supervisor::{AppSupervisor, NotReady, OpError, SpawnContext};
 
 /// Backlog of every listening socket the master creates (public listeners and reuseport
 /// members): large, because connections wait there while workers restart.

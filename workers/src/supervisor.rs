@@ -1,139 +1,33 @@
-//! Supervision: one [`AppSupervisor`] per app, one slot task per worker.
+//! Per-app operations: one [`AppSupervisor`] per app, running `scale`, `reload`, `stop`,
+//! `start`, `restart`, worker removal and shutdown one at a time, over the app's slots
+//! ([`crate::slot`]). Also [`SpawnContext`], what every supervisor of a master shares.
 //!
-//! A slot is a worker identity (id, instance). Its task spawns the process, probes it until it is
-//! ready, puts it in the app's [`Pool`], restarts it when it exits (with backoff, until it is
-//! `errored`), and drains and stops it when asked. The states and transitions are written down
-//! in `workers/LIFECYCLE.md`; keep the two in step.
+//! The supervisor decides *which* slots exist; each slot's task decides what its worker does
+//! (crash restarts need no lock). The sequences are in `workers/LIFECYCLE.md`, "Operations";
+//! keep the two in step.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use balancer_config::{App, Policy, Proto};
+use balancer_config::{App, Policy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::sleep;
 
-use crate::health::{Hysteresis, Transition, probe};
 use crate::logs::LogPaths;
-use crate::pool::{Pool, WorkerHandle};
-use crate::process::{Exit, Process, SpawnSpec, private_port};
-use crate::reuseport::{Group, MemberKey, Rescue, Takeover};
-
-/// Backoff grows by this factor after each unstable exit…
-const BACKOFF_FACTOR: f64 = 1.5;
-/// …up to this delay…
-const BACKOFF_CAP: Duration = Duration::from_secs(15);
-/// …and starts over once a worker has stayed up this long.
-const BACKOFF_RESET: Duration = Duration::from_secs(30);
-/// Probe period while a worker is not ready yet, so readiness is noticed quickly.
-const STARTING_PROBE_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Where a worker is in its life. See `workers/LIFECYCLE.md`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerState {
-    /// Spawned, not yet ready: not in the pool.
-    Starting,
-    /// Passed its health check: in the pool.
-    Ready,
-    /// Was ready, then failed `fall` probes: out of the pool, still running, still probed.
-    Unhealthy,
-    /// Out of the pool, waiting for its live connections to finish.
-    Draining,
-    /// Sent `kill_signal`, waiting for it to exit.
-    Stopping,
-    /// Exited on its own; restarts after a delay.
-    WaitingRestart,
-    /// Stopped on purpose (or exited with `autorestart = false`).
-    Stopped,
-    /// Crash loop: left down until someone starts it again.
-    Errored,
-}
-
-impl WorkerState {
-    /// The name shown by `ls` and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkerState::Starting => "starting",
-            WorkerState::Ready => "ready",
-            WorkerState::Unhealthy => "unhealthy",
-            WorkerState::Draining => "draining",
-            WorkerState::Stopping => "stopping",
-            WorkerState::WaitingRestart => "waiting-restart",
-            WorkerState::Stopped => "stopped",
-            WorkerState::Errored => "errored",
-        }
-    }
-}
-
-/// What `ls`/`show` know about a worker.
-#[derive(Debug, Clone)]
-pub struct WorkerStatus {
-    /// Stable id of the slot.
-    pub id: u32,
-    /// The app's name.
-    pub app: String,
-    /// `BALANCER_INSTANCE`.
-    pub instance: u32,
-    /// Current state.
-    pub state: WorkerState,
-    /// The running process, if any.
-    pub pid: Option<u32>,
-    /// Private addresses of the current incarnation.
-    pub addrs: Vec<SocketAddr>,
-    /// When the current incarnation was spawned.
-    pub since: Option<SystemTime>,
-    /// How many times the slot was restarted after an exit.
-    pub restarts: u32,
-    /// How the previous incarnation ended.
-    pub last_exit: Option<Exit>,
-    /// Why the worker is errored, unhealthy or was restarted, in words.
-    pub reason: Option<String>,
-    /// The data path's handle, for live-connection counts.
-    pub handle: Option<Arc<WorkerHandle>>,
-}
-
-impl WorkerStatus {
-    /// Connections currently proxied to this worker.
-    pub fn live_connections(&self) -> usize {
-        self.handle.as_ref().map_or(0, |h| h.live())
-    }
-}
-
-/// What a slot is asked to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Control {
-    Run,
-    Stop,
-}
-
-/// Which workers of an app an operation touches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// Every worker.
-    All,
-    /// The worker with this id.
-    Worker(u32),
-}
-
-impl Target {
-    fn matches(self, id: u32) -> bool {
-        match self {
-            Target::All => true,
-            Target::Worker(wanted) => wanted == id,
-        }
-    }
-}
+use crate::pool::Pool;
+use crate::reuseport::{Group, Rescue};
+use crate::slot::{Slot, SlotSpec};
+use crate::status::{Target, WorkerState, WorkerStatus};
 
 /// Why an operation on an app did not (entirely) succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpError {
     /// Workers that were started did not become ready; each entry says which and why.
-    #[error("{}", .0.join("; "))]
-    NotReady(Vec<String>),
+    #[error("{}", join(.0))]
+    NotReady(Vec<NotReady>),
     /// No worker of this app has that id.
     #[error("app {app} has no worker {id}")]
     NoSuchWorker {
@@ -144,31 +38,46 @@ pub enum OpError {
     },
 }
 
-/// One worker identity and the task that runs it.
-struct Slot {
-    id: u32,
-    instance: u32,
-    status: watch::Receiver<WorkerStatus>,
-    control: watch::Sender<Control>,
-    task: JoinHandle<()>,
+/// One worker that did not become ready after an operation started it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    /// The worker's id.
+    pub id: u32,
+    /// Where its first start ended (`waiting-restart`, `errored`, `stopped`); `None` when its
+    /// task ended without saying.
+    pub state: Option<WorkerState>,
+    /// Why, as the slot recorded it.
+    pub reason: Option<String>,
 }
 
-impl Slot {
-    /// Whether its task has ended (stopped, errored, or autorestart off).
-    fn finished(&self) -> bool {
-        self.task.is_finished()
-    }
-
-    fn restarts(&self) -> u32 {
-        self.status.borrow().restarts
-    }
-
-    async fn stop(self) {
-        let _ = self.control.send(Control::Stop);
-        if let Err(e) = self.task.await {
-            tracing::error!(id = self.id, "worker task failed: {e}");
+impl fmt::Display for NotReady {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.state {
+            Some(state) => write!(
+                f,
+                "worker {} {}: {}",
+                self.id,
+                state.as_str(),
+                self.reason.as_deref().unwrap_or("no reason given")
+            ),
+            None => f.write_str("worker task ended"),
         }
     }
+}
+
+/// `a; b; c`: several failures in one message line.
+fn join(failures: &[NotReady]) -> String {
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Slots being drained and stopped in the background: what to wait for, what to stop listing.
+struct Retiring {
+    watches: Vec<watch::Receiver<WorkerStatus>>,
+    stops: Vec<JoinHandle<()>>,
 }
 
 /// What every supervisor of a master shares.
@@ -239,7 +148,7 @@ impl AppSupervisor {
         let slots: Vec<Slot> = (0..instances)
             .map(|instance| sup.spawn_slot(None, instance, 0, false))
             .collect();
-        sup.slots_mut().extend(slots);
+        sup.slots().extend(slots);
         sup
     }
 
@@ -255,17 +164,17 @@ impl AppSupervisor {
 
     /// Whether a worker with this id belongs to the app.
     pub fn has_worker(&self, id: u32) -> bool {
-        self.slots_mut().iter().any(|s| s.id == id)
+        self.slots().iter().any(|s| s.id == id)
     }
 
     /// Every worker's status, ordered by id (draining leftovers of a reload or scale-down too).
     pub fn statuses(&self) -> Vec<WorkerStatus> {
         let mut all: Vec<_> = self
-            .slots_mut()
+            .slots()
             .iter()
             .map(|s| s.status.borrow().clone())
             .collect();
-        all.extend(self.retiring_mut().iter().map(|rx| rx.borrow().clone()));
+        all.extend(self.retiring().iter().map(|rx| rx.borrow().clone()));
         all.sort_by_key(|s| (s.id, s.state == WorkerState::Ready));
         all
     }
@@ -273,7 +182,7 @@ impl AppSupervisor {
     /// The log files of each instance.
     pub fn log_paths(&self) -> Vec<(u32, LogPaths)> {
         let name = self.app().name.clone();
-        let mut instances: Vec<u32> = self.slots_mut().iter().map(|s| s.instance).collect();
+        let mut instances: Vec<u32> = self.slots().iter().map(|s| s.instance).collect();
         instances.sort_unstable();
         instances.dedup();
         instances
@@ -285,7 +194,7 @@ impl AppSupervisor {
     /// Waits until every current worker has become ready or failed its first start.
     pub async fn wait_started(&self) -> Result<(), OpError> {
         let _op = self.ops.lock().await;
-        let watches: Vec<_> = self.slots_mut().iter().map(|s| s.status.clone()).collect();
+        let watches: Vec<_> = self.slots().iter().map(|s| s.status.clone()).collect();
         first_outcomes(watches).await
     }
 
@@ -305,22 +214,22 @@ impl AppSupervisor {
             self.app.store(Arc::new(app));
         }
         let name = self.app().name.clone();
-        let current = self.slots_mut().len() as u32;
+        let current = self.slots().len() as u32;
         if to > current {
-            let mut used: Vec<u32> = self.slots_mut().iter().map(|s| s.instance).collect();
+            let mut used: Vec<u32> = self.slots().iter().map(|s| s.instance).collect();
             let mut watches = Vec::new();
             for _ in current..to {
                 let instance = (0..).find(|i| !used.contains(i)).unwrap_or(0);
                 used.push(instance);
                 let slot = self.spawn_slot(None, instance, 0, false);
                 watches.push(slot.status.clone());
-                self.slots_mut().push(slot);
+                self.slots().push(slot);
             }
             first_outcomes(watches).await?;
             Ok(format!("scaled {name} from {current} to {to}: all ready"))
         } else if to < current {
             let victims = {
-                let mut slots = self.slots_mut();
+                let mut slots = self.slots();
                 slots.sort_by_key(|s| s.id);
                 slots.split_off(to as usize)
             };
@@ -333,7 +242,7 @@ impl AppSupervisor {
 
     /// How many worker slots the app has (running or not; draining leftovers excluded).
     pub fn worker_count(&self) -> u32 {
-        self.slots_mut().len() as u32
+        self.slots().len() as u32
     }
 
     /// Takes a configuration that differs only in its worker count, and scales to it.
@@ -357,7 +266,7 @@ impl AppSupervisor {
         }
         let app = self.app();
         let chosen: Vec<(u32, u32, u32, bool)> = self
-            .slots_mut()
+            .slots()
             .iter()
             .filter(|s| target.matches(s.id))
             .map(|s| (s.id, s.instance, s.restarts(), s.finished()))
@@ -367,7 +276,9 @@ impl AppSupervisor {
         {
             return Err(self.no_such_worker(id));
         }
-        let mut draining = Vec::new();
+        // Each batch's old workers drain in the background while the next batch starts, and
+        // are listed by `statuses` meanwhile; the reload waits for all of them at the end.
+        let mut draining: Vec<Retiring> = Vec::new();
         let mut replaced = 0;
         for batch in chosen.chunks(app.reload_batch.max(1) as usize) {
             let fresh: Vec<Slot> = batch
@@ -380,13 +291,12 @@ impl AppSupervisor {
             let outcomes =
                 futures_join(fresh.iter().map(|s| first_outcome(s.status.clone()))).await;
             let mut failures = Vec::new();
+            let mut old = Vec::new();
             for (slot, outcome) in fresh.into_iter().zip(outcomes) {
                 match outcome {
                     Ok(()) => {
                         replaced += 1;
-                        if let Some(old) = self.swap_slot(slot) {
-                            draining.push(old);
-                        }
+                        old.extend(self.swap_slot(slot));
                     }
                     Err(why) => {
                         failures.push(why);
@@ -394,15 +304,20 @@ impl AppSupervisor {
                     }
                 }
             }
+            draining.push(self.start_retiring(old));
             if !failures.is_empty() {
+                for batch in draining {
+                    self.finish_retiring(batch).await;
+                }
                 self.app.store(previous);
-                self.retire(draining).await;
                 tracing::warn!(app = %app.name, "reload failed; the old workers keep serving");
                 return Err(OpError::NotReady(failures));
             }
         }
-        self.retire(draining).await;
-        if target == Target::All && self.slots_mut().len() as u32 != app.instances {
+        for batch in draining {
+            self.finish_retiring(batch).await;
+        }
+        if target == Target::All && self.slots().len() as u32 != app.instances {
             self.scale_locked(app.instances).await?;
         }
         Ok(format!("reloaded {replaced} worker(s) of {}", app.name))
@@ -415,28 +330,26 @@ impl AppSupervisor {
     }
 
     async fn stop_locked(&self, target: Target) -> Result<String, OpError> {
-        let (controls, watches): (Vec<_>, Vec<_>) = {
-            let slots = self.slots_mut();
+        let watches: Vec<_> = {
+            let slots = self.slots();
             let chosen: Vec<_> = slots.iter().filter(|s| target.matches(s.id)).collect();
             if let Target::Worker(id) = target
                 && chosen.is_empty()
             {
                 return Err(self.no_such_worker(id));
             }
-            chosen
-                .iter()
-                .map(|s| (s.control.clone(), s.status.clone()))
-                .unzip()
+            for slot in &chosen {
+                slot.request_stop();
+            }
+            chosen.iter().map(|s| s.status.clone()).collect()
         };
-        for control in &controls {
-            let _ = control.send(Control::Stop);
-        }
+        let stopped = watches.len();
         for mut status in watches {
-            let _ = status.wait_for(|s| is_down(s.state)).await.map(|_| ());
+            let _ = status.wait_for(|s| s.state.is_down()).await.map(|_| ());
         }
         Ok(format!(
             "stopped {} worker(s) of {}",
-            controls.len(),
+            stopped,
             self.app().name
         ))
     }
@@ -449,7 +362,7 @@ impl AppSupervisor {
 
     async fn start_locked(&self, target: Target, count_restart: bool) -> Result<String, OpError> {
         let chosen: Vec<(u32, u32, u32)> = self
-            .slots_mut()
+            .slots()
             .iter()
             .filter(|s| target.matches(s.id) && s.finished())
             .map(|s| (s.id, s.instance, s.restarts()))
@@ -489,7 +402,7 @@ impl AppSupervisor {
     pub async fn remove_worker(&self, id: u32) -> Result<String, OpError> {
         let _op = self.ops.lock().await;
         let victims: Vec<Slot> = {
-            let mut slots = self.slots_mut();
+            let mut slots = self.slots();
             let (victims, kept) = std::mem::take(&mut *slots)
                 .into_iter()
                 .partition(|s| s.id == id);
@@ -506,7 +419,7 @@ impl AppSupervisor {
     /// Drains and stops every worker (concurrently), then returns.
     pub async fn shutdown(&self) {
         let _op = self.ops.lock().await;
-        let slots = std::mem::take(&mut *self.slots_mut());
+        let slots = std::mem::take(&mut *self.slots());
         self.retire(slots).await;
     }
 
@@ -517,13 +430,14 @@ impl AppSupervisor {
         }
     }
 
-    fn slots_mut(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+    /// The app's slots (for reading and for changing the list).
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Puts `slot` in place of the slot with the same id (returned), or appends it.
     fn swap_slot(&self, slot: Slot) -> Option<Slot> {
-        let mut slots = self.slots_mut();
+        let mut slots = self.slots();
         match slots.iter_mut().find(|s| s.id == slot.id) {
             Some(existing) => Some(std::mem::replace(existing, slot)),
             None => {
@@ -535,14 +449,35 @@ impl AppSupervisor {
 
     /// Drains and stops `slots` side by side; they stay visible to `ls` until stopped.
     async fn retire(&self, slots: Vec<Slot>) {
-        let watches: Vec<_> = slots.iter().map(|s| s.status.clone()).collect();
-        self.retiring_mut().extend(watches.iter().cloned());
-        futures_join(slots.into_iter().map(Slot::stop)).await;
-        self.retiring_mut()
-            .retain(|rx| !watches.iter().any(|w| w.same_channel(rx)));
+        let retiring = self.start_retiring(slots);
+        self.finish_retiring(retiring).await;
     }
 
-    fn retiring_mut(&self) -> std::sync::MutexGuard<'_, Vec<watch::Receiver<WorkerStatus>>> {
+    /// Starts draining and stopping `slots` in the background, listed by
+    /// [`statuses`](Self::statuses) until [`finish_retiring`](Self::finish_retiring).
+    fn start_retiring(&self, slots: Vec<Slot>) -> Retiring {
+        let watches: Vec<_> = slots.iter().map(|s| s.status.clone()).collect();
+        self.retiring().extend(watches.iter().cloned());
+        Retiring {
+            watches,
+            stops: slots.into_iter().map(|s| tokio::spawn(s.stop())).collect(),
+        }
+    }
+
+    /// Waits until every slot of `retiring` has stopped, then stops listing them.
+    async fn finish_retiring(&self, retiring: Retiring) {
+        for stop in retiring.stops {
+            if let Err(e) = stop.await
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+        self.retiring()
+            .retain(|rx| !retiring.watches.iter().any(|w| w.same_channel(rx)));
+    }
+
+    fn retiring(&self) -> std::sync::MutexGuard<'_, Vec<watch::Receiver<WorkerStatus>>> {
         self.retiring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -569,52 +504,26 @@ impl AppSupervisor {
             .collect()
     }
 
+    /// Creates a slot (a new id unless `id` is given) running the app's current configuration.
     fn spawn_slot(&self, id: Option<u32>, instance: u32, restarts: u32, probation: bool) -> Slot {
         let app = self.app();
-        let id = id.unwrap_or_else(|| self.env.ids.fetch_add(1, Ordering::Relaxed));
-        let initial = WorkerStatus {
-            id,
-            app: app.name.clone(),
+        Slot::start(SlotSpec {
+            id: id.unwrap_or_else(|| self.env.ids.fetch_add(1, Ordering::Relaxed)),
             instance,
-            state: WorkerState::Starting,
-            pid: None,
-            addrs: Vec::new(),
-            since: None,
             restarts,
-            last_exit: None,
-            reason: None,
-            handle: None,
-        };
-        let (status_tx, status) = watch::channel(initial);
-        let (control, control_rx) = watch::channel(Control::Run);
-        let worker = SlotTask {
-            restart: RestartPolicy::new(&app),
+            probation,
             logs: LogPaths::new(&self.env.home, &app.name, instance),
             groups: self.groups_for(&app),
-            members: Vec::new(),
             shim: self.env.shim.clone(),
-            app,
             pool: Arc::clone(&self.pool),
-            status: status_tx,
-            control: control_rx,
-            probation,
-        };
-        Slot {
-            id,
-            instance,
-            status,
-            control,
-            task: tokio::spawn(worker.run()),
-        }
+            app,
+        })
     }
 }
 
-fn is_down(state: WorkerState) -> bool {
-    matches!(state, WorkerState::Stopped | WorkerState::Errored)
-}
-
 /// Resolves once the worker is ready (`Ok`) or its first start failed (`Err` with why).
-async fn first_outcome(mut status: watch::Receiver<WorkerStatus>) -> Result<(), String> {
+async fn first_outcome(mut status: watch::Receiver<WorkerStatus>) -> Result<(), NotReady> {
+    let id = status.borrow().id;
     let outcome = status
         .wait_for(|s| {
             matches!(
@@ -626,20 +535,24 @@ async fn first_outcome(mut status: watch::Receiver<WorkerStatus>) -> Result<(), 
             )
         })
         .await
-        .map(|s| (s.state, s.id, s.reason.clone()));
+        .map(|s| (s.state, s.reason.clone()));
     match outcome {
-        Ok((WorkerState::Ready, _, _)) => Ok(()),
-        Ok((state, id, reason)) => Err(format!(
-            "worker {id} {}: {}",
-            state.as_str(),
-            reason.unwrap_or_else(|| "no reason given".into())
-        )),
-        Err(_) => Err("worker task ended".into()),
+        Ok((WorkerState::Ready, _)) => Ok(()),
+        Ok((state, reason)) => Err(NotReady {
+            id,
+            state: Some(state),
+            reason,
+        }),
+        Err(_) => Err(NotReady {
+            id,
+            state: None,
+            reason: None,
+        }),
     }
 }
 
 async fn first_outcomes(watches: Vec<watch::Receiver<WorkerStatus>>) -> Result<(), OpError> {
-    let failures: Vec<String> = futures_join(watches.into_iter().map(first_outcome))
+    let failures: Vec<NotReady> = futures_join(watches.into_iter().map(first_outcome))
         .await
         .into_iter()
         .filter_map(Result::err)
@@ -668,490 +581,273 @@ where
     outputs
 }
 
-/// How one incarnation ended, as far as the slot loop cares.
-enum Outcome {
-    /// The process exited by itself.
-    Exited(Exit),
-    /// It never passed its health check within `listen_timeout`; it has been stopped.
-    NeverReady(String),
-    /// A stop was requested; the worker has been drained and stopped.
-    Stopped,
-}
-
-struct SlotTask {
-    /// A reload's replacement: if its first process never becomes ready, give up at once
-    /// (the old worker is still serving) instead of entering the restart loop.
-    probation: bool,
-    app: Arc<App>,
-    pool: Arc<Pool>,
-    logs: LogPaths,
-    status: watch::Sender<WorkerStatus>,
-    control: watch::Receiver<Control>,
-    restart: RestartPolicy,
-    /// Reuseport policy: the groups of the app's listeners (empty under rr)…
-    groups: Vec<Arc<Group>>,
-    /// …and the current incarnation's socket in each.
-    members: Vec<(Arc<Group>, MemberKey)>,
-    /// This binary, for `exec-shim`.
-    shim: PathBuf,
-}
-
-impl SlotTask {
-    async fn run(mut self) {
-        loop {
-            if self.stop_requested() {
-                self.set(|s| s.state = WorkerState::Stopped);
-                return;
-            }
-            let (outcome, uptime) = match self.spawn() {
-                Ok((process, handle)) => {
-                    let started = process.started();
-                    let outcome = self.supervise(process, &handle).await;
-                    self.pool.remove(&handle);
-                    handle.mark_gone();
-                    // In the background: a replacement may be what takes the queued connections.
-                    for (group, key) in std::mem::take(&mut self.members) {
-                        tokio::spawn(async move { group.leave(key, None).await });
-                    }
-                    (outcome, started.elapsed())
-                }
-                Err(reason) => (Outcome::NeverReady(reason), Duration::ZERO),
-            };
-            let (exit, reason, uptime) = match outcome {
-                Outcome::Stopped => return,
-                Outcome::Exited(exit) => (Some(exit), format!("exited with {exit}"), uptime),
-                // Never ready is never stable, however long it ran.
-                Outcome::NeverReady(reason) => (None, reason, Duration::ZERO),
-            };
-            let app = &self.app;
-            if self.probation {
-                let why = format!("replacement never became ready: {reason}");
-                tracing::warn!(app = %app.name, id = self.id(), "{why}");
-                self.set(|s| {
-                    s.state = WorkerState::Errored;
-                    s.pid = None;
-                    s.handle = None;
-                    s.last_exit = exit.or(s.last_exit);
-                    s.reason = Some(why);
-                });
-                return;
-            }
-            let Some(delay) = self.restart.after_exit(uptime) else {
-                let why = if app.autorestart {
-                    format!(
-                        "{} unstable exits in a row (each under min_uptime {:?} or never ready); last: {reason}",
-                        self.restart.unstable, app.min_uptime
-                    )
-                } else {
-                    format!("{reason}; autorestart is off")
-                };
-                let state = if app.autorestart {
-                    WorkerState::Errored
-                } else {
-                    WorkerState::Stopped
-                };
-                tracing::warn!(app = %app.name, id = self.id(), "worker {}: {why}", state.as_str());
-                self.set(|s| {
-                    s.state = state;
-                    s.pid = None;
-                    s.handle = None;
-                    s.last_exit = exit.or(s.last_exit);
-                    s.reason = Some(why);
-                });
-                return;
-            };
-            tracing::info!(app = %app.name, id = self.id(), ?delay, "worker {reason}; restarting");
-            self.set(|s| {
-                s.state = WorkerState::WaitingRestart;
-                s.pid = None;
-                s.handle = None;
-                s.last_exit = exit.or(s.last_exit);
-                s.reason = Some(reason);
-                s.restarts += 1;
-            });
-            tokio::select! {
-                _ = sleep(delay) => {}
-                _ = stop_requested(&mut self.control) => {}
-            }
-        }
-    }
-
-    fn id(&self) -> u32 {
-        self.status.borrow().id
-    }
-
-    fn stop_requested(&self) -> bool {
-        *self.control.borrow() == Control::Stop
-    }
-
-    fn set(&self, change: impl FnOnce(&mut WorkerStatus)) {
-        self.status.send_modify(change);
-    }
-
-    /// Reserves private ports (rr) or sockets in the groups (reuseport) and starts one
-    /// incarnation.
-    fn spawn(&mut self) -> Result<(Process, Arc<WorkerHandle>), String> {
-        let (addrs, sockets) = if self.groups.is_empty() {
-            let addrs = self
-                .app
-                .listen
-                .iter()
-                .map(|l| private_port(l.proto).map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("cannot reserve a private port: {e}"))?;
-            (addrs, Vec::new())
-        } else {
-            let mut sockets = Vec::new();
-            for group in &self.groups {
-                match group.join() {
-                    Ok((key, fd)) => {
-                        self.members.push((Arc::clone(group), key));
-                        sockets.push(fd);
-                    }
-                    Err(e) => {
-                        let reason = format!(
-                            "cannot create a reuseport socket on {}: {e}",
-                            group.listener()
-                        );
-                        self.forget_members();
-                        return Err(reason);
-                    }
-                }
-            }
-            (Vec::new(), sockets)
-        };
-        let status = self.status.borrow().clone();
-        let spec = SpawnSpec {
-            app: &self.app,
-            instance: status.instance,
-            addrs: &addrs,
-            logs: &self.logs,
-            sockets: &sockets,
-            shim: &self.shim,
-        };
-        let process = Process::spawn(&spec).map_err(|e| {
-            let reason = crate::Chain(&e).to_string();
-            tracing::error!(app = %self.app.name, id = status.id, "{reason}");
-            reason
-        });
-        drop(sockets);
-        let process = match process {
-            Ok(process) => process,
-            Err(reason) => {
-                self.forget_members();
-                return Err(reason);
-            }
-        };
-        let handle = Arc::new(WorkerHandle::new(
-            status.id,
-            status.instance,
-            process.pid(),
-            addrs.clone(),
-        ));
-        tracing::info!(
-            app = %self.app.name, id = status.id, instance = status.instance, pid = process.pid(),
-            ports = ?addrs.iter().map(|a| a.port()).collect::<Vec<_>>(),
-            "worker started"
-        );
-        self.set(|s| {
-            s.state = WorkerState::Starting;
-            s.pid = Some(process.pid());
-            s.addrs = addrs;
-            s.since = Some(SystemTime::now());
-            s.handle = Some(Arc::clone(&handle));
-        });
-        Ok((process, handle))
-    }
-
-    /// Leaves every group in the background (the worker never ran).
-    fn forget_members(&mut self) {
-        for (group, key) in std::mem::take(&mut self.members) {
-            tokio::spawn(async move { group.leave(key, None).await });
-        }
-    }
-
-    /// Leaves every group, rescuing connections queued on the worker's sockets first.
-    async fn leave_groups(&mut self, takeovers: Vec<Option<Takeover>>) {
-        let mut takeovers = takeovers.into_iter();
-        for (group, key) in std::mem::take(&mut self.members) {
-            group.leave(key, takeovers.next().flatten()).await;
-        }
-    }
-
-    /// One health probe: of the private port (rr), or through the first reuseport socket.
-    async fn probe_once(&self, proto: Proto, addr: SocketAddr) -> Result<(), String> {
-        let health = &self.app.health;
-        match self.members.first() {
-            Some((group, key)) => group.probe(*key, &health.check, health.timeout).await,
-            None => probe(&health.check, proto, addr, health.timeout).await,
-        }
-    }
-
-    fn set_group_readiness(&self, ready: bool) {
-        for (group, key) in &self.members {
-            group.set_ready(*key, ready);
-        }
-    }
-
-    /// Probes the worker, keeps its pool membership in step with its health, and returns when it
-    /// exits, never becomes ready, or is asked to stop.
-    async fn supervise(&mut self, mut process: Process, handle: &Arc<WorkerHandle>) -> Outcome {
-        let app = Arc::clone(&self.app);
-        let health = &app.health;
-        let mut hysteresis = Hysteresis::new(health.rise, health.fall);
-        let ready_deadline = Instant::now() + app.listen_timeout;
-        let mut ever_ready = false;
-        let mut last_failure = String::from("no health probe answered yet");
-        let probe_addr = handle
-            .addrs
-            .first()
-            .copied()
-            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
-        let probe_proto = app.listen.first().map_or(Proto::Tcp, |l| l.proto);
-        let mut first_probe = true;
-        let mut control = self.control.clone();
-        loop {
-            let period = if first_probe {
-                Duration::ZERO
-            } else if hysteresis.is_up() {
-                health.interval
-            } else {
-                health.interval.min(STARTING_PROBE_INTERVAL)
-            };
-            first_probe = false;
-            let next_probe = async {
-                sleep(period).await;
-                if app.listen.is_empty() {
-                    // Nothing to probe: a worker without listeners is ready once it runs.
-                    return Ok(());
-                }
-                self.probe_once(probe_proto, probe_addr).await
-            };
-            let deadline = async {
-                if ever_ready {
-                    std::future::pending::<()>().await;
-                }
-                tokio::time::sleep_until(ready_deadline.into()).await;
-            };
-            tokio::select! {
-                exit = process.wait() => {
-                    let uptime = process.started().elapsed();
-                    tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, ?uptime, "worker exited with {exit}");
-                    return Outcome::Exited(exit);
-                }
-                _ = stop_requested(&mut control) => {
-                    self.drain_and_stop(process, handle).await;
-                    return Outcome::Stopped;
-                }
-                _ = deadline => {
-                    let reason = format!(
-                        "not ready within listen_timeout {:?} ({last_failure})", app.listen_timeout
-                    );
-                    tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, "worker {reason}");
-                    self.set(|s| s.state = WorkerState::Stopping);
-                    process.stop(app.kill_signal, app.kill_timeout).await;
-                    return Outcome::NeverReady(reason);
-                }
-                result = next_probe => {
-                    let ok = result.is_ok();
-                    if let Err(e) = result {
-                        last_failure = e;
-                    }
-                    match hysteresis.record(ok) {
-                        Some(Transition::Up) => {
-                            ever_ready = true;
-                            self.probation = false;
-                            self.pool.insert(Arc::clone(handle));
-                            self.set_group_readiness(true);
-                            tracing::info!(app = %app.name, id = handle.id, instance = handle.instance, pid = handle.pid, "worker ready");
-                            self.set(|s| { s.state = WorkerState::Ready; s.reason = None; });
-                        }
-                        Some(Transition::Down) => {
-                            self.pool.remove(handle);
-                            self.set_group_readiness(false);
-                            tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, "worker unhealthy: {last_failure}");
-                            let reason = last_failure.clone();
-                            self.set(|s| { s.state = WorkerState::Unhealthy; s.reason = Some(reason); });
-                        }
-                        None => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// Out of the pool, wait for live connections (≤ `drain_timeout`), then graceful stop.
-    ///
-    /// Under reuseport the master cannot see a worker's connections: new ones are steered away
-    /// from its sockets, what is queued there is taken over, and the worker itself finishes its
-    /// in-flight work after `kill_signal`, for up to `drain_timeout` (or `kill_timeout`, if
-    /// longer) before SIGKILL.
-    async fn drain_and_stop(&mut self, mut process: Process, handle: &Arc<WorkerHandle>) {
-        let app = Arc::clone(&self.app);
-        if !self.members.is_empty() {
-            self.pool.remove(handle);
-            handle.start_draining();
-            let takeovers: Vec<Option<Takeover>> = self
-                .members
-                .iter()
-                .map(|(group, key)| group.start_leaving(*key))
-                .collect();
-            self.set(|s| s.state = WorkerState::Draining);
-            let grace = app.drain_timeout.max(app.kill_timeout);
-            let exit = process.stop(app.kill_signal, grace).await;
-            self.set(|s| s.state = WorkerState::Stopping);
-            self.leave_groups(takeovers).await;
-            tracing::info!(app = %app.name, id = handle.id, pid = handle.pid, "worker stopped ({exit})");
-            self.set(|s| {
-                s.state = WorkerState::Stopped;
-                s.pid = None;
-                s.last_exit = Some(exit);
-            });
-            return;
-        }
-        self.pool.remove(handle);
-        let live = handle.start_draining();
-        self.set(|s| s.state = WorkerState::Draining);
-        if live > 0 {
-            tracing::info!(app = %app.name, id = handle.id, live, "draining worker");
-            tokio::select! {
-                _ = handle.idle() => {}
-                _ = sleep(app.drain_timeout) => {
-                    tracing::warn!(app = %app.name, id = handle.id, live = handle.live(),
-                        "drain_timeout {:?} passed with connections still live", app.drain_timeout);
-                }
-                _ = process.wait() => {}
-            }
-        }
-        self.set(|s| s.state = WorkerState::Stopping);
-        let exit = process.stop(app.kill_signal, app.kill_timeout).await;
-        tracing::info!(app = %app.name, id = handle.id, pid = handle.pid, "worker stopped ({exit})");
-        self.set(|s| {
-            s.state = WorkerState::Stopped;
-            s.pid = None;
-            s.last_exit = Some(exit);
-        });
-    }
-}
-
-/// PM2's restart rules, made stricter: every run shorter than `min_uptime` counts, wherever it
-/// happens, and `max_restarts` of them in a row end in `errored`.
-#[derive(Debug, Clone)]
-struct RestartPolicy {
-    autorestart: bool,
-    max_restarts: u32,
-    min_uptime: Duration,
-    restart_delay: Duration,
-    backoff_base: Option<Duration>,
-    /// Consecutive unstable exits.
-    unstable: u32,
-    /// The previous backoff delay (zero when none is running).
-    backoff: Duration,
-}
-
-impl RestartPolicy {
-    fn new(app: &App) -> Self {
-        RestartPolicy {
-            autorestart: app.autorestart,
-            max_restarts: app.max_restarts,
-            min_uptime: app.min_uptime,
-            restart_delay: app.restart_delay,
-            backoff_base: app.exp_backoff_restart_delay,
-            unstable: 0,
-            backoff: Duration::ZERO,
-        }
-    }
-
-    /// Records an exit after `uptime`; returns the delay before the next start, or `None` when
-    /// the worker must stay down.
-    fn after_exit(&mut self, uptime: Duration) -> Option<Duration> {
-        if uptime < self.min_uptime {
-            self.unstable += 1;
-        } else {
-            self.unstable = 0;
-        }
-        if uptime >= BACKOFF_RESET {
-            self.backoff = Duration::ZERO;
-        }
-        if !self.autorestart || (self.unstable > 0 && self.unstable >= self.max_restarts) {
-            return None;
-        }
-        let backoff = match self.backoff_base {
-            None => Duration::ZERO,
-            Some(base) if self.backoff.is_zero() => base,
-            Some(_) => self.backoff.mul_f64(BACKOFF_FACTOR).min(BACKOFF_CAP),
-        };
-        self.backoff = backoff;
-        Some(self.restart_delay.max(backoff))
-    }
-}
-
-/// Resolves when a stop is requested, or when nobody can request anything any more.
-async fn stop_requested(control: &mut watch::Receiver<Control>) {
-    // Map the guard away inside: it holds a lock and must not live across the caller's awaits.
-    let _ = control.wait_for(|c| *c == Control::Stop).await.map(|_| ());
-}
-
 #[cfg(test)]
 mod tests {
+    //! Real (tiny) worker processes: `sleep` for apps without listeners (ready once spawned), a
+    //! shell + Python TCP server for one that must be probed. Every test ends with `shutdown`
+    //! and is bounded by [`BOUND`]; no assertion depends on how fast the machine is.
+
+    use std::path::Path;
+    use std::time::Duration;
+
+    use balancer_config::LoadOptions;
+
     use super::*;
 
-    fn policy(max_restarts: u32, base: Option<u64>) -> RestartPolicy {
-        RestartPolicy {
-            autorestart: true,
-            max_restarts,
-            min_uptime: Duration::from_secs(1),
-            restart_delay: Duration::ZERO,
-            backoff_base: base.map(Duration::from_millis),
-            unstable: 0,
-            backoff: Duration::ZERO,
-        }
+    const BOUND: Duration = Duration::from_secs(60);
+
+    /// The first app of `toml`, as if read from a balancer.toml in `dir`.
+    fn app(dir: &Path, toml: &str) -> App {
+        let opts = LoadOptions {
+            env: None,
+            default_policy: Policy::default(),
+            cpus: 2,
+        };
+        let config = balancer_config::parse(toml, &dir.join("balancer.toml"), &opts)
+            .unwrap_or_else(|e| panic!("{e}"));
+        config.apps.into_iter().next().expect("one app")
     }
 
-    #[test]
-    fn unstable_exits_in_a_row_end_in_errored() {
-        let mut p = policy(3, None);
-        let quick = Duration::from_millis(10);
-        assert!(p.after_exit(quick).is_some());
-        assert!(p.after_exit(quick).is_some());
-        assert!(
-            p.after_exit(quick).is_none(),
-            "third unstable exit: errored"
+    fn sleeper(dir: &Path, instances: u32) -> App {
+        app(
+            dir,
+            &format!("[[app]]\nname = \"t\"\ncommand = \"sleep 1000\"\ninstances = {instances}\n"),
+        )
+    }
+
+    fn context(home: &Path) -> Arc<SpawnContext> {
+        SpawnContext::new(home.into(), "/bin/false".into(), Arc::new(|_, _| {}))
+    }
+
+    fn states(sup: &AppSupervisor) -> Vec<(u32, WorkerState)> {
+        sup.statuses().iter().map(|s| (s.id, s.state)).collect()
+    }
+
+    fn pids(sup: &AppSupervisor) -> Vec<u32> {
+        sup.statuses().iter().filter_map(|s| s.pid).collect()
+    }
+
+    async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(BOUND, f).await.expect("bounded")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scale_up_joins_when_ready_and_scale_down_drops_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 1), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let first = sup.statuses()[0].id;
+            let msg = sup.scale(3).await.unwrap();
+            assert_eq!(msg, "scaled t from 1 to 3: all ready");
+            assert!(states(&sup).iter().all(|(_, s)| *s == WorkerState::Ready));
+            assert_eq!((sup.worker_count(), sup.pool().len()), (3, 3));
+            assert_eq!(sup.app().instances, 3, "the count is part of the config");
+            let instances: Vec<u32> = sup.statuses().iter().map(|s| s.instance).collect();
+            assert_eq!(instances, [0, 1, 2]);
+
+            let msg = sup.scale(1).await.unwrap();
+            assert_eq!(msg, "scaled t from 3 down to 1");
+            assert_eq!(states(&sup), [(first, WorkerState::Ready)], "oldest kept");
+            assert_eq!(sup.pool().len(), 1);
+            assert_eq!(sup.scale(1).await.unwrap(), "t already has 1 workers");
+
+            sup.shutdown().await;
+            assert!(sup.statuses().is_empty());
+            assert!(sup.pool().is_empty());
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_start_and_restart_keep_the_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 2), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let (a, b) = (sup.statuses()[0].id, sup.statuses()[1].id);
+            let before = pids(&sup);
+
+            assert_eq!(
+                sup.stop(Target::Worker(a)).await.unwrap(),
+                "stopped 1 worker(s) of t"
+            );
+            assert_eq!(
+                states(&sup),
+                [(a, WorkerState::Stopped), (b, WorkerState::Ready)]
+            );
+            assert_eq!(sup.statuses()[0].pid, None);
+            assert_eq!(sup.pool().len(), 1);
+            let err = sup.stop(Target::Worker(999)).await.unwrap_err();
+            assert_eq!(err.to_string(), "app t has no worker 999");
+
+            assert_eq!(
+                sup.start_stopped(Target::All).await.unwrap(),
+                "started 1 worker(s) of t",
+                "running workers are left alone"
+            );
+            assert!(states(&sup).iter().all(|(_, s)| *s == WorkerState::Ready));
+            assert_eq!(sup.statuses()[1].pid, Some(before[1]));
+            assert_ne!(sup.statuses()[0].pid, Some(before[0]));
+
+            let before = pids(&sup);
+            assert_eq!(sup.restart(Target::All).await.unwrap(), "restarted t");
+            let after = sup.statuses();
+            assert_eq!(after.iter().map(|s| s.id).collect::<Vec<_>>(), [a, b]);
+            assert!(after.iter().all(|s| s.state == WorkerState::Ready));
+            assert!(after.iter().all(|s| s.restarts == 1), "{after:?}");
+            assert!(after.iter().all(|s| !before.contains(&s.pid.unwrap())));
+
+            sup.shutdown().await;
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remove_worker_forgets_one_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 2), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let id = sup.statuses()[1].id;
+            assert!(sup.has_worker(id));
+            assert_eq!(
+                sup.remove_worker(id).await.unwrap(),
+                format!("deleted worker {id} of t")
+            );
+            assert!(!sup.has_worker(id));
+            assert_eq!((sup.worker_count(), sup.pool().len()), (1, 1));
+            let err = sup.remove_worker(id).await.unwrap_err();
+            assert_eq!(
+                err,
+                OpError::NoSuchWorker {
+                    app: "t".into(),
+                    id
+                }
+            );
+            sup.shutdown().await;
+            assert_eq!(sup.worker_count(), 0);
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_replaces_every_worker_and_keeps_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 2), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let ids: Vec<u32> = sup.statuses().iter().map(|s| s.id).collect();
+            let before = pids(&sup);
+            let msg = sup.reload(None, Target::All).await.unwrap();
+            assert_eq!(msg, "reloaded 2 worker(s) of t");
+            let after = sup.statuses();
+            assert_eq!(after.iter().map(|s| s.id).collect::<Vec<_>>(), ids);
+            assert!(
+                after
+                    .iter()
+                    .all(|s| s.state == WorkerState::Ready && s.restarts == 1)
+            );
+            assert!(after.iter().all(|s| !before.contains(&s.pid.unwrap())));
+            assert_eq!(sup.pool().len(), 2);
+            sup.shutdown().await;
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_reload_keeps_the_old_workers_and_the_old_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(sleeper(dir.path(), 2), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let before = pids(&sup);
+            let first = sup.statuses()[0].id;
+            // With a listener to probe, so it cannot pass as "ready once spawned" before its exit
+            // is seen.
+            let broken = app(
+                dir.path(),
+                "[[app]]\nname = \"t\"\ncommand = \"false\"\ninstances = 2\n\
+                 listen = [\"tcp://127.0.0.1:1\"]\n",
+            );
+            let err = sup.reload(Some(broken), Target::All).await.unwrap_err();
+            let OpError::NotReady(failures) = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(failures.len(), 1, "the reload stops at the first batch");
+            assert_eq!(failures[0].id, first);
+            assert_eq!(failures[0].state, Some(WorkerState::Errored));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "worker {first} errored: replacement never became ready: exited with exit code 1"
+                )
+            );
+            assert_eq!(pids(&sup), before, "the old workers keep serving");
+            assert!(sup.app().program.ends_with("sleep"), "config restored");
+            sup.shutdown().await;
+        })
+        .await;
+    }
+
+    /// LIFECYCLE.md, reload step 4: a batch's old workers drain while the next batch starts,
+    /// and `statuses` lists them meanwhile; the reload returns once every drain is over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_drains_each_batch_while_the_next_one_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        // Takes a second to listen (so a batch's start is visible) and ignores SIGTERM (so
+        // its stop lasts kill_timeout).
+        let script = dir.path().join("worker.sh");
+        std::fs::write(
+            &script,
+            "trap '' TERM\nsleep 1\nexec python3 -c '\nimport os, socket\n\
+             s = socket.socket()\ns.bind((\"127.0.0.1\", int(os.environ[\"PORT\"])))\ns.listen(16)\n\
+             while True: s.accept()[0].close()\n'\n",
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let toml = format!(
+            "[[app]]\nname = \"t\"\ncommand = [\"sh\", {:?}]\ninstances = 2\nreload_batch = 1\n\
+             listen = [\"tcp://127.0.0.1:{port}\"]\nkill_timeout = \"2s\"\nlisten_timeout = \"30s\"\n",
+            script.display().to_string()
         );
-    }
-
-    #[test]
-    fn a_stable_run_resets_the_streak_at_any_time() {
-        let mut p = policy(2, None);
-        assert!(p.after_exit(Duration::from_millis(10)).is_some());
-        assert!(p.after_exit(Duration::from_secs(5)).is_some(), "stable run");
-        assert!(p.after_exit(Duration::from_millis(10)).is_some());
-        assert!(p.after_exit(Duration::from_millis(10)).is_none());
-    }
-
-    #[test]
-    fn backoff_grows_by_half_caps_and_resets_after_30s_up() {
-        let mut p = policy(1000, Some(100));
-        let quick = Duration::from_millis(10);
-        let delays: Vec<_> = (0..4)
-            .map(|_| p.after_exit(quick).unwrap().as_millis())
-            .collect();
-        assert_eq!(delays, [100, 150, 225, 337]);
-        for _ in 0..20 {
-            p.after_exit(quick);
-        }
-        assert_eq!(p.after_exit(quick), Some(BACKOFF_CAP));
-        assert_eq!(
-            p.after_exit(Duration::from_secs(31)),
-            Some(Duration::from_millis(100)),
-            "30 s up resets the backoff"
-        );
-    }
-
-    #[test]
-    fn autorestart_off_never_restarts() {
-        let mut p = policy(16, None);
-        p.autorestart = false;
-        assert!(p.after_exit(Duration::from_secs(100)).is_none());
+        let sup = AppSupervisor::start(app(dir.path(), &toml), context(dir.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let before = pids(&sup);
+            let reload = tokio::spawn({
+                let sup = Arc::clone(&sup);
+                async move { sup.reload(None, Target::All).await }
+            });
+            let mut overlapped = false;
+            while !reload.is_finished() {
+                let now = sup.statuses();
+                let leaving = now
+                    .iter()
+                    .any(|s| matches!(s.state, WorkerState::Draining | WorkerState::Stopping));
+                // A worker of the next batch still serving from before the reload: its
+                // replacement has yet to start or is starting (it is listed once swapped in).
+                let unreplaced = now.iter().any(|s| {
+                    s.state == WorkerState::Ready && s.pid.is_some_and(|p| before.contains(&p))
+                });
+                overlapped |= leaving && unreplaced;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(reload.await.unwrap().unwrap(), "reloaded 2 worker(s) of t");
+            assert!(
+                overlapped,
+                "a replaced worker is listed as draining/stopping while the next batch starts"
+            );
+            let after = sup.statuses();
+            assert_eq!(after.len(), 2, "every drain is over: {after:?}");
+            assert!(after.iter().all(|s| s.state == WorkerState::Ready));
+            assert!(after.iter().all(|s| !before.contains(&s.pid.unwrap())));
+            sup.shutdown().await;
+        })
+        .await;
     }
 }

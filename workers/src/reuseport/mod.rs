@@ -18,7 +18,12 @@
 //! holds in its receive buffer is lost, as UDP allows), and the kernel's 4-tuple hash keeps a
 //! client's datagrams on one worker while the group does not change.
 
+//! This module is the [`Group`] API the slots call; who is in a group and which program that
+//! calls for is [`membership`]; rescuing queued connections is [`takeover`].
+
 pub mod bpf;
+mod membership;
+mod takeover;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -28,9 +33,11 @@ use std::time::Duration;
 
 use balancer_config::{Check, Listener, Proto};
 use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpSocket;
+
+pub use membership::MemberKey;
+use membership::{Members, State};
+pub use takeover::{Rescue, Takeover};
 
 /// A leaving worker's socket is closed once its queue has been empty this long.
 const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(300);
@@ -39,81 +46,6 @@ const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(300);
 const LAST_MEMBER_GRACE: Duration = Duration::from_secs(5);
 /// How often the accept queue is looked at.
 const QUEUE_POLL: Duration = Duration::from_millis(10);
-
-/// What the master does with a connection rescued from a leaving worker's socket: carry it to
-/// the given target (the public address), where the steering program hands it to a live
-/// worker. Copying bytes is the data plane's work, so the control plane only accepts and
-/// hands the connection over.
-pub type Rescue = Arc<dyn Fn(TcpStream, SocketAddr) + Send + Sync>;
-
-/// Identifies a socket within its group.
-pub type MemberKey = u64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Its worker is starting: only probes go there, unless no worker is ready at all.
-    Starting,
-    /// Its worker is ready: new connections go there.
-    Ready,
-    /// Its worker is leaving: nothing new goes there.
-    Leaving,
-}
-
-#[derive(Debug)]
-struct Member {
-    key: MemberKey,
-    socket: Arc<OwnedFd>,
-    state: State,
-}
-
-#[derive(Debug, Default)]
-struct Members {
-    /// In the kernel's order.
-    list: Vec<Member>,
-    /// Probes in flight: (source port, member).
-    probes: Vec<(u16, MemberKey)>,
-    next_key: MemberKey,
-}
-
-impl Members {
-    fn index(&self, key: MemberKey) -> Option<usize> {
-        self.list.iter().position(|m| m.key == key)
-    }
-
-    /// The program for the current order, leaving out `also_avoid` (a slot about to change).
-    fn program(&self, also_avoid: Option<usize>) -> Option<Vec<nix::libc::sock_filter>> {
-        let usable = |i: &usize| Some(*i) != also_avoid;
-        let pick = |state: State| -> Vec<u32> {
-            (0..self.list.len())
-                .filter(usable)
-                .filter(|&i| self.list[i].state == state)
-                .map(|i| i as u32)
-                .collect()
-        };
-        let mut targets = pick(State::Ready);
-        if targets.is_empty() {
-            // Nobody is ready: queue on starting workers rather than refuse or reset.
-            targets = pick(State::Starting);
-        }
-        if targets.is_empty() {
-            return None;
-        }
-        let probes: Vec<(u16, u32)> = self
-            .probes
-            .iter()
-            .filter_map(|&(port, key)| Some((port, self.index(key)? as u32)))
-            .filter(|(_, i)| usable(&(*i as usize)))
-            .collect();
-        Some(bpf::program(&probes, &targets))
-    }
-}
-
-/// A master accepting what is left on a leaving worker's socket.
-#[derive(Debug)]
-pub struct Takeover {
-    stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
 
 /// The `SO_REUSEPORT` group of one public listener of one app.
 pub struct Group {
@@ -163,13 +95,7 @@ impl Group {
         let socket = Arc::new(new_socket(&self.listener)?);
         let for_worker = socket.try_clone()?;
         let mut members = self.members();
-        let key = members.next_key;
-        members.next_key += 1;
-        members.list.push(Member {
-            key,
-            socket,
-            state: State::Starting,
-        });
+        let key = members.push(socket);
         self.steer(&members, None);
         Ok((key, for_worker))
     }
@@ -196,12 +122,17 @@ impl Group {
             self.steer(&members, None);
             Arc::clone(&members.list[i].socket)
         };
-        let stop = CancellationToken::new();
-        let task = (self.listener.proto != Proto::Udp).then(|| {
-            let group = Arc::clone(self);
-            tokio::spawn(group.take_over(key, socket, stop.clone()))
-        });
-        Some(Takeover { stop, task })
+        if self.listener.proto == Proto::Udp {
+            return Some(Takeover::none());
+        }
+        let group = Arc::clone(self);
+        Some(Takeover::start(
+            &socket,
+            self.listener.to_string(),
+            loopback_of(self.listener.addr),
+            Arc::clone(&self.rescue),
+            move || group.has_other_target(key),
+        ))
     }
 
     /// The member's worker has exited: once its queue has stayed empty for a moment (or, with
@@ -209,12 +140,7 @@ impl Group {
     /// duplicate, with a program valid before and after the kernel reorders the group.
     pub async fn leave(self: &Arc<Self>, key: MemberKey, takeover: Option<Takeover>) {
         let takeover = takeover.or_else(|| self.start_leaving(key));
-        let socket = {
-            let members = self.members();
-            members
-                .index(key)
-                .map(|i| Arc::clone(&members.list[i].socket))
-        };
+        let socket = self.members().socket(key);
         if let Some(socket) = socket
             && self.listener.proto != Proto::Udp
         {
@@ -235,11 +161,8 @@ impl Group {
         }
         // The takeover holds a duplicate too: the socket leaves the group when the last one
         // closes, so end it first.
-        if let Some(Takeover { stop, task }) = takeover {
-            stop.cancel();
-            if let Some(task) = task {
-                let _ = task.await;
-            }
+        if let Some(takeover) = takeover {
+            takeover.finish().await;
         }
         // One critical section from the program that avoids both moving slots, through the
         // close, to the program for the new order: no join can slip in between.
@@ -256,10 +179,7 @@ impl Group {
 
     /// Whether a member other than `key` can take connections.
     fn has_other_target(&self, key: MemberKey) -> bool {
-        self.members()
-            .list
-            .iter()
-            .any(|m| m.key != key && m.state != State::Leaving)
+        self.members().has_other_target(key)
     }
 
     fn steer(&self, members: &Members, also_avoid: Option<usize>) {
@@ -272,48 +192,6 @@ impl Group {
         };
         if let Err(e) = bpf::attach(anchor.socket.as_fd(), &program) {
             tracing::error!(listener = %self.listener, "cannot steer the reuseport group: {e}");
-        }
-    }
-
-    /// Accepts connections left on a leaving worker's socket and proxies each to the public
-    /// address, where the steering program sends it to a live worker.
-    async fn take_over(
-        self: Arc<Self>,
-        key: MemberKey,
-        socket: Arc<OwnedFd>,
-        stop: CancellationToken,
-    ) {
-        let listener = match socket
-            .try_clone()
-            .map(std::net::TcpListener::from)
-            .and_then(|l| {
-                l.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(l)
-            }) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listener = %self.listener, "cannot take over a leaving socket: {e}");
-                return;
-            }
-        };
-        let target = loopback_of(self.listener.addr);
-        loop {
-            if !self.has_other_target(key) {
-                // Proxying to the public address now would come straight back here.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(QUEUE_POLL) => continue,
-                }
-            }
-            let (client, _) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(_) => continue,
-                },
-            };
-            tracing::debug!(listener = %self.listener, "rescuing a connection queued on a leaving worker");
-            (self.rescue)(client, target);
         }
     }
 
@@ -350,12 +228,12 @@ impl Group {
             Arc::clone(&members.list[i].socket)
         };
         let result = tokio::time::timeout(timeout, async {
-            let mut stream = probe
+            let stream = probe
                 .connect(target)
                 .await
                 .map_err(|e| format!("probe connect to {target}: {e}"))?;
             match check {
-                Check::Http { path } => http_probe(&mut stream, path, target).await,
+                Check::Http { path } => crate::health::http_check(stream, target, path).await,
                 _ => loop {
                     match bpf::accept_queue_len(socket.as_fd()) {
                         Ok(0) => break Ok(()),
@@ -376,27 +254,6 @@ impl Group {
         members.probes.retain(|&(p, _)| p != port);
         self.steer(&members, None);
         result
-    }
-}
-
-async fn http_probe(stream: &mut TcpStream, path: &str, target: SocketAddr) -> Result<(), String> {
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: balancer-health\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("GET {path}: {e}"))?;
-    let mut head = [0u8; 16];
-    let n = stream
-        .read(&mut head)
-        .await
-        .map_err(|e| format!("GET {path}: {e}"))?;
-    let status = std::str::from_utf8(&head[..n]).unwrap_or("");
-    if status.starts_with("HTTP/1.") && status.get(9..10) == Some("2") {
-        Ok(())
-    } else {
-        Err(format!("GET {path} answered {:?}", status.trim()))
     }
 }
 
@@ -445,6 +302,7 @@ fn new_socket(listener: &Listener) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use tokio::net::TcpStream;
 
     fn tcp_listener(port: u16) -> Listener {
         Listener {

@@ -1,0 +1,476 @@
+//! One worker slot: the [`Slot`] handle the supervisor keeps, and the task that runs the
+//! worker's whole life — spawn, probe until ready, keep its pool membership in step with its
+//! health, restart it when it exits (per [`RestartPolicy`]), drain and stop it when asked.
+//!
+//! The task is the only writer of its [`WorkerStatus`] and of its worker's pool membership;
+//! the supervisor only sends it [`Control::Stop`] and watches the status.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use balancer_config::{App, Proto};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::sleep;
+
+use crate::health::{Monitor, Transition, probe};
+use crate::logs::LogPaths;
+use crate::pool::{Pool, WorkerHandle};
+use crate::process::{Exit, Process};
+use crate::restart::{RestartPolicy, wait_restart};
+use crate::reuseport::{Group, MemberKey, Takeover};
+use crate::spawn::{SpawnSpec, private_port, spawn};
+use crate::status::{WorkerState, WorkerStatus};
+
+/// What a slot is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// Keep the worker running (and restart it when it exits).
+    Run,
+    /// Drain and stop it, then end the task.
+    Stop,
+}
+
+/// Everything a slot's task needs, decided by the supervisor when it creates the slot.
+pub(crate) struct SlotSpec {
+    /// The worker's id (kept across restarts and reloads).
+    pub id: u32,
+    /// Its instance number.
+    pub instance: u32,
+    /// Restarts counted so far (a reload or restart carries the count on).
+    pub restarts: u32,
+    /// A reload's replacement: it gives up at once if its first process never becomes ready.
+    pub probation: bool,
+    /// The app's configuration at creation time.
+    pub app: Arc<App>,
+    /// The app's pool.
+    pub pool: Arc<Pool>,
+    /// The app's reuseport groups (empty under rr).
+    pub groups: Vec<Arc<Group>>,
+    /// Where the worker's output goes.
+    pub logs: LogPaths,
+    /// This binary, for `exec-shim`.
+    pub shim: PathBuf,
+}
+
+/// One worker identity and the task that runs it.
+pub(crate) struct Slot {
+    /// The worker's id.
+    pub id: u32,
+    /// Its instance number.
+    pub instance: u32,
+    /// What its task publishes.
+    pub status: watch::Receiver<WorkerStatus>,
+    control: watch::Sender<Control>,
+    task: JoinHandle<()>,
+}
+
+impl Slot {
+    /// Starts the slot's task: the first process is spawned at once.
+    pub fn start(spec: SlotSpec) -> Slot {
+        let initial =
+            WorkerStatus::new(spec.id, spec.app.name.clone(), spec.instance, spec.restarts);
+        let (status_tx, status) = watch::channel(initial);
+        let (control, control_rx) = watch::channel(Control::Run);
+        let task = SlotTask {
+            restart: RestartPolicy::new(&spec.app),
+            logs: spec.logs,
+            groups: spec.groups,
+            members: Vec::new(),
+            shim: spec.shim,
+            app: spec.app,
+            pool: spec.pool,
+            status: status_tx,
+            control: control_rx,
+            probation: spec.probation,
+        };
+        Slot {
+            id: spec.id,
+            instance: spec.instance,
+            status,
+            control,
+            task: tokio::spawn(task.run()),
+        }
+    }
+
+    /// Whether its worker is down for good: stopped, errored, or `autorestart` off. The task
+    /// writes those states last, so it has ended or is about to; going by the state as well
+    /// means a `start` right after a `stop` finds the worker it just stopped.
+    pub fn finished(&self) -> bool {
+        self.task.is_finished() || self.status.borrow().state.is_down()
+    }
+
+    /// Restarts counted so far.
+    pub fn restarts(&self) -> u32 {
+        self.status.borrow().restarts
+    }
+
+    /// Asks the task to drain and stop its worker, without waiting (the slot stays usable).
+    pub fn request_stop(&self) {
+        let _ = self.control.send(Control::Stop);
+    }
+
+    /// Drains and stops the worker, and waits for the task to end.
+    pub async fn stop(self) {
+        self.request_stop();
+        if let Err(e) = self.task.await {
+            tracing::error!(id = self.id, "worker task failed: {e}");
+        }
+    }
+}
+
+/// How one incarnation ended, as far as the slot loop cares.
+enum Ended {
+    /// The process exited by itself.
+    Exited(Exit),
+    /// It never passed its health check within `listen_timeout`; it has been stopped.
+    NeverReady(String),
+    /// A stop was requested; the worker has been drained and stopped.
+    Stopped,
+}
+
+struct SlotTask {
+    /// A reload's replacement: if its first process never becomes ready, give up at once
+    /// (the old worker is still serving) instead of entering the restart loop.
+    probation: bool,
+    app: Arc<App>,
+    pool: Arc<Pool>,
+    logs: LogPaths,
+    status: watch::Sender<WorkerStatus>,
+    control: watch::Receiver<Control>,
+    restart: RestartPolicy,
+    /// Reuseport policy: the groups of the app's listeners (empty under rr)…
+    groups: Vec<Arc<Group>>,
+    /// …and the current incarnation's socket in each.
+    members: Vec<(Arc<Group>, MemberKey)>,
+    /// This binary, for `exec-shim`.
+    shim: PathBuf,
+}
+
+impl SlotTask {
+    async fn run(mut self) {
+        loop {
+            if self.stop_requested() {
+                self.set(|s| s.state = WorkerState::Stopped);
+                return;
+            }
+            let (outcome, uptime) = match self.spawn() {
+                Ok((process, handle)) => {
+                    let started = process.started();
+                    let outcome = self.supervise(process, &handle).await;
+                    self.pool.remove(&handle);
+                    handle.mark_gone();
+                    // In the background: a replacement may be what takes the queued connections.
+                    for (group, key) in std::mem::take(&mut self.members) {
+                        tokio::spawn(async move { group.leave(key, None).await });
+                    }
+                    (outcome, started.elapsed())
+                }
+                Err(reason) => (Ended::NeverReady(reason), Duration::ZERO),
+            };
+            let (exit, reason, uptime) = match outcome {
+                Ended::Stopped => return,
+                Ended::Exited(exit) => (Some(exit), format!("exited with {exit}"), uptime),
+                // Never ready is never stable, however long it ran.
+                Ended::NeverReady(reason) => (None, reason, Duration::ZERO),
+            };
+            let app = &self.app;
+            if self.probation {
+                let why = format!("replacement never became ready: {reason}");
+                tracing::warn!(app = %app.name, id = self.id(), "{why}");
+                self.went_down(WorkerState::Errored, exit, why);
+                return;
+            }
+            let Some(delay) = self.restart.after_exit(uptime) else {
+                let why = if app.autorestart {
+                    format!(
+                        "{} unstable exits in a row (each under min_uptime {:?} or never ready); last: {reason}",
+                        self.restart.unstable(),
+                        app.min_uptime
+                    )
+                } else {
+                    format!("{reason}; autorestart is off")
+                };
+                let state = if app.autorestart {
+                    WorkerState::Errored
+                } else {
+                    WorkerState::Stopped
+                };
+                tracing::warn!(app = %app.name, id = self.id(), "worker {}: {why}", state.as_str());
+                self.went_down(state, exit, why);
+                return;
+            };
+            tracing::info!(app = %app.name, id = self.id(), ?delay, "worker {reason}; restarting");
+            self.went_down(WorkerState::WaitingRestart, exit, reason);
+            wait_restart(delay, stop_requested(&mut self.control)).await;
+        }
+    }
+
+    fn id(&self) -> u32 {
+        self.status.borrow().id
+    }
+
+    fn stop_requested(&self) -> bool {
+        *self.control.borrow() == Control::Stop
+    }
+
+    fn set(&self, change: impl FnOnce(&mut WorkerStatus)) {
+        self.status.send_modify(change);
+    }
+
+    /// The one status update for "the process is gone and the slot moves on to `state`":
+    /// no pid, no handle, the exit (if it was seen) kept for `show`, and why. Going to
+    /// `waiting-restart` counts a restart, in the same update, so nobody sees one without the
+    /// other.
+    fn went_down(&self, state: WorkerState, exit: Option<Exit>, reason: String) {
+        self.set(|s| {
+            s.state = state;
+            s.pid = None;
+            s.handle = None;
+            s.last_exit = exit.or(s.last_exit);
+            s.reason = Some(reason);
+            if state == WorkerState::WaitingRestart {
+                s.restarts += 1;
+            }
+        });
+    }
+
+    /// Reserves private ports (rr) or sockets in the groups (reuseport) and starts one
+    /// incarnation.
+    fn spawn(&mut self) -> Result<(Process, Arc<WorkerHandle>), String> {
+        let (addrs, sockets) = if self.groups.is_empty() {
+            let addrs = self
+                .app
+                .listen
+                .iter()
+                .map(|l| private_port(l.proto).map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("cannot reserve a private port: {e}"))?;
+            (addrs, Vec::new())
+        } else {
+            let mut sockets = Vec::new();
+            for group in &self.groups {
+                match group.join() {
+                    Ok((key, fd)) => {
+                        self.members.push((Arc::clone(group), key));
+                        sockets.push(fd);
+                    }
+                    Err(e) => {
+                        let reason = format!(
+                            "cannot create a reuseport socket on {}: {e}",
+                            group.listener()
+                        );
+                        self.forget_members();
+                        return Err(reason);
+                    }
+                }
+            }
+            (Vec::new(), sockets)
+        };
+        let status = self.status.borrow().clone();
+        let spec = SpawnSpec {
+            app: &self.app,
+            instance: status.instance,
+            addrs: &addrs,
+            logs: &self.logs,
+            sockets: &sockets,
+            shim: &self.shim,
+        };
+        let process = spawn(&spec).map_err(|e| {
+            let reason = crate::Chain(&e).to_string();
+            tracing::error!(app = %self.app.name, id = status.id, "{reason}");
+            reason
+        });
+        drop(sockets);
+        let process = match process {
+            Ok(process) => process,
+            Err(reason) => {
+                self.forget_members();
+                return Err(reason);
+            }
+        };
+        let handle = Arc::new(WorkerHandle::new(
+            status.id,
+            status.instance,
+            process.pid(),
+            addrs.clone(),
+        ));
+        tracing::info!(
+            app = %self.app.name, id = status.id, instance = status.instance, pid = process.pid(),
+            ports = ?addrs.iter().map(|a| a.port()).collect::<Vec<_>>(),
+            "worker started"
+        );
+        self.set(|s| {
+            s.state = WorkerState::Starting;
+            s.pid = Some(process.pid());
+            s.addrs = addrs;
+            s.since = Some(SystemTime::now());
+            s.handle = Some(Arc::clone(&handle));
+        });
+        Ok((process, handle))
+    }
+
+    /// The end of a stop asked for: the handle stays, so `show` can still read its counters.
+    fn stopped(&self, exit: Exit) {
+        self.set(|s| {
+            s.state = WorkerState::Stopped;
+            s.pid = None;
+            s.last_exit = Some(exit);
+        });
+    }
+
+    /// Leaves every group in the background (the worker never ran).
+    fn forget_members(&mut self) {
+        for (group, key) in std::mem::take(&mut self.members) {
+            tokio::spawn(async move { group.leave(key, None).await });
+        }
+    }
+
+    /// Leaves every group, rescuing connections queued on the worker's sockets first.
+    async fn leave_groups(&mut self, takeovers: Vec<Option<Takeover>>) {
+        let mut takeovers = takeovers.into_iter();
+        for (group, key) in std::mem::take(&mut self.members) {
+            group.leave(key, takeovers.next().flatten()).await;
+        }
+    }
+
+    /// One health probe: of the private port (rr), or through the first reuseport socket.
+    async fn probe_once(&self, proto: Proto, addr: SocketAddr) -> Result<(), String> {
+        let health = &self.app.health;
+        match self.members.first() {
+            Some((group, key)) => group.probe(*key, &health.check, health.timeout).await,
+            None => probe(&health.check, proto, addr, health.timeout).await,
+        }
+    }
+
+    fn set_group_readiness(&self, ready: bool) {
+        for (group, key) in &self.members {
+            group.set_ready(*key, ready);
+        }
+    }
+
+    /// Probes the worker, keeps its pool membership in step with its health, and returns when it
+    /// exits, never becomes ready, or is asked to stop.
+    async fn supervise(&mut self, mut process: Process, handle: &Arc<WorkerHandle>) -> Ended {
+        let app = Arc::clone(&self.app);
+        let health = &app.health;
+        let mut monitor = Monitor::new(health.rise, health.fall, health.interval);
+        let ready_deadline = Instant::now() + app.listen_timeout;
+        let mut ever_ready = false;
+        let probe_addr = handle
+            .addrs
+            .first()
+            .copied()
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let probe_proto = app.listen.first().map_or(Proto::Tcp, |l| l.proto);
+        let mut control = self.control.clone();
+        loop {
+            let this = &*self;
+            let next_transition = monitor.next_transition(move || async move {
+                if this.app.listen.is_empty() {
+                    // Nothing to probe: a worker without listeners is ready once it runs.
+                    return Ok(());
+                }
+                this.probe_once(probe_proto, probe_addr).await
+            });
+            let deadline = async {
+                if ever_ready {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep_until(ready_deadline.into()).await;
+            };
+            // Every branch but the probes' ends this incarnation's supervision, so the probe
+            // loop is only ever cancelled for good.
+            tokio::select! {
+                exit = process.wait() => {
+                    let uptime = process.started().elapsed();
+                    tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, ?uptime, "worker exited with {exit}");
+                    return Ended::Exited(exit);
+                }
+                _ = stop_requested(&mut control) => {
+                    self.drain_and_stop(process, handle).await;
+                    return Ended::Stopped;
+                }
+                _ = deadline => {
+                    let reason = format!(
+                        "not ready within listen_timeout {:?} ({})", app.listen_timeout, monitor.last_failure()
+                    );
+                    tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, "worker {reason}");
+                    self.set(|s| s.state = WorkerState::Stopping);
+                    process.stop(app.kill_signal, app.kill_timeout).await;
+                    return Ended::NeverReady(reason);
+                }
+                transition = next_transition => match transition {
+                    Transition::Up => {
+                        ever_ready = true;
+                        self.probation = false;
+                        self.pool.insert(Arc::clone(handle));
+                        self.set_group_readiness(true);
+                        tracing::info!(app = %app.name, id = handle.id, instance = handle.instance, pid = handle.pid, "worker ready");
+                        self.set(|s| { s.state = WorkerState::Ready; s.reason = None; });
+                    }
+                    Transition::Down => {
+                        self.pool.remove(handle);
+                        self.set_group_readiness(false);
+                        let reason = monitor.last_failure().to_string();
+                        tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, "worker unhealthy: {reason}");
+                        self.set(|s| { s.state = WorkerState::Unhealthy; s.reason = Some(reason); });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Out of the pool, wait for live connections (≤ `drain_timeout`), then graceful stop.
+    ///
+    /// Under reuseport the master cannot see a worker's connections: new ones are steered away
+    /// from its sockets, what is queued there is taken over, and the worker itself finishes its
+    /// in-flight work after `kill_signal`, for up to `drain_timeout` (or `kill_timeout`, if
+    /// longer) before SIGKILL.
+    async fn drain_and_stop(&mut self, mut process: Process, handle: &Arc<WorkerHandle>) {
+        let app = Arc::clone(&self.app);
+        if !self.members.is_empty() {
+            self.pool.remove(handle);
+            handle.start_draining();
+            let takeovers: Vec<Option<Takeover>> = self
+                .members
+                .iter()
+                .map(|(group, key)| group.start_leaving(*key))
+                .collect();
+            self.set(|s| s.state = WorkerState::Draining);
+            let grace = app.drain_timeout.max(app.kill_timeout);
+            let exit = process.stop(app.kill_signal, grace).await;
+            self.set(|s| s.state = WorkerState::Stopping);
+            self.leave_groups(takeovers).await;
+            tracing::info!(app = %app.name, id = handle.id, pid = handle.pid, "worker stopped ({exit})");
+            self.stopped(exit);
+            return;
+        }
+        self.pool.remove(handle);
+        let live = handle.start_draining();
+        self.set(|s| s.state = WorkerState::Draining);
+        if live > 0 {
+            tracing::info!(app = %app.name, id = handle.id, live, "draining worker");
+            tokio::select! {
+                _ = handle.idle() => {}
+                _ = sleep(app.drain_timeout) => {
+                    tracing::warn!(app = %app.name, id = handle.id, live = handle.live(),
+                        "drain_timeout {:?} passed with connections still live", app.drain_timeout);
+                }
+                _ = process.wait() => {}
+            }
+        }
+        self.set(|s| s.state = WorkerState::Stopping);
+        let exit = process.stop(app.kill_signal, app.kill_timeout).await;
+        tracing::info!(app = %app.name, id = handle.id, pid = handle.pid, "worker stopped ({exit})");
+        self.stopped(exit);
+    }
+}
+
+/// Resolves when a stop is requested, or when nobody can request anything any more.
+async fn stop_requested(control: &mut watch::Receiver<Control>) {
+    // Map the guard away inside: it holds a lock and must not live across the caller's awaits.
+    let _ = control.wait_for(|c| *c == Control::Stop).await.map(|_| ());
+}

@@ -1,0 +1,239 @@
+//! Building and starting one incarnation of a worker: the worker contract's environment
+//! (`PORT`…, `BALANCER_INSTANCE`, `LISTEN_FDS`…), stdio to its log files, its own process group,
+//! the socket handover of the reuseport policy (fds 3, 4, …), and the `pre_exec` that ties its
+//! life to the master's (`PR_SET_PDEATHSIG`). Also where private ports come from.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use balancer_config::{App, Proto, Signal};
+use tokio::process::Command;
+
+use crate::logs::LogPaths;
+use crate::process::Process;
+
+/// Why a worker could not be spawned.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The log files could not be opened.
+    #[error("cannot open log file {path}")]
+    Logs {
+        /// The file that failed.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// No private port could be had.
+    #[error("cannot reserve a private port")]
+    Port(#[source] io::Error),
+    /// exec failed (program not found, not executable, …).
+    #[error("cannot start `{program}`")]
+    Exec {
+        /// The program that was run.
+        program: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Private ports are taken from here up to the start of the kernel's ephemeral range.
+const PRIVATE_PORT_FLOOR: u16 = 20000;
+/// Candidates tried before falling back to an ephemeral port.
+const PRIVATE_PORT_TRIES: u16 = 512;
+/// Rotates through the private range so a port is not handed out again soon after.
+static PRIVATE_PORT_CURSOR: AtomicU32 = AtomicU32::new(0);
+
+/// Reserves a free loopback port for a worker's private listener of `proto` (UDP ports for
+/// `udp://` listeners, TCP ports otherwise).
+///
+/// The port is free when this returns; the worker binds it moments later. It comes from below
+/// the kernel's ephemeral range (`ip_local_port_range`), so no outgoing connection or unbound
+/// socket — the master's own among them — can be given it in between. Only when that range is
+/// exhausted does it fall back to an ephemeral port; should someone take it anyway, the worker
+/// fails to listen, never becomes ready, and is restarted on another port.
+pub fn private_port(proto: Proto) -> io::Result<u16> {
+    let ephemeral_low = ephemeral_range_start().unwrap_or(32768);
+    if ephemeral_low > PRIVATE_PORT_FLOOR + PRIVATE_PORT_TRIES {
+        let span = u32::from(ephemeral_low - PRIVATE_PORT_FLOOR);
+        let seed = PRIVATE_PORT_CURSOR.load(Ordering::Relaxed);
+        if seed == 0 {
+            // Different masters start at different places.
+            let _ = PRIVATE_PORT_CURSOR.compare_exchange(
+                0,
+                std::process::id().wrapping_mul(2654435761) | 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        for _ in 0..PRIVATE_PORT_TRIES {
+            let step = PRIVATE_PORT_CURSOR.fetch_add(1, Ordering::Relaxed);
+            let port = PRIVATE_PORT_FLOOR + (step % span) as u16;
+            if bind_test(proto, port).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    bind_test(proto, 0)
+}
+
+/// Binds `port` on loopback for `proto` and lets it go; returns the port bound.
+fn bind_test(proto: Proto, port: u16) -> io::Result<u16> {
+    match proto {
+        Proto::Udp => Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, port))?
+            .local_addr()?
+            .port()),
+        Proto::Tcp | Proto::Http => Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, port))?
+            .local_addr()?
+            .port()),
+    }
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_range_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// What makes one incarnation of a worker.
+#[derive(Debug)]
+pub struct SpawnSpec<'a> {
+    /// The app it belongs to.
+    pub app: &'a App,
+    /// Its instance number.
+    pub instance: u32,
+    /// Its private addresses, one per listener.
+    pub addrs: &'a [SocketAddr],
+    /// Where its output goes.
+    pub logs: &'a LogPaths,
+    /// Reuseport policy: the listening sockets to hand over as fds 3, 4, … (empty under rr).
+    pub sockets: &'a [OwnedFd],
+    /// Reuseport policy: this binary, run as `exec-shim` so that `LISTEN_PID` is the pid of
+    /// the program that reads it.
+    pub shim: &'a Path,
+}
+
+/// Handed-over sockets start at this fd, as systemd's socket activation says.
+pub const LISTEN_FDS_START: i32 = 3;
+/// Sockets are first duplicated at or above this fd, so moving them to 3, 4, … in the child
+/// never overwrites one not yet moved.
+const HANDOVER_STAGING_FD: i32 = 64;
+
+/// Starts the worker: its own process group, stdio to its log files, the worker contract's
+/// environment, and PR_SET_PDEATHSIG so it dies with the master.
+pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
+    let app = spec.app;
+    let (out, err) = spec.logs.open().map_err(|source| SpawnError::Logs {
+        path: spec.logs.out.display().to_string(),
+        source,
+    })?;
+    let handover = !spec.sockets.is_empty();
+    let mut cmd = if handover {
+        let mut shim = Command::new(spec.shim);
+        shim.arg("exec-shim").arg("--").arg(&app.program);
+        shim
+    } else {
+        Command::new(&app.program)
+    };
+    cmd.args(&app.args)
+        .current_dir(&app.cwd)
+        .envs(&app.env)
+        .env("BALANCER_APP", &app.name)
+        .env("BALANCER_INSTANCE", spec.instance.to_string())
+        .env("NODE_APP_INSTANCE", spec.instance.to_string())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(true);
+    for (listener, addr) in app.listen.iter().zip(spec.addrs) {
+        cmd.env(&listener.port_env, addr.port().to_string());
+    }
+    let staged = spec
+        .sockets
+        .iter()
+        .map(|fd| {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(HANDOVER_STAGING_FD),
+            )
+            .map_err(io::Error::from)
+        })
+        .collect::<io::Result<Vec<i32>>>()
+        .map_err(|source| SpawnError::Exec {
+            program: app.program.clone(),
+            source,
+        })?;
+    // SAFETY: each fd was just returned by F_DUPFD_CLOEXEC and is owned by nobody else.
+    #[allow(unsafe_code)]
+    let staged_owned: Vec<OwnedFd> = staged
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if handover {
+        let names: Vec<&str> = app.listen.iter().map(|l| l.port_env.as_str()).collect();
+        cmd.env("LISTEN_FDS", staged.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .env_remove("LISTEN_PID");
+    }
+    let master = nix::unistd::getpid();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: prctl(2), getppid(2), dup2(2) and _exit(2) are.
+    // It allocates nothing and touches no lock (`staged` was built before the fork).
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The master may have died before prctl took effect: then nobody would kill us.
+            if nix::unistd::getppid() != master {
+                nix::libc::_exit(1);
+            }
+            for (i, &fd) in staged.iter().enumerate() {
+                // dup2 clears close-on-exec on the new fd: the program inherits it.
+                if nix::libc::dup2(fd, LISTEN_FDS_START + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| SpawnError::Exec {
+        program: app.program.clone(),
+        source,
+    });
+    drop(staged_owned);
+    Ok(Process::new(child?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_ports_come_from_below_the_ephemeral_range_and_are_free() {
+        let low = ephemeral_range_start().unwrap_or(32768);
+        let mut seen = std::collections::HashSet::new();
+        for proto in [Proto::Tcp, Proto::Udp, Proto::Http] {
+            for _ in 0..20 {
+                let port = private_port(proto).unwrap();
+                assert!((PRIVATE_PORT_FLOOR..low).contains(&port), "{port}");
+                assert!(bind_test(proto, port).is_ok(), "still free");
+                seen.insert(port);
+            }
+        }
+        assert!(
+            seen.len() > 50,
+            "ports rotate instead of repeating: {}",
+            seen.len()
+        );
+    }
+}
