@@ -11,18 +11,13 @@ use crate::proxy::http::{HttpProxy, serve_connection};
 /// Accepts connections until `stop`, serving each on a task tracked by `tracker`; connections
 /// then finish their requests in flight and close, or end at once when `abort` is cancelled.
 pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
+    let proxy = Arc::new(HttpProxy::new(&ctx));
     let super::ServeContext {
         route,
         stop,
-        abort,
         tracker,
+        ..
     } = ctx;
-    let proxy = Arc::new(HttpProxy::new(
-        Arc::clone(&route),
-        stop.clone(),
-        abort.clone(),
-        tracker.clone(),
-    ));
     let mut changes = route.pool.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -35,13 +30,7 @@ pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                tracker.spawn(serve_connection(
-                    stream,
-                    peer,
-                    Arc::clone(&proxy),
-                    stop.clone(),
-                    abort.clone(),
-                ));
+                tracker.spawn(serve_connection(stream, peer, Arc::clone(&proxy)));
             }
             Err(e) => super::accept_failed(e).await,
         }

@@ -2,15 +2,12 @@
 //! starts, and served by the protocol's accept loop.
 
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
 use balancer_config::{Listener, Proto};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::proxy::Route;
+pub use crate::proxy::ServeContext;
 
 pub mod http;
 pub mod tcp;
@@ -50,19 +47,6 @@ pub fn bind(listener: &Listener) -> io::Result<Bound> {
         Proto::Tcp | Proto::Http => tcp::bind(listener.addr).map(Bound::Stream),
         Proto::Udp => udp::bind(listener.addr).map(Bound::Datagram),
     }
-}
-
-/// What an accept loop needs besides its socket: where connections go, and how they end.
-#[derive(Debug, Clone)]
-pub struct ServeContext {
-    /// The app's pool and the listener's settings.
-    pub route: Arc<Route>,
-    /// Cancelled to stop accepting (connections in flight go on).
-    pub stop: CancellationToken,
-    /// Cancelled to end every connection at once (the end of a shutdown).
-    pub abort: CancellationToken,
-    /// Connection tasks are spawned here, so a shutdown can wait for them.
-    pub tracker: TaskTracker,
 }
 
 /// Serves `socket` as `proto` until `ctx.stop`; connection tasks go on `ctx.tracker` and end

@@ -38,11 +38,5 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// lets established flows relay the replies still coming (until quiet) and returns; `abort`
 /// ends everything at once. Relays run on `tracker`.
 pub async fn serve(socket: UdpSocket, ctx: super::ServeContext) {
-    let super::ServeContext {
-        route,
-        stop,
-        abort,
-        tracker,
-    } = ctx;
-    dispatch(socket, route, stop, abort, tracker).await;
+    dispatch(socket, ctx).await;
 }

@@ -14,6 +14,7 @@ use balancer_workers::{ConnGuard, Pool, WorkerHandle};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::policy::round_robin;
 
@@ -204,6 +205,20 @@ where
                 QueueEnd::Stopped => PickError::Stopped,
             })?;
     }
+}
+
+/// What serving one public socket needs besides the socket: where connections go, and how
+/// they end. The listener's accept loop hands it to the protocol's proxy.
+#[derive(Debug, Clone)]
+pub struct ServeContext {
+    /// The app's pool and the listener's settings.
+    pub route: Arc<Route>,
+    /// Cancelled to stop accepting (connections in flight go on).
+    pub stop: CancellationToken,
+    /// Cancelled to end every connection at once (the end of a shutdown).
+    pub abort: CancellationToken,
+    /// Connection tasks are spawned here, so a shutdown can wait for them.
+    pub tracker: TaskTracker,
 }
 
 /// Where one public listener (TCP, UDP or HTTP) sends its traffic: an app's pool, and the

@@ -43,15 +43,10 @@ const MIN_BUF_SIZE: usize = 8192;
 /// What an HTTP/2 client sends first (RFC 9113 §3.4); no HTTP/1 method starts with it.
 const H2_PREFACE_START: &[u8] = b"PRI";
 
-/// Serves one accepted client connection until it closes, times out, or is aborted: `stop`
-/// closes it gracefully (requests in flight finish), `abort` drops it.
-pub async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    proxy: Arc<HttpProxy>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-) {
+/// Serves one accepted client connection until it closes, times out, or is aborted: the
+/// proxy's `stop` closes it gracefully (requests in flight finish), its `abort` drops it.
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<HttpProxy>) {
+    let (stop, abort) = (proxy.stop.clone(), proxy.abort.clone());
     let accepted = Instant::now();
     let _ = stream.set_nodelay(true);
     let route = Arc::clone(proxy.route());

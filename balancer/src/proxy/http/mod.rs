@@ -33,7 +33,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Attempt, Pick, PickError, Route, RouteSettings, pick_and_connect};
+use super::{Attempt, Pick, PickError, Route, RouteSettings, ServeContext, pick_and_connect};
 use headers::{prepare_request, strip_hop_by_hop, wants_upgrade};
 use upstream::{ConnectError, IdlePool, Key, Lease, connect};
 
@@ -118,20 +118,16 @@ pub struct HttpProxy {
 }
 
 impl HttpProxy {
-    /// A proxy for `route`. `stop` ends waits for a worker; `abort` ends worker connections and
-    /// tunnels; tunnels (which outlive their client connection's task) go on `tracker`.
-    pub fn new(
-        route: Arc<Route>,
-        stop: CancellationToken,
-        abort: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Self {
+    /// A proxy for `ctx.route`. `stop` ends waits for a worker (and closes client connections
+    /// gracefully); `abort` ends worker connections and tunnels; tunnels (which outlive their
+    /// client connection's task) go on `tracker`.
+    pub fn new(ctx: &ServeContext) -> Self {
         HttpProxy {
-            route,
+            route: Arc::clone(&ctx.route),
             idle: Arc::default(),
-            stop,
-            abort,
-            tracker,
+            stop: ctx.stop.clone(),
+            abort: ctx.abort.clone(),
+            tracker: ctx.tracker.clone(),
         }
     }
 
@@ -438,12 +434,12 @@ mod tests {
                 idle_timeout: Duration::from_secs(1),
             },
         };
-        HttpProxy::new(
-            Arc::new(Route::new("http-test", pool, settings)),
-            CancellationToken::new(),
-            CancellationToken::new(),
-            TaskTracker::new(),
-        )
+        HttpProxy::new(&ServeContext {
+            route: Arc::new(Route::new("http-test", pool, settings)),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
     }
 
     /// Forwards a bodiless request the way `handle` does; the id of the worker that answered.

@@ -54,10 +54,9 @@ use balancer_workers::WorkerHandle;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Route, Walk};
+use super::{Route, ServeContext, Walk};
 use hold::Held;
 use relay::{Relays, Sent, Upstream, Usable};
 
@@ -428,16 +427,16 @@ const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// The timer's deadline when nothing is due.
 const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// The listener's dispatcher, one task per UDP listener: reads client datagrams until `stop`, then lets established flows relay
-/// the replies still coming (until quiet) and returns; `abort` ends everything at once. Relays
-/// run on `tracker`.
-pub async fn dispatch(
-    socket: UdpSocket,
-    route: Arc<Route>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// The listener's dispatcher, one task per UDP listener: reads client datagrams until
+/// `ctx.stop`, then lets established flows relay the replies still coming (until quiet) and
+/// returns; `ctx.abort` ends everything at once. Relays run on `ctx.tracker`.
+pub async fn dispatch(socket: UdpSocket, ctx: ServeContext) {
+    let ServeContext {
+        route,
+        stop,
+        abort,
+        tracker,
+    } = ctx;
     let public = Arc::new(socket);
     let (mut flows, mut reports) = Flows::new(Arc::clone(&route), Arc::clone(&public), tracker);
     let mut pool_changes = route.pool.subscribe();
@@ -591,9 +590,9 @@ mod tests {
         let socket = crate::listener::udp::bind(addr(0)).unwrap();
         let public = socket.local_addr().unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(crate::listener::udp::serve(
+        tokio::spawn(dispatch(
             socket,
-            crate::listener::ServeContext {
+            ServeContext {
                 route,
                 stop: stop.clone(),
                 abort: tokio_util::sync::CancellationToken::new(),
