@@ -2,6 +2,7 @@
 //! loopback. Every test picks free ports, bounds its waits, and kills what it started.
 
 mod config_errors;
+mod hardening;
 mod http;
 mod lifecycle;
 mod operate;

@@ -53,6 +53,64 @@ pub enum LockError {
     /// The home or the pid file could not be created.
     #[error("cannot prepare {0}")]
     Io(PathBuf, #[source] io::Error),
+    /// The home (or its `logs/`) could be changed by someone else: refused, like ssh's
+    /// StrictModes, since the master writes there (as root, maybe) and trusts what it finds.
+    #[error("{} is unsafe: {why}; {fix}", path.display())]
+    Unsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+        /// What to do.
+        fix: String,
+    },
+}
+
+/// The home's `logs/` directory.
+pub const LOGS_DIR: &str = "logs";
+
+/// Checks that `dir` is a real directory (not a symlink), owned by us, that nobody else may
+/// write to.
+pub fn check_private(dir: &Path) -> Result<(), LockError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| LockError::Io(dir.to_path_buf(), e))?;
+    let unsafe_because = |why: String, fix: String| LockError::Unsafe {
+        path: dir.to_path_buf(),
+        why,
+        fix,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_because(
+            "it is a symbolic link".into(),
+            "remove the link and let balancer create a real directory".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_because(
+            "it is not a directory".into(),
+            "remove it or set BALANCER_HOME elsewhere".into(),
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(unsafe_because(
+            format!(
+                "it is owned by uid {}, not by this user (uid {me})",
+                meta.uid()
+            ),
+            format!(
+                "`chown {me} {}`, or set BALANCER_HOME elsewhere",
+                dir.display()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_because(
+            format!("others may write to it (mode {:o})", meta.mode() & 0o7777),
+            format!("`chmod go-w {}` (0700 is best)", dir.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// The home, held: while this lives, no other master can run on it.
@@ -63,13 +121,18 @@ pub struct HomeLock {
 }
 
 impl HomeLock {
-    /// Creates the home (mode 0700) if needed and takes its lock, writing our pid.
+    /// Creates the home and its `logs/` (mode 0700) if needed, refuses them if someone else
+    /// could change them ([`check_private`]), and takes the lock, writing our pid. No path in
+    /// the home is followed if it is a symlink.
     pub fn acquire(home: &Path) -> Result<HomeLock, LockError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(home)
-            .map_err(|e| LockError::Io(home.to_path_buf(), e))?;
+        for dir in [home.to_path_buf(), home.join(LOGS_DIR)] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| LockError::Io(dir.clone(), e))?;
+            check_private(&dir)?;
+        }
         let path = home.join(PID_FILE);
         let file = OpenOptions::new()
             .read(true)
@@ -77,6 +140,7 @@ impl HomeLock {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| LockError::Io(path.clone(), e))?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -136,5 +200,38 @@ mod tests {
         drop(first);
         assert!(!home.join(PID_FILE).exists());
         HomeLock::acquire(&home).expect("free again");
+    }
+}
+
+#[cfg(test)]
+mod safety_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_home_others_can_write_or_a_planted_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = HomeLock::acquire(&home).unwrap_err().to_string();
+        assert!(err.contains("others may write to it (mode 777)"), "{err}");
+        assert!(err.contains("chmod go-w"), "{err}");
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        // logs/ pointing elsewhere, and the pid file planted as a link to a victim file.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, home.join(LOGS_DIR)).unwrap();
+        let err = HomeLock::acquire(&home).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        std::fs::remove_file(home.join(LOGS_DIR)).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, home.join(PID_FILE)).unwrap();
+        assert!(HomeLock::acquire(&home).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        std::fs::remove_file(home.join(PID_FILE)).unwrap();
+        HomeLock::acquire(&home).expect("a clean home is fine");
     }
 }

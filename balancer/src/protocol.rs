@@ -421,6 +421,17 @@ pub mod wire {
         DEFAULT_LOG_LINES
     }
 
+    /// A path the master resolves must not depend on its own working directory.
+    fn absolute(field: &str, path: Option<&std::path::Path>) -> Result<(), String> {
+        match path {
+            Some(path) if !path.is_absolute() => Err(format!(
+                "`{field}` must be an absolute path, not {}",
+                path.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn parse_policy(text: &str) -> Result<Policy, String> {
         text.parse()
             .map_err(|_| format!("unknown policy {text:?}: expected rr or reuseport"))
@@ -447,6 +458,8 @@ pub mod wire {
                         env,
                         policy: policy.as_deref().map(parse_policy).transpose()?,
                     };
+                    absolute("file", file.as_deref())?;
+                    absolute("cwd", cwd.as_deref())?;
                     Self::Start(match (file, toml, target) {
                         (Some(file), None, None) if cwd.is_none() => Start::File { file, load },
                         (None, Some(toml), None) => Start::Toml { toml, cwd, load },
@@ -481,6 +494,12 @@ pub mod wire {
                     }
                     (Some(_), None) => {
                         return Err("`env` and `policy` go with `file`, not `target`".into());
+                    }
+                    (None, Some(file)) if !file.is_absolute() => {
+                        return Err(format!(
+                            "`file` must be an absolute path, not {}",
+                            file.display()
+                        ));
                     }
                     (None, Some(file)) => Reload::File {
                         file,
@@ -746,6 +765,10 @@ mod tests {
         assert!(err.contains("go with `file`"), "{err}");
         let err = request(r#"{"cmd":"start","target":"web","env":"prod"}"#).unwrap_err();
         assert!(err.contains("takes no"), "{err}");
+        let err = request(r#"{"cmd":"start","toml":"[[app]]","cwd":"rel/dir"}"#).unwrap_err();
+        assert!(err.contains("`cwd` must be an absolute path"), "{err}");
+        let err = request(r#"{"cmd":"reload","file":"b.toml"}"#).unwrap_err();
+        assert!(err.contains("`file` must be an absolute path"), "{err}");
     }
 
     #[test]

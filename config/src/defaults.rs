@@ -9,6 +9,37 @@ use crate::model::{Check, Health, Signal};
 
 /// `instances`: one worker.
 pub const INSTANCES: u32 = 1;
+/// The most workers one app may have: far more than any machine has cores, and few enough that
+/// a typo (`instances = 1000000`) cannot exhaust memory, pids and file descriptors.
+pub const MAX_INSTANCES: u32 = 1024;
+/// The longest app name: it becomes part of log file names, which must stay well under the
+/// file system's 255-byte limit.
+pub const MAX_NAME_LEN: usize = 64;
+/// The longest single argument or environment value the kernel passes to a program
+/// (`MAX_ARG_STRLEN`, 32 pages): a longer one fails at spawn with E2BIG.
+pub const MAX_ARG_LEN: usize = 128 * 1024;
+/// The most bytes of arguments plus environment an app may pass, well under the kernel's
+/// `ARG_MAX` share of the stack, so a spawn never fails with E2BIG.
+pub const MAX_ARGS_TOTAL: usize = 1024 * 1024;
+/// Environment variables the worker contract or the loader sets, which a listener's
+/// `port_env` must not take over.
+pub const RESERVED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "SHELL",
+    "PWD",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "BALANCER_APP",
+    "BALANCER_INSTANCE",
+    "BALANCER_HOME",
+    "NODE_APP_INSTANCE",
+];
 /// `health.check`: a TCP connect to the worker's first private port.
 pub const HEALTH_CHECK: Check = Check::Tcp;
 /// `health.path` when `check = "http"`.

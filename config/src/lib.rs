@@ -73,12 +73,52 @@ impl LoadOptions {
     }
 }
 
+/// The largest balancer.toml [`load`] reads: a real one is a few KiB, and a bound keeps a
+/// mistaken path (`/dev/zero`, a log file) from eating the master's memory.
+pub const MAX_FILE_SIZE: u64 = 1024 * 1024;
+
 /// Reads and validates the file at `path`. An unreadable file is one [`Diagnostic`] without a
 /// line or column.
+///
+/// Only a regular file of at most [`MAX_FILE_SIZE`] bytes is read. It is opened non-blocking
+/// and checked before any read, so a FIFO, a device or a socket is refused at once instead of
+/// blocking the reader until someone writes to it.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
-    let source = std::fs::read_to_string(path)
-        .map_err(|e| Diagnostic::whole_file(path, format!("cannot read the file: {e}")))?;
+    let source = read_bounded(path).map_err(|e| Diagnostic::whole_file(path, e))?;
     parse(&source, path, opts)
+}
+
+fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file; give the path of a balancer.toml".to_owned());
+    }
+    if meta.len() > MAX_FILE_SIZE {
+        return Err(format!(
+            "{} bytes is too large for a balancer.toml (at most {MAX_FILE_SIZE})",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    // The size was checked, but a file can grow while it is read: the read is bounded too.
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if text.len() as u64 > MAX_FILE_SIZE {
+        return Err(format!(
+            "too large for a balancer.toml (at most {MAX_FILE_SIZE} bytes)"
+        ));
+    }
+    Ok(text)
 }
 
 /// Validates `source` as if read from `path`: `path` names the file in messages and its

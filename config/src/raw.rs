@@ -11,6 +11,7 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::defaults;
 use crate::error::Sink;
 use crate::values::parse_duration;
 
@@ -91,6 +92,23 @@ pub(crate) fn table<'v, 'i>(
 /// A list of words: an array of strings, or one string split like a shell would (quotes and
 /// backslashes, no expansion; nothing is ever run through a shell).
 pub(crate) fn words(sink: &mut Sink<'_>, label: &str, value: &Value<'_>) -> Option<Vec<String>> {
+    let words = words_unchecked(sink, label, value)?;
+    if let Some(long) = words.iter().find(|w| w.len() > defaults::MAX_ARG_LEN) {
+        sink.error(
+            value.span(),
+            format!(
+                "`{label}`: an argument of {} bytes is longer than the {} bytes the kernel passes \
+                 to a program",
+                long.len(),
+                defaults::MAX_ARG_LEN
+            ),
+        );
+        return None;
+    }
+    Some(words)
+}
+
+fn words_unchecked(sink: &mut Sink<'_>, label: &str, value: &Value<'_>) -> Option<Vec<String>> {
     match value.get_ref() {
         DeValue::String(s) => {
             let split = shlex::split(s);

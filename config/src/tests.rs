@@ -567,12 +567,14 @@ fn script_xor_command() {
 #[test]
 fn interpreter_inferred_from_extension() {
     let p = Project::new();
+    // The mapping itself, whatever is installed here…
+    assert_eq!(defaults::interpreter_for(Path::new("a.rb")), Some("ruby"));
+    // …and the apps it gives, for interpreters this machine has (they must be in PATH).
     for (script, interpreter) in [
         ("a.js", "node"),
         ("a.mjs", "node"),
         ("a.py", "python3"),
         ("a.sh", "bash"),
-        ("a.rb", "ruby"),
     ] {
         p.file(script, false);
         let app = p.app(&format!(
@@ -597,9 +599,18 @@ fn interpreter_inferred_from_extension() {
     p.file("tool.js", true);
     let app = p.app("[[app]]\nname = \"web\"\nscript = \"tool.js\"\ninterpreter = \"none\"\n");
     assert_eq!(app.program, p.path("tool.js").to_string_lossy());
-    let app = p.app("[[app]]\nname = \"web\"\nscript = \"tool.js\"\ninterpreter = \"bun\"\ninterpreter_args = \"--smol\"\n");
-    assert_eq!((app.program.as_str(), app.args.len()), ("bun", 2));
-    assert_eq!(app.args[0], "--smol");
+    let app = p.app("[[app]]\nname = \"web\"\nscript = \"tool.js\"\ninterpreter = \"python3\"\ninterpreter_args = \"-u\"\n");
+    assert_eq!((app.program.as_str(), app.args.len()), ("python3", 2));
+    assert_eq!(app.args[0], "-u");
+    // A missing interpreter is found out here, not by a crash loop.
+    let errors = p.errors(
+        "[[app]]\nname = \"web\"\nscript = \"tool.js\"\ninterpreter = \"no-such-interpreter-x\"\n",
+    );
+    assert_one(
+        &errors,
+        "4:15",
+        "`no-such-interpreter-x` is not a program in PATH",
+    );
     let errors =
         p.errors("[[app]]\nname = \"web\"\nscript = \"server\"\ninterpreter_args = \"-x\"\n");
     assert_one(&errors, "4:1", "`interpreter_args` needs an interpreter");
@@ -630,7 +641,16 @@ fn instances_max_negative_and_zero() {
     };
     assert_eq!(count("\"max\""), (4, Instances::Max));
     assert_eq!(count("-1"), (3, Instances::CpusMinus(1)));
-    assert_eq!(count("-10"), (1, Instances::CpusMinus(10)));
+    assert_eq!(count("-3"), (1, Instances::CpusMinus(3)));
+    // Minus as many CPUs as there are, or more, leaves nothing: an error, not a silent 1.
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}instances = -1000\n"
+    ));
+    assert_one(&errors, "4:13", "leaves no worker");
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}instances = 1000000\n"
+    ));
+    assert_one(&errors, "4:13", "more than 1024 workers");
     assert_eq!(count("0"), (0, Instances::Count(0)));
     assert_eq!(count("7"), (7, Instances::Count(7)));
 }
@@ -886,4 +906,75 @@ fn typical_mistakes_read_well() {
             .replace(&dir, "[project]");
         insta::assert_snapshot!(name, text, &toml);
     }
+}
+
+/// Values that pass TOML but would fail at run time, or harm the host, are refused here.
+#[test]
+fn careless_values_are_refused_before_anything_runs() {
+    let p = Project::new();
+    let app = |body: &str| p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{body}\n"));
+    let named = |name: &str| p.errors(&format!("[[app]]\nname = \"{name}\"\n{CMD}"));
+    assert_one(&named(".."), "2:8", "must not start with `.` or `-`");
+    assert_one(&named("."), "2:8", "must not start with `.` or `-`");
+    assert_one(&named("-rf"), "2:8", "must not start with `.` or `-`");
+    assert_one(
+        &named(&"a".repeat(300)),
+        "2:8",
+        "300 characters is too long",
+    );
+    assert!(
+        p.parse(&format!("[[app]]\nname = \"{}\"\n{CMD}", "a".repeat(64)))
+            .is_ok()
+    );
+    assert_one(
+        &app("listen = [{ url = \":8080\", port_env = \"PATH\" }]"),
+        "4:39",
+        "\"PATH\" is set by balancer or the system",
+    );
+    assert_one(
+        &app("health = { check = \"http\", path = \"/x\\r\\nX-Evil: 1\" }"),
+        "4:35",
+        "control character",
+    );
+    let huge = "x".repeat(200 * 1024);
+    assert_one(
+        &app(&format!("args = [\"{huge}\"]")),
+        "4:8",
+        "longer than the 131072 bytes",
+    );
+    assert_one(
+        &app(&format!("env = {{ BIG = \"{huge}\" }}")),
+        "4:15",
+        "longer than the 131072 bytes",
+    );
+    let many = vec![format!("\"{}\"", "y".repeat(100 * 1024)); 12].join(", ");
+    assert_one(&app(&format!("args = [{many}]")), "1:1", "add up to");
+    let errors = p.errors("[[app]]\nname = \"web\"\ncommand = [\"no-such-program-x\"]\n");
+    assert_one(
+        &errors,
+        "3:11",
+        "`no-such-program-x` is not a program in PATH",
+    );
+}
+
+/// `start /dev/zero`, a FIFO or a huge file must neither hang nor exhaust memory.
+#[test]
+fn only_a_bounded_regular_file_is_read() {
+    let p = Project::new();
+    let message = |path: &Path| {
+        let errors = load(path, &opts()).expect_err("refused");
+        errors.0[0].message.clone()
+    };
+    assert!(message(Path::new("/dev/zero")).contains("not a regular file"));
+    let fifo = p.path("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    assert!(
+        message(&fifo).contains("not a regular file"),
+        "no writer, no hang"
+    );
+    assert!(message(p.dir.path()).contains("not a regular file"));
+    let big = p.path("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 * 1024 * 1024]).unwrap();
+    assert!(message(&big).contains("too large"));
+    assert!(message(&p.path("missing.toml")).contains("cannot read the file"));
 }

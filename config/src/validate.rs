@@ -215,7 +215,9 @@ fn app(
 
     let cwd = cwd(&mut r, ctx);
     let program = program(&mut r, header.clone(), cwd.as_deref());
-    let instances_spec = r.value("instances").and_then(|v| instances(r.sink, v));
+    let instances_spec = r
+        .value("instances")
+        .and_then(|v| instances(r.sink, v, ctx.opts.cpus));
     let instances_spec = instances_spec.unwrap_or(Instances::Count(defaults::INSTANCES));
     let holder = name.as_ref().map_or_else(
         || format!("the [[app]] at line {}", r.sink.line_of(&header)),
@@ -271,6 +273,23 @@ fn app(
     };
 
     let (program, args) = program?;
+    let total: usize = args.iter().map(|a| a.len() + 1).sum::<usize>()
+        + env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>();
+    if total > defaults::MAX_ARGS_TOTAL {
+        r.error(
+            header,
+            format!(
+                "the arguments and environment of `{}` add up to {total} bytes; at most {} can be \
+                 passed to a program",
+                name.as_deref().unwrap_or("[[app]]"),
+                defaults::MAX_ARGS_TOTAL
+            ),
+        );
+        return None;
+    }
     Some(App {
         name: name?,
         program,
@@ -309,6 +328,16 @@ fn name(r: &mut Reader<'_, '_, '_, '_>, header: Range<usize>, taken: &mut Taken)
     let name = r.string("name")?;
     let problem = if name.is_empty() {
         Some("`name`: must not be empty".to_owned())
+    } else if name.len() > defaults::MAX_NAME_LEN {
+        Some(format!(
+            "`name`: {} characters is too long; at most {} (it names log files)",
+            name.chars().count(),
+            defaults::MAX_NAME_LEN
+        ))
+    } else if name.starts_with(['.', '-']) {
+        Some(format!(
+            "`name`: {name:?} must not start with `.` or `-` (a hidden file, or an option)"
+        ))
     } else if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
@@ -418,7 +447,19 @@ fn program(
                     let value = r.value("interpreter")?;
                     Some(executable(r, "interpreter", value, given, cwd?)?)
                 }
-                None => defaults::interpreter_for(Path::new(script)).map(str::to_owned),
+                None => match defaults::interpreter_for(Path::new(script)) {
+                    Some(inferred) if !in_path(inferred) => {
+                        r.error(
+                            value.span(),
+                            format!(
+                                "`script`: `{script}` runs with `{inferred}`, which is not a \
+                                 program in PATH; install it, or set `interpreter`"
+                            ),
+                        );
+                        return None;
+                    }
+                    inferred => inferred.map(str::to_owned),
+                },
             };
             let cwd = cwd?;
             let path = clean(&cwd.join(script));
@@ -475,6 +516,15 @@ fn executable(
     cwd: &Path,
 ) -> Option<String> {
     if !program.contains('/') {
+        if !in_path(program) {
+            r.error(
+                value.span(),
+                format!(
+                    "`{label}`: `{program}` is not a program in PATH; install it, or give its path"
+                ),
+            );
+            return None;
+        }
         return Some(program.to_owned());
     }
     let path = clean(&cwd.join(program));
@@ -495,6 +545,18 @@ fn executable(
     Some(path.to_string_lossy().into_owned())
 }
 
+/// Whether `program` names an executable file in one of `PATH`'s directories, as exec will
+/// look it up (the master spawns with the environment it was started with).
+fn in_path(program: &str) -> bool {
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|dir| {
+        let candidate = dir.join(program);
+        candidate.is_file() && is_executable(&candidate)
+    })
+}
+
 /// Whether any execute bit is set.
 fn is_executable(path: &Path) -> bool {
     path.metadata()
@@ -509,8 +571,9 @@ fn clean(path: &Path) -> PathBuf {
         .collect()
 }
 
-/// `instances`: a count, `"max"`, or a negative count meaning CPUs minus that many.
-fn instances(sink: &mut Sink<'_>, value: &Value<'_>) -> Option<Instances> {
+/// `instances`: a count (at most [`defaults::MAX_INSTANCES`]), `"max"`, or a negative count
+/// meaning CPUs minus that many (which must leave at least one).
+fn instances(sink: &mut Sink<'_>, value: &Value<'_>, cpus: u32) -> Option<Instances> {
     let parsed = match value.get_ref() {
         DeValue::Integer(_) => Instances::from_integer(raw::integer(sink, "instances", value)?),
         DeValue::String(s) if s == "max" => Ok(Instances::Max),
@@ -520,7 +583,18 @@ fn instances(sink: &mut Sink<'_>, value: &Value<'_>) -> Option<Instances> {
             return None;
         }
     };
-    parsed
+    let checked = parsed.and_then(|spec| match spec {
+        Instances::Count(n) if n > defaults::MAX_INSTANCES => Err(format!(
+            "{n} is more than {} workers for one app",
+            defaults::MAX_INSTANCES
+        )),
+        // `-1` (every CPU but one) is kept portable: on one CPU it still runs one worker.
+        Instances::CpusMinus(n) if n >= cpus && n > 1 => Err(format!(
+            "-{n} means {cpus} CPUs minus {n}, which leaves no worker; use a count, or \"max\""
+        )),
+        spec => Ok(spec),
+    });
+    checked
         .map_err(|e| sink.error(value.span(), format!("`instances`: {e}")))
         .ok()
 }
@@ -654,8 +728,13 @@ fn claim(
     });
 }
 
-/// A valid environment variable name, for `port_env`.
+/// A valid environment variable name, for `port_env`, that the worker contract does not use.
 fn env_name(name: &str) -> Result<String, String> {
+    if defaults::RESERVED_ENV.contains(&name) {
+        return Err(format!(
+            "{name:?} is set by balancer or the system for every worker; choose another name"
+        ));
+    }
     let mut chars = name.chars();
     let valid = chars
         .next()
@@ -725,6 +804,18 @@ fn env_vars(sink: &mut Sink<'_>, label: &str, table: &Table<'_>) -> BTreeMap<Str
                 );
                 continue;
             }
+            DeValue::String(s) if s.len() > defaults::MAX_ARG_LEN => {
+                sink.error(
+                    value.span(),
+                    format!(
+                        "`{label}.{name}`: a value of {} bytes is longer than the {} bytes the \
+                         kernel passes to a program",
+                        s.len(),
+                        defaults::MAX_ARG_LEN
+                    ),
+                );
+                continue;
+            }
             DeValue::String(s) => s.to_string(),
             DeValue::Integer(_) => match raw::integer(sink, label, value) {
                 Some(n) => n.to_string(),
@@ -762,10 +853,14 @@ fn health(r: &mut Reader<'_, '_, '_, '_>, place: &str) -> Health {
     });
     let check_is_valid = check.is_some() || r.value("check").is_none();
     let path = r.parsed("path", |s| {
-        if s.starts_with('/') {
-            Ok(s.to_owned())
-        } else {
+        if !s.starts_with('/') {
             Err(format!("{s:?} must start with `/`"))
+        } else if s.chars().any(|c| c.is_control() || c == ' ') {
+            Err(format!(
+                "{s:?} contains a space or a control character; percent-encode it (`%20`)"
+            ))
+        } else {
+            Ok(s.to_owned())
         }
     });
     let check = match check.unwrap_or(defaults::HEALTH_CHECK) {

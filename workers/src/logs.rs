@@ -44,11 +44,22 @@ impl LogPaths {
     }
 }
 
+/// Opens a log for appending: created 0640 (logs may hold secrets), never through a symlink
+/// (a planted link would make the master write into another file).
 fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
 }
 
 /// The last `n` whole lines of `path` and the length the file had, read backwards from its end
@@ -96,7 +107,12 @@ pub fn tail(path: &Path, n: usize) -> io::Result<(Vec<String>, u64)> {
 /// Empties `path` (a missing file is already empty). Workers append (`O_APPEND`), so after
 /// the truncation they simply write from the start.
 pub fn flush(path: &Path) -> io::Result<()> {
-    match OpenOptions::new().write(true).open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path);
+    match opened {
         Ok(file) => file.set_len(0),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
@@ -165,6 +181,17 @@ mod tests {
         logs.open().unwrap().0.write_all(b"one\n").unwrap();
         logs.open().unwrap().0.write_all(b"two\n").unwrap();
         assert_eq!(std::fs::read_to_string(&logs.out).unwrap(), "one\ntwo\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&logs.out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640, "logs may hold secrets");
+        // A link planted where a log goes is not followed, for appending or for flushing.
+        let victim = home.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let planted = LogPaths::new(home.path(), "evil", 0);
+        std::os::unix::fs::symlink(&victim, &planted.out).unwrap();
+        assert!(planted.open().is_err());
+        assert!(flush(&planted.out).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     }
 
     #[test]

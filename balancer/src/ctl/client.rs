@@ -41,6 +41,19 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// What answers on the socket is not a master of this user: its reply is not trusted.
+    #[error(
+        "the admin socket {} is served by uid {uid}, not by this user (uid {me}); refusing to trust it",
+        socket.display()
+    )]
+    Impostor {
+        /// The socket that was tried.
+        socket: PathBuf,
+        /// Who serves it.
+        uid: u32,
+        /// Who we are.
+        me: u32,
+    },
     /// The request could not be written.
     #[error("cannot send the request to the master")]
     Send(#[source] io::Error),
@@ -107,6 +120,23 @@ impl Client {
                 source,
             },
         })?;
+        // Anyone who could swap the socket file could answer `kill` with "done" while the real
+        // master runs on: the peer must be this user (the master runs as its user, or root as
+        // root).
+        let peer =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|e| ClientError::Connect {
+                    socket: socket.clone(),
+                    source: e.into(),
+                })?;
+        let me = nix::unistd::geteuid().as_raw();
+        if peer.uid() != me {
+            return Err(ClientError::Impostor {
+                socket,
+                uid: peer.uid(),
+                me,
+            });
+        }
         let writer = stream.try_clone().map_err(|source| ClientError::Connect {
             socket: socket.clone(),
             source,

@@ -15,7 +15,9 @@ use balancer_workers::Target;
 use balancer_workers::logs::{self, Follower};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec, LinesCodecError};
+use tokio_util::codec::{
+    AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead, FramedWrite, LinesCodec, LinesCodecError,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::views::{all_workers, show};
@@ -24,6 +26,12 @@ use crate::protocol::{LogLine, MAX_REQUEST_BYTES, Pong, Reload, Reply, Request, 
 
 /// How often `logs --follow` looks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// Admin connections served at once; more are told so and closed, so idle clients cannot
+/// take the master's descriptors.
+const MAX_CLIENTS: usize = 64;
+/// A connection that sends no request for this long is closed (a `logs --follow` in
+/// progress is not idle).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Binds the admin socket, replacing a stale one, readable and writable by its owner only.
 pub(super) fn bind(path: &Path) -> io::Result<UnixListener> {
@@ -41,6 +49,7 @@ pub(super) fn bind(path: &Path) -> io::Result<UnixListener> {
 /// Serves clients until `stop` is cancelled.
 pub(super) async fn serve(listener: UnixListener, master: Arc<Master>, stop: CancellationToken) {
     let me = nix::unistd::getuid().as_raw();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -68,9 +77,15 @@ pub(super) async fn serve(listener: UnixListener, master: Arc<Master>, stop: Can
                 continue;
             }
         }
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!("admin socket: {MAX_CLIENTS} clients already connected; refusing one");
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let master = Arc::clone(&master);
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = client(stream, &master) => {}
                 _ = stop.cancelled() => {}
@@ -79,27 +94,60 @@ pub(super) async fn serve(listener: UnixListener, master: Arc<Master>, stop: Can
     }
 }
 
-type Lines = FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>;
+type Lines = FramedRead<tokio::net::unix::OwnedReadHalf, AnyDelimiterCodec>;
 type Out = FramedWrite<tokio::net::unix::OwnedWriteHalf, LinesCodec>;
+
+/// Tells a client over [`MAX_CLIENTS`] why it is not served.
+async fn refuse(stream: UnixStream) {
+    let (_, write) = stream.into_split();
+    let mut out = FramedWrite::new(write, LinesCodec::new());
+    let error = format!("the master already serves {MAX_CLIENTS} admin connections; try again");
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        send(&mut out, &Reply::Failed { error, code: 1 }),
+    )
+    .await;
+}
 
 async fn client(stream: UnixStream, master: &Master) {
     let (read, write) = stream.into_split();
-    let mut requests = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST_BYTES));
+    // Lines as bytes: a request that is not UTF-8 gets an error reply, not a dropped connection.
+    let codec =
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_REQUEST_BYTES);
+    let mut requests = FramedRead::new(read, codec);
     let mut out = FramedWrite::new(write, LinesCodec::new());
-    while let Some(line) = requests.next().await {
+    loop {
+        let line = match tokio::time::timeout(IDLE_TIMEOUT, requests.next()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(_) => {
+                let error = format!("no request within {IDLE_TIMEOUT:?}; closing");
+                let _ = send(&mut out, &bad_request(error)).await;
+                return;
+            }
+        };
         let line = match line {
             Ok(line) => line,
-            Err(LinesCodecError::MaxLineLengthExceeded) => {
+            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
                 let error = format!("request longer than {MAX_REQUEST_BYTES} bytes; closing");
                 let _ = send(&mut out, &bad_request(error)).await;
                 return;
             }
-            Err(LinesCodecError::Io(_)) => return,
+            Err(AnyDelimiterCodecError::Io(_)) => return,
+        };
+        let Ok(line) = std::str::from_utf8(&line) else {
+            if send(&mut out, &bad_request("bad request: not UTF-8".into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
         };
         if line.trim().is_empty() {
             continue;
         }
-        let request = match serde_json::from_str::<Request>(&line) {
+        let request = match serde_json::from_str::<Request>(line) {
             Ok(request) => request,
             Err(e) => {
                 if send(&mut out, &bad_request(format!("bad request: {e}")))
@@ -173,10 +221,12 @@ async fn handle(master: &Master, request: Request) -> Reply {
             Ok(app) => Reply::App(Box::new(app)),
             Err(e) => e.into(),
         },
-        Request::Start(Start::File { file, load }) => outcome(match master.load(&file, &load) {
-            Ok(config) => master.apply(config, Source::File(file), Apply::Start).await,
-            Err(e) => Err(e),
-        }),
+        Request::Start(Start::File { file, load }) => {
+            outcome(match master.load(&file, &load).await {
+                Ok(config) => master.apply(config, Source::File(file), Apply::Start).await,
+                Err(e) => Err(e),
+            })
+        }
         Request::Start(Start::Toml { toml, cwd, load }) => {
             let cwd = cwd.unwrap_or_else(|| master.home().to_path_buf());
             outcome(match master.parse(&toml, &cwd, &load) {
@@ -192,14 +242,16 @@ async fn handle(master: &Master, request: Request) -> Reply {
         Request::Stop { target } => outcome(master.stop(&target).await),
         Request::Restart { target } => outcome(master.restart(&target).await),
         Request::Reload(Reload::Target { target }) => outcome(master.reload(&target).await),
-        Request::Reload(Reload::File { file, load }) => outcome(match master.load(&file, &load) {
-            Ok(config) => {
-                master
-                    .apply(config, Source::File(file), Apply::Reload)
-                    .await
-            }
-            Err(e) => Err(e),
-        }),
+        Request::Reload(Reload::File { file, load }) => {
+            outcome(match master.load(&file, &load).await {
+                Ok(config) => {
+                    master
+                        .apply(config, Source::File(file), Apply::Reload)
+                        .await
+                }
+                Err(e) => Err(e),
+            })
+        }
         Request::Delete { target } => outcome(master.delete(&target).await),
         Request::Scale { app, to } => outcome(master.scale(&app, to).await),
         Request::Flush { target } => outcome(flush(master, target.as_deref()).await),

@@ -377,7 +377,7 @@ mod tests {
         let m = master(dir.path());
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "[[app]]\nname = \"x\"\ninstnaces = 2\n").unwrap();
-        let err = m.load(&file, &Load::default()).unwrap_err();
+        let err = m.load(&file, &Load::default()).await.unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("bad.toml:3:1"), "{err}");
         let err = m.stop("nope").await.unwrap_err();

@@ -293,9 +293,14 @@ impl Master {
         load.apply_to(&self.load)
     }
 
-    /// Loads a balancer.toml.
-    pub fn load(&self, file: &Path, load: &Load) -> Result<Config, ControlError> {
-        balancer_config::load(file, &self.options(load)).map_err(ControlError::BadConfig)
+    /// Loads a balancer.toml, off the runtime's threads: reading a file may block, and the
+    /// master must go on proxying meanwhile.
+    pub async fn load(&self, file: &Path, load: &Load) -> Result<Config, ControlError> {
+        let (file, opts) = (file.to_path_buf(), self.options(load));
+        match tokio::task::spawn_blocking(move || balancer_config::load(&file, &opts)).await {
+            Ok(loaded) => loaded.map_err(ControlError::BadConfig),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 
     /// Parses balancer.toml text built by the CLI; relative paths are relative to `cwd`.

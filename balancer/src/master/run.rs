@@ -40,6 +40,7 @@ pub struct MasterOptions {
 pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<(), MasterError> {
     let _ = opts.phase.send(Phase::Starting);
     let lock = HomeLock::acquire(&opts.home)?;
+    raise_fd_limit();
     let master = Arc::new(Master::new(
         opts.home.clone(),
         opts.load.clone(),
@@ -86,6 +87,41 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     let _ = opts.phase.send(Phase::Stopped);
     tracing::info!("master stopped");
     Ok(())
+}
+
+/// Below this many descriptors the master says at start that it may run short: every proxied
+/// TCP connection takes two, every UDP flow one.
+const SMALL_FD_BUDGET: u64 = 4096;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as nginx and HAProxy do: the default soft
+/// limit (often 1024) is far below what a proxy needs, and the hard limit is what the
+/// administrator allowed.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!("cannot read RLIMIT_NOFILE: {e}");
+            return;
+        }
+    };
+    let mut now = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                now = hard;
+                tracing::debug!(from = soft, to = hard, "raised the open file limit");
+            }
+            Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}"),
+        }
+    }
+    if now < SMALL_FD_BUDGET {
+        tracing::warn!(
+            "the open file limit is {now} (hard limit {hard}): about {} proxied connections at once; \
+             raise it (`ulimit -Hn`, LimitNOFILE= in a systemd unit)",
+            now / 2
+        );
+    }
 }
 
 /// Binds every listener of `apps`, all or nothing. Reuseport apps get no master socket (their

@@ -1,0 +1,219 @@
+//! Faults, bad input and a hostile home: one admin request never stops the data plane, files
+//! the master is told to read are bounded, and a home (or admin socket) someone else controls
+//! is refused.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// One request on a fresh admin connection; the reply line (empty if none came in time).
+fn admin(home: &std::path::Path, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(home.join("admin.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut line = String::new();
+    let _ = BufReader::new(s).read_line(&mut line);
+    line
+}
+
+/// `VmHWM` (peak resident memory) of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn no_admin_request_stops_the_data_plane() {
+    let port = free_port();
+    let b = Balancer::start(&pid_app("web", port, 2, ""));
+    b.wait_ready("web", 2);
+    b.wait_running();
+    let home = b.home();
+    let load = Load::start(loopback(port), 3);
+
+    // A device with no end, and a FIFO nobody writes: refused at once, nothing read.
+    let zero = admin(&home, b"{\"cmd\":\"start\",\"file\":\"/dev/zero\"}\n");
+    assert!(
+        zero.contains(r#""ok":false"#) && zero.contains("not a regular file"),
+        "{zero}"
+    );
+    let fifo = b.dir.path().join("fifo.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    let request = format!("{{\"cmd\":\"reload\",\"file\":\"{}\"}}\n", fifo.display());
+    let reply = admin(&home, request.as_bytes());
+    assert!(reply.contains("not a regular file"), "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no wait for a writer"
+    );
+
+    // Bytes that are not UTF-8 get an error reply, and the connection goes on.
+    let mut s = UnixStream::connect(home.join("admin.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"\xff\xfe{\"cmd\":\"ping\"}\n{\"cmd\":\"ping\"}\n")
+        .unwrap();
+    let mut lines = BufReader::new(s).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(
+        first.contains("not UTF-8") && first.contains("\"code\":2"),
+        "{first}"
+    );
+    let second = lines.next().unwrap().unwrap();
+    assert!(
+        second.contains(&b.pid().to_string()),
+        "still served: {second}"
+    );
+
+    // Counts that would wrap or that say two things.
+    for to in ["+9223372036854775807", "+-1", "-99999999999"] {
+        let request = format!("{{\"cmd\":\"scale\",\"app\":\"web\",\"to\":\"{to}\"}}\n");
+        let reply = admin(&home, request.as_bytes());
+        assert!(reply.contains("bad worker count"), "{to}: {reply}");
+    }
+    let reply = admin(
+        &home,
+        b"{\"cmd\":\"scale\",\"app\":\"web\",\"to\":\"-5\"}\n",
+    );
+    assert!(reply.contains("cannot scale to -3 workers"), "{reply}");
+
+    // `logs --lines 1` on a large log reads its end only.
+    let before = peak_rss_kib(b.pid());
+    let log = home.join("logs/web-0-out.log");
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let block = "a log line that fills the file\n".repeat(4096);
+    for _ in 0..400 {
+        file.write_all(block.as_bytes()).unwrap();
+    }
+    file.write_all(b"the last line\n").unwrap();
+    let size = file.metadata().unwrap().len();
+    assert!(size > 40 << 20, "{size}");
+    let (code, out, err) = b.cli(&["logs", "web", "--lines", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("web-0 | the last line"), "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains("a log line")).count(), 0);
+    let grown = peak_rss_kib(b.pid()).saturating_sub(before);
+    eprintln!(
+        "peak RSS grew {grown} KiB while tailing a {} MiB log",
+        size >> 20
+    );
+    assert!(grown < 16 * 1024, "peak RSS grew {grown} KiB");
+
+    let (ok, failed, _) = load.finish();
+    eprintln!("load during the bad requests: {ok} ok, {failed} failed");
+    assert!(ok > 0);
+    assert_eq!(failed, 0);
+    assert!(admin(&home, b"{\"cmd\":\"ping\"}\n").contains(r#""ok":true"#));
+}
+
+#[test]
+fn a_home_others_can_write_to_is_refused_and_nothing_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = write_file(
+        dir.path(),
+        "balancer.toml",
+        &pid_app("web", free_port(), 1, ""),
+    );
+    let out = Command::new(binary())
+        .arg("run")
+        .arg(&file)
+        .env("BALANCER_HOME", &home)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("others may write to it") && stderr.contains("chmod go-w"),
+        "{stderr}"
+    );
+    assert!(!home.join("admin.sock").exists());
+    assert!(!home.join("logs").exists(), "nothing was created in it");
+}
+
+#[test]
+fn check_finds_a_program_that_is_not_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(
+        dir.path(),
+        "balancer.toml",
+        "[[app]]\nname = \"api\"\ncommand = [\"no-such-server-anywhere\", \"--port\", \"1\"]\n",
+    );
+    let out = Command::new(binary())
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(":3:11: `command`: `no-such-server-anywhere` is not a program in PATH"),
+        "{stderr}"
+    );
+}
+
+/// A server on the admin socket that answers everything with "done", as another user.
+const IMPOSTOR: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o666)
+os.setgid(65534)
+os.setuid(65534)
+s.listen(4)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        c.recv(65536)
+        c.sendall(b'{"ok":true,"message":"stopping every app and the master"}\n')
+    except OSError:
+        pass
+    c.close()
+"#;
+
+#[test]
+fn the_cli_does_not_trust_a_socket_another_user_serves() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to serve a socket as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let mut impostor = Command::new("python3")
+        .arg("-c")
+        .arg(IMPOSTOR)
+        .arg(home.join("admin.sock"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(impostor.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "listening");
+    let (code, _, err) = cli(&home, &["kill"]);
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is served by uid 65534"), "{err}");
+    assert!(err.contains("refusing to trust it"), "{err}");
+}
