@@ -217,3 +217,142 @@ fn the_cli_does_not_trust_a_socket_another_user_serves() {
     assert!(err.contains("is served by uid 65534"), "{err}");
     assert!(err.contains("refusing to trust it"), "{err}");
 }
+
+/// Every process below `root`, by the parent links in `/proc`.
+fn tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 1..];
+            Some((pid, after.split_whitespace().nth(1)?.parse().ok()?))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for &(pid, ppid) in &parents {
+            if ppid == parent && !found.contains(&pid) {
+                found.push(pid);
+                frontier.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// The pids `spawner.js` workers wrote, once `workers` of them have written all four lines.
+fn spawned_pids(file: &std::path::Path, workers: usize) -> Vec<u32> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let pids: Vec<u32> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect();
+        if pids.len() >= 4 * workers {
+            return pids;
+        }
+        assert!(Instant::now() < deadline, "spawner pids: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawner_app(port: u16, instances: u32, pids: &std::path::Path, extra: &str) -> String {
+    app_toml(
+        "careless",
+        "spawner.js",
+        &format!("tcp://127.0.0.1:{port}"),
+        instances,
+        &format!(
+            "env = {{ PIDS_FILE = \"{}\" }}\nkill_timeout = \"2s\"\ndrain_timeout = \"1s\"\n{extra}",
+            pids.display()
+        ),
+    )
+}
+
+#[test]
+fn a_sigkilled_master_leaves_no_process_of_any_worker_tree() {
+    let port = free_port();
+    let scratch = tempfile::tempdir().unwrap();
+    let pids_file = scratch.path().join("pids");
+    let mut b = Balancer::start(&spawner_app(port, 2, &pids_file, ""));
+    b.wait_ready("careless", 2);
+    let spawned = spawned_pids(&pids_file, 2);
+    // Shims, workers, children, the detached shells and their children.
+    let everything = tree(b.pid());
+    assert!(everything.len() >= 10, "{everything:?}");
+    for pid in &spawned {
+        assert!(everything.contains(pid), "{pid} is in the master's tree");
+    }
+    b.signal(nix::sys::signal::Signal::SIGKILL);
+    b.wait_exit();
+    let left = wait_dead(&everything, Duration::from_secs(3));
+    assert_eq!(
+        left,
+        Vec::<u32>::new(),
+        "alive 3 s after the master's SIGKILL"
+    );
+}
+
+#[test]
+fn a_crash_a_reload_and_a_stop_leave_no_stray() {
+    let port = free_port();
+    let scratch = tempfile::tempdir().unwrap();
+    let pids_file = scratch.path().join("pids");
+    let b = Balancer::start(&spawner_app(port, 1, &pids_file, ""));
+    b.wait_ready("careless", 1);
+    b.wait_running();
+
+    // A reload: the old worker's tree goes, detached shell and all.
+    let first = spawned_pids(&pids_file, 1);
+    let (code, _, err) = b.cli(&["reload", "careless"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        wait_dead(&first, Duration::from_secs(5)),
+        Vec::<u32>::new(),
+        "after reload"
+    );
+
+    // A crash (the worker is killed outright): what it left behind goes too.
+    let second: Vec<u32> = spawned_pids(&pids_file, 2)[4..].to_vec();
+    let worker = ready_pids(&b.jlist(), "careless")[0] as u32;
+    assert!(second.contains(&worker), "{second:?} {worker}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(
+        wait_dead(&second, Duration::from_secs(5)),
+        Vec::<u32>::new(),
+        "after a crash"
+    );
+
+    // A stop of the restarted worker.
+    let third: Vec<u32> = spawned_pids(&pids_file, 3)[8..].to_vec();
+    let deadline = Instant::now() + PATIENCE;
+    while !ready_pids(&b.jlist(), "careless")
+        .iter()
+        .any(|p| third.contains(&(*p as u32)))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted worker is not ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, err) = b.cli(&["stop", "careless"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        wait_dead(&third, Duration::from_secs(5)),
+        Vec::<u32>::new(),
+        "after stop"
+    );
+    assert!(
+        tree(b.pid()).is_empty(),
+        "nothing runs under the master: {:?}",
+        tree(b.pid())
+    );
+}

@@ -115,10 +115,10 @@ pub enum Command {
     /// The background master itself (what `start` launches).
     #[command(hide = true)]
     Daemon,
-    /// Reuseport workers are started through this: it sets `LISTEN_PID` to its own pid and
-    /// execs the program, which keeps that pid (systemd's socket-activation contract).
-    #[command(hide = true, name = "exec-shim")]
-    ExecShim {
+    /// Every worker runs under this: it keeps the worker's whole process tree from outliving
+    /// the worker or the master, and sets `LISTEN_PID` (see `workers/src/shim.rs`).
+    #[command(hide = true, name = "shim")]
+    Shim {
         /// The program and its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         argv: Vec<std::ffi::OsString>,

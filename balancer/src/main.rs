@@ -14,8 +14,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::ExecShim { argv } = cli.command {
-        return exec_shim(argv);
+    if let Command::Shim { argv } = cli.command {
+        // Before anything else: the shim must fork with one thread and no runtime.
+        balancer_workers::shim::run(&argv);
     }
     init_tracing();
     warn_about_bad_policy_env();
@@ -54,25 +55,6 @@ fn exit(result: Result<(), master::MasterError>) -> ExitCode {
             ExitCode::from(EXIT_FAILED)
         }
     }
-}
-
-/// `balancer exec-shim -- PROGRAM ARGS…`: become PROGRAM with `LISTEN_PID` set to our pid,
-/// which exec keeps. Only the reuseport policy's spawner runs this.
-fn exec_shim(argv: Vec<std::ffi::OsString>) -> ExitCode {
-    use std::os::unix::process::CommandExt;
-    let Some((program, args)) = argv.split_first() else {
-        eprintln!("balancer exec-shim: no program given");
-        return ExitCode::from(EXIT_USAGE);
-    };
-    let err = std::process::Command::new(program)
-        .args(args)
-        .env("LISTEN_PID", std::process::id().to_string())
-        .exec();
-    eprintln!(
-        "balancer exec-shim: cannot run {}: {err}",
-        program.to_string_lossy()
-    );
-    ExitCode::from(127)
 }
 
 /// `BALANCER_SCHED_POLICY` with a value we do not know is ignored (rr applies); say so.

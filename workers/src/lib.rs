@@ -12,6 +12,7 @@ pub mod pool;
 pub mod process;
 pub mod restart;
 pub mod reuseport;
+pub mod shim;
 mod slot;
 pub mod spawn;
 pub mod status;

@@ -52,28 +52,47 @@ impl fmt::Display for Exit {
     }
 }
 
-/// A running worker process.
+/// A running worker process: the shim the master spawned (or the program itself, without a
+/// shim) and the program's pid.
 #[derive(Debug)]
 pub struct Process {
     child: Child,
+    /// The spawned process: the shim, or the program when there is none. Its own group.
+    spawned: u32,
+    /// The program's pid; its own group too (the shim puts it in one).
     pid: u32,
+    /// Whether a shim sits between the master and the program.
+    shim: bool,
     started: Instant,
     exit: Option<Exit>,
 }
 
+/// How long a shim has, after its program was SIGKILLed, to sweep and exit before it is
+/// SIGKILLed too.
+const SHIM_SWEEP_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Process {
-    /// Wraps a child just spawned in its own process group (its pid is its group id).
-    pub(crate) fn new(child: Child) -> Process {
-        let pid = child.id().unwrap_or_default();
+    /// Wraps a child just spawned in its own process group (its pid is its group id); the
+    /// program's pid is set by [`set_program_pid`](Self::set_program_pid) when a shim runs it.
+    pub(crate) fn new(child: Child, program: Option<u32>) -> Process {
+        let spawned = child.id().unwrap_or_default();
         Process {
             child,
-            pid,
+            spawned,
+            pid: program.unwrap_or(spawned),
+            shim: false,
             started: Instant::now(),
             exit: None,
         }
     }
 
-    /// The process id (also its process group id).
+    /// The child is a shim whose program has this pid.
+    pub(crate) fn set_program_pid(&mut self, pid: u32) {
+        self.pid = pid;
+        self.shim = true;
+    }
+
+    /// The program's process id (also its process group id): what `ls` shows.
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -84,6 +103,8 @@ impl Process {
     }
 
     /// Waits for the process to exit (cancel-safe), then kills whatever it left in its group.
+    /// With a shim, the exit is the program's (the shim exits like it), and the shim has
+    /// already killed every descendant, in the group or not.
     pub async fn wait(&mut self) -> Exit {
         if let Some(exit) = self.exit {
             return exit;
@@ -91,15 +112,22 @@ impl Process {
         let exit = Exit::from(self.child.wait().await);
         self.exit = Some(exit);
         // Children of the worker that outlive it would keep ports and memory: end them.
-        self.signal_group(Signal::SIGKILL);
+        kill_group(self.pid, Signal::SIGKILL);
+        kill_group(self.spawned, Signal::SIGKILL);
         exit
     }
 
-    /// Sends `signal` to the worker's whole process group.
+    /// Sends `signal` to the worker: through the shim, which passes it to the program's group
+    /// (so it arrives once), or to the program's group directly.
     pub fn signal_group(&self, signal: Signal) {
-        if self.pid != 0 {
-            // ESRCH (the group is already gone) is the normal end of a stop.
-            let _ = killpg(Pid::from_raw(self.pid as i32), signal);
+        if self.shim && signal != Signal::SIGKILL {
+            if self.spawned != 0 {
+                let _ = nix::sys::signal::kill(Pid::from_raw(self.spawned as i32), signal);
+            }
+        } else {
+            // SIGKILL cannot be passed on: it goes to the program's group, and the shim, seeing
+            // its program die, sweeps the rest and exits.
+            kill_group(self.pid, signal);
         }
     }
 
@@ -119,8 +147,23 @@ impl Process {
                     signal.as_str()
                 );
                 self.signal_group(Signal::SIGKILL);
+                if self.shim
+                    && tokio::time::timeout(SHIM_SWEEP_TIMEOUT, self.wait())
+                        .await
+                        .is_err()
+                {
+                    tracing::warn!(pid = self.spawned, "worker shim did not exit; SIGKILL");
+                    kill_group(self.spawned, Signal::SIGKILL);
+                }
                 self.wait().await
             }
         }
+    }
+}
+
+/// `signal` to the process group `pgid`; ESRCH (the group is gone) is the normal end of a stop.
+fn kill_group(pgid: u32, signal: Signal) {
+    if pgid != 0 {
+        let _ = killpg(Pid::from_raw(pgid as i32), signal);
     }
 }

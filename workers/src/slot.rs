@@ -51,8 +51,8 @@ pub(crate) struct SlotSpec {
     pub groups: Vec<Arc<Group>>,
     /// Where the worker's output goes.
     pub logs: LogPaths,
-    /// This binary, for `exec-shim`.
-    pub shim: PathBuf,
+    /// This binary, run as the worker shim (`None`: no shim; see [`crate::spawn::SpawnSpec`]).
+    pub shim: Option<PathBuf>,
 }
 
 /// One worker identity and the task that runs it.
@@ -145,8 +145,8 @@ struct SlotTask {
     groups: Vec<Arc<Group>>,
     /// …and the current incarnation's socket in each.
     members: Vec<(Arc<Group>, MemberKey)>,
-    /// This binary, for `exec-shim`.
-    shim: PathBuf,
+    /// This binary, run as the worker shim.
+    shim: Option<PathBuf>,
 }
 
 impl SlotTask {
@@ -156,7 +156,7 @@ impl SlotTask {
                 self.set(|s| s.state = WorkerState::Stopped);
                 return;
             }
-            let (outcome, uptime) = match self.spawn() {
+            let (outcome, uptime) = match self.spawn().await {
                 Ok((process, handle)) => {
                     let started = process.started();
                     let outcome = self.supervise(process, &handle).await;
@@ -239,7 +239,7 @@ impl SlotTask {
 
     /// Reserves private ports (rr) or sockets in the groups (reuseport) and starts one
     /// incarnation.
-    fn spawn(&mut self) -> Result<(Process, Arc<WorkerHandle>), String> {
+    async fn spawn(&mut self) -> Result<(Process, Arc<WorkerHandle>), String> {
         let (addrs, sockets) = if self.groups.is_empty() {
             let addrs = self
                 .app
@@ -276,9 +276,9 @@ impl SlotTask {
             addrs: &addrs,
             logs: &self.logs,
             sockets: &sockets,
-            shim: &self.shim,
+            shim: self.shim.as_deref(),
         };
-        let process = spawn(&spec).map_err(|e| {
+        let process = spawn(&spec).await.map_err(|e| {
             let reason = crate::Chain(&e).to_string();
             tracing::error!(app = %self.app.name, id = status.id, "{reason}");
             reason

@@ -1,11 +1,13 @@
 //! Building and starting one incarnation of a worker: the worker contract's environment
 //! (`PORT`…, `BALANCER_INSTANCE`, `LISTEN_FDS`…), stdio to its log files, its own process group,
 //! the socket handover of the reuseport policy (fds 3, 4, …), and the `pre_exec` that ties its
-//! life to the master's (`PR_SET_PDEATHSIG`). Also where private ports come from.
+//! life to the master's (`PR_SET_PDEATHSIG`). The program runs under the worker shim
+//! ([`crate::shim`]), which keeps its whole process tree from outliving it or the master.
+//! Also where private ports come from.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,6 +33,12 @@ pub enum SpawnError {
     /// No private port could be had.
     #[error("cannot reserve a private port")]
     Port(#[source] io::Error),
+    /// The shim did not say which pid its program has.
+    #[error("the worker shim did not report its program's pid")]
+    Report(#[source] io::Error),
+    /// Sockets were to be handed over but there is no shim to set `LISTEN_PID`.
+    #[error("the reuseport policy needs the worker shim")]
+    NoShim,
     /// exec failed (program not found, not executable, …).
     #[error("cannot start `{program}`")]
     Exec {
@@ -117,10 +125,16 @@ pub struct SpawnSpec<'a> {
     pub logs: &'a LogPaths,
     /// Reuseport policy: the listening sockets to hand over as fds 3, 4, … (empty under rr).
     pub sockets: &'a [OwnedFd],
-    /// Reuseport policy: this binary, run as `exec-shim` so that `LISTEN_PID` is the pid of
-    /// the program that reads it.
-    pub shim: &'a Path,
+    /// This binary, run as `shim` around the program (see [`crate::shim`]). `None` spawns the
+    /// program directly, without the whole-tree guarantee (unit tests of this crate, which have
+    /// no `balancer` binary); the reuseport policy needs the shim.
+    pub shim: Option<&'a Path>,
 }
+
+/// How long a shim has to report its program's pid.
+const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The shim's pid report pipe is moved at or above this fd in the master.
+const REPORT_FD_FLOOR: i32 = 100;
 
 /// Handed-over sockets start at this fd, as systemd's socket activation says.
 pub const LISTEN_FDS_START: i32 = 3;
@@ -129,20 +143,28 @@ pub const LISTEN_FDS_START: i32 = 3;
 const HANDOVER_STAGING_FD: i32 = 64;
 
 /// Starts the worker: its own process group, stdio to its log files, the worker contract's
-/// environment, and PR_SET_PDEATHSIG so it dies with the master.
-pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
+/// environment, under the shim (which reports the program's pid), tied to the master's life.
+pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
     let app = spec.app;
     let (out, err) = spec.logs.open().map_err(|source| SpawnError::Logs {
         path: spec.logs.out.display().to_string(),
         source,
     })?;
     let handover = !spec.sockets.is_empty();
-    let mut cmd = if handover {
-        let mut shim = Command::new(spec.shim);
-        shim.arg("exec-shim").arg("--").arg(&app.program);
-        shim
-    } else {
-        Command::new(&app.program)
+    if handover && spec.shim.is_none() {
+        return Err(SpawnError::NoShim);
+    }
+    let exec_error = |source| SpawnError::Exec {
+        program: app.program.clone(),
+        source,
+    };
+    let mut cmd = match spec.shim {
+        Some(shim) => {
+            let mut cmd = Command::new(shim);
+            cmd.arg(crate::shim::SUBCOMMAND).arg("--").arg(&app.program);
+            cmd
+        }
+        None => Command::new(&app.program),
     };
     cmd.args(&app.args)
         .current_dir(&app.cwd)
@@ -150,6 +172,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
         .env("BALANCER_APP", &app.name)
         .env("BALANCER_INSTANCE", spec.instance.to_string())
         .env("NODE_APP_INSTANCE", spec.instance.to_string())
+        .env_remove("LISTEN_PID")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -169,10 +192,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
             .map_err(io::Error::from)
         })
         .collect::<io::Result<Vec<i32>>>()
-        .map_err(|source| SpawnError::Exec {
-            program: app.program.clone(),
-            source,
-        })?;
+        .map_err(exec_error)?;
     // SAFETY: each fd was just returned by F_DUPFD_CLOEXEC and is owned by nobody else.
     #[allow(unsafe_code)]
     let staged_owned: Vec<OwnedFd> = staged
@@ -182,17 +202,34 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
     if handover {
         let names: Vec<&str> = app.listen.iter().map(|l| l.port_env.as_str()).collect();
         cmd.env("LISTEN_FDS", staged.len().to_string())
-            .env("LISTEN_FDNAMES", names.join(":"))
-            .env_remove("LISTEN_PID");
+            .env("LISTEN_FDNAMES", names.join(":"));
     }
     let master = nix::unistd::getpid();
+    // The pid report: close-on-exec in the master (no other spawn may inherit it), cleared in
+    // this child only.
+    let report = match spec.shim {
+        Some(_) => Some(report_pipe().map_err(exec_error)?),
+        None => None,
+    };
+    let report_fd = report.as_ref().map(|(_, write)| write.as_raw_fd());
+    if let Some(fd) = report_fd {
+        cmd.env(crate::shim::REPORT_ENV, fd.to_string())
+            .env(crate::shim::MASTER_ENV, master.as_raw().to_string());
+    }
+    let death_signal = match spec.shim {
+        Some(_) => crate::shim::master_gone_signal(),
+        None => nix::libc::SIGKILL,
+    };
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: prctl(2), getppid(2), dup2(2) and _exit(2) are.
-    // It allocates nothing and touches no lock (`staged` was built before the fork).
+    // async-signal-safe calls are allowed: prctl(2), getppid(2), dup2(2), fcntl(2) and
+    // _exit(2) are. It allocates nothing and touches no lock (everything it uses was built
+    // before the fork).
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, death_signal, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             // The master may have died before prctl took effect: then nobody would kill us.
             if nix::unistd::getppid() != master {
                 nix::libc::_exit(1);
@@ -203,15 +240,63 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
                     return Err(io::Error::last_os_error());
                 }
             }
+            if let Some(fd) = report_fd
+                && nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|source| SpawnError::Exec {
-        program: app.program.clone(),
-        source,
-    });
+    let child = cmd.spawn().map_err(exec_error);
     drop(staged_owned);
-    Ok(Process::new(child?))
+    let child = child?;
+    let Some((read, write)) = report else {
+        return Ok(Process::new(child, None));
+    };
+    drop(write);
+    let mut process = Process::new(child, None);
+    match read_report(read).await {
+        Ok(pid) => {
+            process.set_program_pid(pid);
+            Ok(process)
+        }
+        Err(e) => {
+            // A shim that cannot say who its program is cannot be supervised.
+            process
+                .stop(Signal::SIGKILL, std::time::Duration::from_secs(1))
+                .await;
+            Err(SpawnError::Report(e))
+        }
+    }
+}
+
+/// A pipe for the pid report: (read end, write end at or above [`REPORT_FD_FLOOR`]), both
+/// close-on-exec.
+fn report_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let high = nix::fcntl::fcntl(
+        &write,
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(REPORT_FD_FLOOR),
+    )?;
+    drop(write);
+    // SAFETY: `high` was just returned by F_DUPFD_CLOEXEC and is owned by nobody else.
+    #[allow(unsafe_code)]
+    let high = unsafe { OwnedFd::from_raw_fd(high) };
+    Ok((read, high))
+}
+
+/// Reads the program pid the shim writes (one decimal line), within [`REPORT_TIMEOUT`].
+async fn read_report(read: OwnedFd) -> io::Result<u32> {
+    use tokio::io::AsyncReadExt;
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
+    let mut text = String::new();
+    tokio::time::timeout(REPORT_TIMEOUT, pipe.read_to_string(&mut text))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no report in time"))??;
+    text.trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("report {text:?}")))
 }
 
 #[cfg(test)]

@@ -86,8 +86,9 @@ pub struct SpawnContext {
     pub home: PathBuf,
     /// Hands out worker ids across all apps of the master.
     pub ids: AtomicU32,
-    /// The `balancer` binary, run as `exec-shim` for reuseport workers.
-    pub shim: PathBuf,
+    /// The `balancer` binary, run as the worker shim around every worker (`None` only in this
+    /// crate's unit tests, which have no such binary).
+    pub shim: Option<PathBuf>,
     /// Where connections rescued from leaving reuseport sockets go (the data plane).
     pub rescue: Rescue,
 }
@@ -104,7 +105,7 @@ impl std::fmt::Debug for SpawnContext {
 impl SpawnContext {
     /// The context of a master living in `home`, with `shim` as its own binary and `rescue`
     /// carrying connections rescued from leaving reuseport sockets.
-    pub fn new(home: PathBuf, shim: PathBuf, rescue: Rescue) -> Arc<Self> {
+    pub fn new(home: PathBuf, shim: Option<PathBuf>, rescue: Rescue) -> Arc<Self> {
         Arc::new(SpawnContext {
             home,
             ids: AtomicU32::new(0),
@@ -616,7 +617,7 @@ mod tests {
     }
 
     fn context(home: &Path) -> Arc<SpawnContext> {
-        SpawnContext::new(home.into(), "/bin/false".into(), Arc::new(|_, _| {}))
+        SpawnContext::new(home.into(), None, Arc::new(|_, _| {}))
     }
 
     fn states(sup: &AppSupervisor) -> Vec<(u32, WorkerState)> {

@@ -61,10 +61,9 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
         Command::Flush { target } => act(home, &Request::Flush { target }, output),
         Command::Ping => verbs::ping(home),
         Command::Kill => verbs::kill(home, output),
-        Command::Run { .. }
-        | Command::Check { .. }
-        | Command::Daemon
-        | Command::ExecShim { .. } => failed(EXIT_USAGE, "this command does not talk to a master"),
+        Command::Run { .. } | Command::Check { .. } | Command::Daemon | Command::Shim { .. } => {
+            failed(EXIT_USAGE, "this command does not talk to a master")
+        }
     }
 }
 

@@ -288,7 +288,7 @@ mod tests {
     }
 
     fn master(dir: &std::path::Path) -> Master {
-        Master::new(dir.join("home"), options(), CancellationToken::new())
+        Master::new(dir.join("home"), options(), CancellationToken::new(), None)
     }
 
     fn names(master: &Master) -> Vec<(String, usize)> {

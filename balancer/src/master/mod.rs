@@ -210,9 +210,14 @@ pub struct Master {
 }
 
 impl Master {
-    /// A master with no apps yet, living in `home`, reading configs with `load`.
-    fn new(home: PathBuf, load: LoadOptions, shutdown: CancellationToken) -> Self {
-        let shim = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer"));
+    /// A master with no apps yet, living in `home`, reading configs with `load`, running its
+    /// workers under `shim` (this binary; `None` in unit tests, which have none).
+    fn new(
+        home: PathBuf,
+        load: LoadOptions,
+        shutdown: CancellationToken,
+        shim: Option<PathBuf>,
+    ) -> Self {
         Master {
             spawn: SpawnContext::new(home.clone(), shim, Arc::new(crate::proxy::tcp::rescue)),
             home,

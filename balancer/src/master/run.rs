@@ -41,10 +41,12 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     let _ = opts.phase.send(Phase::Starting);
     let lock = HomeLock::acquire(&opts.home)?;
     raise_fd_limit();
+    let shim = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer"));
     let master = Arc::new(Master::new(
         opts.home.clone(),
         opts.load.clone(),
         opts.shutdown.clone(),
+        Some(shim),
     ));
 
     let bound = bind_all(&config.apps)?;
