@@ -356,3 +356,34 @@ fn a_crash_a_reload_and_a_stop_leave_no_stray() {
         tree(b.pid())
     );
 }
+
+#[test]
+fn a_stopped_worker_leaves_rotation_and_no_new_request_hangs() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let port = free_port();
+    let health =
+        "health = { check = \"tcp\", interval = \"500ms\", timeout = \"500ms\", fall = 2 }";
+    let b = Balancer::start(&pid_app("web", port, 2, health));
+    let pids = b.wait_ready("web", 2);
+    b.wait_running();
+    let stopped = pids[0];
+    kill(Pid::from_raw(stopped as i32), Signal::SIGSTOP).unwrap();
+    let at = Instant::now();
+    b.log.wait_for(1, "worker unhealthy", |l| {
+        l.contains("worker unhealthy") && field(l, "pid").as_deref() == Some(&stopped.to_string())
+    });
+    let took = at.elapsed();
+    eprintln!("a SIGSTOPped worker left rotation after {took:?} (fall 2 × interval 500ms)");
+    // fall × interval, plus the probe timeouts, plus scheduling on a busy machine.
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        answers.push(greeting(loopback(port)).expect("no request hangs"));
+    }
+    assert!(
+        answers.iter().all(|a| *a == pids[1].to_string()),
+        "only the running worker answers: {answers:?}"
+    );
+    kill(Pid::from_raw(stopped as i32), Signal::SIGCONT).unwrap();
+}

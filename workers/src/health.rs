@@ -30,19 +30,51 @@ pub async fn probe(
         match check {
             Check::None => Ok(()),
             Check::Tcp if proto == Proto::Udp => udp_bound(addr).await,
-            Check::Tcp => TcpStream::connect(addr)
-                .await
-                .map(drop)
-                .map_err(|e| format!("tcp connect to {addr}: {e}")),
+            Check::Tcp => tcp_accepted(addr).await,
             Check::Http { path } => http_get(addr, path).await,
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
+        Err(_) if *check == Check::Tcp && proto != Proto::Udp => Err(format!(
+            "tcp probe of {addr}: connected, but the worker did not accept within {timeout:?} \
+             (stopped or stuck?)"
+        )),
         Err(_) => Err(format!(
             "{} probe of {addr} timed out after {timeout:?}",
             kind(check)
         )),
+    }
+}
+
+/// How often a `tcp` probe looks whether its connection was accepted.
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
+
+/// A `tcp` check: the connect must succeed **and the worker must accept it**. The kernel
+/// completes a handshake into the listener's backlog by itself, so a worker that is stopped
+/// (SIGSTOP) or wedged would pass a bare connect forever; the kernel's socket table says when
+/// the connection got a socket of its own, i.e. was accepted ([`crate::sockdiag::accepted`]).
+/// Where that table cannot be read, the connect alone decides, as before.
+async fn tcp_accepted(addr: SocketAddr) -> Result<(), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("tcp connect to {addr}: {e}"))?;
+    let Ok(local) = stream.local_addr() else {
+        return Ok(());
+    };
+    loop {
+        let lookup = tokio::task::spawn_blocking(move || crate::sockdiag::accepted(addr, local))
+            .await
+            .map_err(|e| format!("tcp probe of {addr}: {e}"))?;
+        match lookup {
+            Ok(Some(false)) => tokio::time::sleep(ACCEPT_POLL).await,
+            // Accepted, or already closed by the worker (which had to accept it to close it).
+            Ok(Some(true) | None) => return Ok(()),
+            Err(e) => {
+                tracing::debug!("cannot read the kernel's socket table ({e}); a connect is enough");
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -304,17 +336,36 @@ mod tests {
     async fn tcp_probe_sees_listener_and_refusal() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            loop {
+                let _ = listener.accept().await;
+            }
+        });
         assert!(
             probe(&Check::Tcp, Proto::Tcp, addr, Duration::from_secs(2))
                 .await
                 .is_ok()
         );
-        drop(listener);
+        accepting.abort();
+        let _ = accepting.await;
         assert!(
             probe(&Check::Tcp, Proto::Tcp, addr, Duration::from_secs(2))
                 .await
                 .is_err()
         );
+    }
+
+    /// A worker that is stopped or wedged still completes handshakes (the kernel does): the
+    /// probe waits for the accept, and fails without one.
+    #[tokio::test]
+    async fn a_listener_that_never_accepts_fails_the_tcp_probe() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let err = probe(&Check::Tcp, Proto::Tcp, addr, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(err.contains("did not accept"), "{err}");
+        drop(listener);
     }
 
     #[tokio::test]

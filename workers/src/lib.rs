@@ -14,6 +14,7 @@ pub mod restart;
 pub mod reuseport;
 pub mod shim;
 mod slot;
+pub mod sockdiag;
 pub mod spawn;
 pub mod status;
 pub mod supervisor;
