@@ -387,3 +387,32 @@ fn a_stopped_worker_leaves_rotation_and_no_new_request_hangs() {
     );
     kill(Pid::from_raw(stopped as i32), Signal::SIGCONT).unwrap();
 }
+
+#[test]
+fn a_reuseport_reload_of_workers_that_drain_nothing_fails_no_request() {
+    let port = free_port();
+    let toml = app_toml(
+        "naive",
+        "naive_fd.js",
+        &format!("tcp://127.0.0.1:{port}"),
+        2,
+        "policy = \"reuseport\"\nkill_timeout = \"2s\"\ndrain_timeout = \"5s\"",
+    );
+    let b = Balancer::start(&toml);
+    b.wait_ready("naive", 2);
+    b.wait_running();
+    let load = Load::start(loopback(port), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..3 {
+        let (code, _, err) = b.cli(&["reload", "naive"]);
+        assert_eq!(code, 0, "reload {round}: {err}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed, seen) = load.finish();
+    eprintln!(
+        "reuseport reloads of naive workers: {ok} ok, {failed} failed, {} pids",
+        seen.len()
+    );
+    assert!(ok > 0 && seen.len() >= 4, "{seen:?}");
+    assert_eq!(failed, 0);
+}

@@ -440,8 +440,26 @@ impl SlotTask {
                 .map(|(group, key)| group.start_leaving(*key))
                 .collect();
             self.set(|s| s.state = WorkerState::Draining);
-            let grace = app.drain_timeout.max(app.kill_timeout);
-            let exit = process.stop(app.kill_signal, grace).await;
+            // The master holds none of the worker's connections; the kernel knows them. Let
+            // those finish (≤ drain_timeout) before kill_signal, so a worker with default
+            // signal handling does not drop what it is serving.
+            let ports: Vec<u16> = app
+                .listen
+                .iter()
+                .filter(|l| l.proto != Proto::Udp)
+                .map(|l| l.addr.port())
+                .collect();
+            tokio::select! {
+                held = connections_closed(handle.pid, ports) => if held > 0 {
+                    tracing::info!(app = %app.name, id = handle.id, "drained {held} connection(s)");
+                },
+                _ = sleep(app.drain_timeout) => {
+                    tracing::warn!(app = %app.name, id = handle.id,
+                        "drain_timeout {:?} passed with connections still open", app.drain_timeout);
+                }
+                _ = process.wait() => {}
+            }
+            let exit = process.stop(app.kill_signal, app.kill_timeout).await;
             self.set(|s| s.state = WorkerState::Stopping);
             self.leave_groups(takeovers).await;
             tracing::info!(app = %app.name, id = handle.id, pid = handle.pid, "worker stopped ({exit})");
@@ -466,6 +484,45 @@ impl SlotTask {
         let exit = process.stop(app.kill_signal, app.kill_timeout).await;
         tracing::info!(app = %app.name, id = handle.id, pid = handle.pid, "worker stopped ({exit})");
         self.stopped(exit);
+    }
+}
+
+/// How often a draining reuseport worker's connections are looked at.
+const CONNECTIONS_POLL: Duration = Duration::from_millis(100);
+
+/// Resolves once the worker `pid` (and its descendants) holds no established connection on
+/// any of `ports`, by the kernel's socket table; returns how many it held at first. When the
+/// table cannot be read, resolves at once (the worker then gets `kill_signal` right away).
+async fn connections_closed(pid: u32, ports: Vec<u16>) -> usize {
+    let held = move || -> std::io::Result<usize> {
+        let mut inodes = crate::sockdiag::socket_inodes(pid);
+        for child in crate::shim::descendants(nix::unistd::Pid::from_raw(pid as i32)) {
+            inodes.extend(crate::sockdiag::socket_inodes(child.as_raw() as u32));
+        }
+        let mut count = 0;
+        for port in &ports {
+            count += crate::sockdiag::established_on(*port)?
+                .iter()
+                .filter(|s| inodes.contains(&s.inode))
+                .count();
+        }
+        Ok(count)
+    };
+    let mut first = None;
+    loop {
+        let held = held.clone();
+        match tokio::task::spawn_blocking(held).await {
+            Ok(Ok(0)) => return first.unwrap_or(0),
+            Ok(Ok(n)) => {
+                first.get_or_insert(n);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("cannot read the kernel's socket table ({e}); not waiting");
+                return 0;
+            }
+            Err(_) => return 0,
+        }
+        sleep(CONNECTIONS_POLL).await;
     }
 }
 
