@@ -15,6 +15,41 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// Why a probe did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The worker failed it (refused, timed out, answered wrong): counts toward `fall`.
+    #[error("{0}")]
+    Worker(String),
+    /// The master could not even make the probe (out of file descriptors or memory): says
+    /// nothing about the worker, so it counts neither way.
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<String> for ProbeError {
+    fn from(reason: String) -> Self {
+        ProbeError::Worker(reason)
+    }
+}
+
+/// Connects a probe; running out of descriptors or memory here is the master's problem, not
+/// the worker's ([`ProbeError::Local`]).
+async fn connect(addr: SocketAddr, kind: &str) -> Result<TcpStream, ProbeError> {
+    TcpStream::connect(addr).await.map_err(|e| {
+        let reason = format!("{kind} connect to {addr}: {e}");
+        let local = matches!(
+            e.raw_os_error(),
+            Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
+        );
+        if local {
+            ProbeError::Local(reason)
+        } else {
+            ProbeError::Worker(reason)
+        }
+    })
+}
+
 /// Runs one probe against a worker's first private address, served over `proto`.
 ///
 /// A `tcp` check of a UDP port asks whether the worker has bound it: UDP has no handshake to
@@ -25,11 +60,11 @@ pub async fn probe(
     proto: Proto,
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let attempt = async {
         match check {
             Check::None => Ok(()),
-            Check::Tcp if proto == Proto::Udp => udp_bound(addr).await,
+            Check::Tcp if proto == Proto::Udp => udp_bound(addr).await.map_err(ProbeError::from),
             Check::Tcp => tcp_accepted(addr).await,
             Check::Http { path } => http_get(addr, path).await,
         }
@@ -39,11 +74,13 @@ pub async fn probe(
         Err(_) if *check == Check::Tcp && proto != Proto::Udp => Err(format!(
             "tcp probe of {addr}: connected, but the worker did not accept within {timeout:?} \
              (stopped or stuck?)"
-        )),
+        )
+        .into()),
         Err(_) => Err(format!(
             "{} probe of {addr} timed out after {timeout:?}",
             kind(check)
-        )),
+        )
+        .into()),
     }
 }
 
@@ -55,17 +92,15 @@ const ACCEPT_POLL: Duration = Duration::from_millis(10);
 /// (SIGSTOP) or wedged would pass a bare connect forever; the kernel's socket table says when
 /// the connection got a socket of its own, i.e. was accepted ([`crate::sockdiag::accepted`]).
 /// Where that table cannot be read, the connect alone decides, as before.
-async fn tcp_accepted(addr: SocketAddr) -> Result<(), String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("tcp connect to {addr}: {e}"))?;
+async fn tcp_accepted(addr: SocketAddr) -> Result<(), ProbeError> {
+    let stream = connect(addr, "tcp").await?;
     let Ok(local) = stream.local_addr() else {
         return Ok(());
     };
     loop {
         let lookup = tokio::task::spawn_blocking(move || crate::sockdiag::accepted(addr, local))
             .await
-            .map_err(|e| format!("tcp probe of {addr}: {e}"))?;
+            .map_err(|e| ProbeError::Local(format!("tcp probe of {addr}: {e}")))?;
         match lookup {
             Ok(Some(false)) => tokio::time::sleep(ACCEPT_POLL).await,
             // Accepted, or already closed by the worker (which had to accept it to close it).
@@ -106,11 +141,9 @@ fn kind(check: &Check) -> &'static str {
     }
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("http connect to {addr}: {e}"))?;
-    http_check(stream, addr, path).await
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(), ProbeError> {
+    let stream = connect(addr, "http").await?;
+    Ok(http_check(stream, addr, path).await?)
 }
 
 /// The HTTP check over an already connected `stream` to `addr`: `GET path` must answer 2xx.
@@ -179,7 +212,7 @@ impl Monitor {
     pub async fn next_transition<F, Fut>(&mut self, mut probe: F) -> Transition
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<(), String>>,
+        Fut: Future<Output = Result<(), ProbeError>>,
     {
         loop {
             let period = if std::mem::take(&mut self.first) {
@@ -190,11 +223,18 @@ impl Monitor {
                 self.interval.min(STARTING_PROBE_INTERVAL)
             };
             tokio::time::sleep(period).await;
-            let result = probe().await;
-            let ok = result.is_ok();
-            if let Err(e) = result {
-                self.last_failure = e;
-            }
+            let ok = match probe().await {
+                Ok(()) => true,
+                Err(ProbeError::Worker(e)) => {
+                    self.last_failure = e;
+                    false
+                }
+                Err(ProbeError::Local(e)) => {
+                    // Out of descriptors or memory here: no verdict on the worker.
+                    tracing::warn!("health probe not made: {e}");
+                    continue;
+                }
+            };
             if let Some(transition) = self.hysteresis.record(ok) {
                 return transition;
             }
@@ -275,14 +315,40 @@ mod tests {
     }
 
     /// A monitor fed by a scripted probe, on the paused clock.
-    fn scripted(results: Vec<bool>) -> impl FnMut() -> std::future::Ready<Result<(), String>> {
+    fn scripted(results: Vec<bool>) -> impl FnMut() -> std::future::Ready<Result<(), ProbeError>> {
         let mut results = results.into_iter();
         move || {
             std::future::ready(match results.next() {
                 Some(true) => Ok(()),
-                Some(false) | None => Err("scripted failure".to_string()),
+                Some(false) | None => Err(ProbeError::Worker("scripted failure".into())),
             })
         }
+    }
+
+    /// Running out of descriptors in the master says nothing about the worker: such a probe
+    /// counts neither way, and a ready worker stays ready.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_the_master_could_not_make_counts_for_nothing() {
+        let mut m = Monitor::new(1, 2, Duration::from_secs(1));
+        let mut results = vec![
+            Ok(()),
+            Err(ProbeError::Local("EMFILE".into())),
+            Err(ProbeError::Local("EMFILE".into())),
+            Err(ProbeError::Local("EMFILE".into())),
+            Err(ProbeError::Worker("refused".into())),
+            Err(ProbeError::Worker("refused".into())),
+        ]
+        .into_iter();
+        let mut probe = move || std::future::ready(results.next().unwrap_or(Ok(())));
+        assert_eq!(m.next_transition(&mut probe).await, Transition::Up);
+        let start = tokio::time::Instant::now();
+        assert_eq!(m.next_transition(&mut probe).await, Transition::Down);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(5),
+            "3 skipped + 2 failed probes"
+        );
+        assert_eq!(m.last_failure(), "refused");
     }
 
     #[tokio::test(start_paused = true)]
@@ -364,7 +430,7 @@ mod tests {
         let err = probe(&Check::Tcp, Proto::Tcp, addr, Duration::from_millis(300))
             .await
             .unwrap_err();
-        assert!(err.contains("did not accept"), "{err}");
+        assert!(err.to_string().contains("did not accept"), "{err}");
         drop(listener);
     }
 
@@ -376,7 +442,7 @@ mod tests {
         assert!(udp(addr).await.is_ok());
         drop(socket);
         let err = udp(addr).await.unwrap_err();
-        assert!(err.contains("nothing is bound"), "{err}");
+        assert!(err.to_string().contains("nothing is bound"), "{err}");
     }
 
     #[tokio::test]
@@ -407,6 +473,6 @@ mod tests {
         let err = probe(&check("/nope"), Proto::Http, addr, Duration::from_secs(2))
             .await
             .unwrap_err();
-        assert!(err.contains("404"), "{err}");
+        assert!(err.to_string().contains("404"), "{err}");
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::sleep;
 
-use crate::health::{Monitor, Transition, probe};
+use crate::health::{Monitor, ProbeError, Transition, probe};
 use crate::logs::LogPaths;
 use crate::pool::{Pool, WorkerHandle};
 use crate::process::{Exit, Process};
@@ -337,10 +337,10 @@ impl SlotTask {
     }
 
     /// One health probe: of the private port (rr), or through the first reuseport socket.
-    async fn probe_once(&self, proto: Proto, addr: SocketAddr) -> Result<(), String> {
+    async fn probe_once(&self, proto: Proto, addr: SocketAddr) -> Result<(), ProbeError> {
         let health = &self.app.health;
         match self.members.first() {
-            Some((group, key)) => group.probe(*key, &health.check, health.timeout).await,
+            Some((group, key)) => Ok(group.probe(*key, &health.check, health.timeout).await?),
             None => probe(&health.check, proto, addr, health.timeout).await,
         }
     }
