@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 
 use crate::support::*;
 
-fn http_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
+pub(crate) fn http_app(name: &str, port: u16, instances: u32, extra: &str) -> String {
     app_toml(
         name,
         "http_server.js",
@@ -167,7 +167,7 @@ fn read_reply(reader: &mut impl BufRead) -> io::Result<Reply> {
 
 /// What one load thread sends.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     /// GETs on one keep-alive connection.
     KeepAliveGet,
     /// A fresh connection per GET.
@@ -183,7 +183,7 @@ type Tally = (HashMap<String, u64>, Vec<String>);
 
 /// A bounded HTTP load: one thread per kind given. Connections are reopened only after a
 /// failure. Every non-200 answer and every I/O error counts as a failure.
-struct HttpLoad {
+pub(crate) struct HttpLoad {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
@@ -191,7 +191,7 @@ struct HttpLoad {
 }
 
 impl HttpLoad {
-    fn start(addr: SocketAddr, kinds: &[Kind]) -> HttpLoad {
+    pub(crate) fn start(addr: SocketAddr, kinds: &[Kind]) -> HttpLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -259,7 +259,7 @@ impl HttpLoad {
     }
 
     /// Stops the load; returns (ok, failed, answers per pid, first errors).
-    fn finish(self) -> (u64, u64, HashMap<String, u64>, Vec<String>) {
+    pub(crate) fn finish(self) -> (u64, u64, HashMap<String, u64>, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         let mut seen = HashMap::new();
         let mut errors = Vec::new();

@@ -7,6 +7,7 @@ mod http;
 mod lifecycle;
 mod operate;
 mod reuseport;
+mod soak;
 mod support;
 mod tcp;
 mod udp;

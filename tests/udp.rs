@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use crate::support::*;
 
 /// A loopback UDP port that was free a moment ago.
-fn free_udp_port() -> u16 {
+pub(crate) fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .map(|a| a.port())
@@ -25,7 +25,7 @@ fn public(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
-fn udp_app(name: &str, script: &str, port: u16, instances: u32, extra: &str) -> String {
+pub(crate) fn udp_app(name: &str, script: &str, port: u16, instances: u32, extra: &str) -> String {
     app_toml(
         name,
         script,
@@ -37,12 +37,12 @@ fn udp_app(name: &str, script: &str, port: u16, instances: u32, extra: &str) -> 
 
 /// One client address: a socket connected to the public port, so it only accepts datagrams
 /// that come back from the public address.
-struct Client {
+pub(crate) struct Client {
     socket: UdpSocket,
 }
 
 impl Client {
-    fn new(port: u16) -> Client {
+    pub(crate) fn new(port: u16) -> Client {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a client");
         socket.connect(public(port)).expect("connect a client");
         Client { socket }
@@ -50,7 +50,7 @@ impl Client {
 
     /// Sends `payload` and waits up to `within` for the answer to it (answers to earlier,
     /// timed-out requests are skipped); returns the answering pid.
-    fn ask(&self, payload: &[u8], within: Duration) -> Option<String> {
+    pub(crate) fn ask(&self, payload: &[u8], within: Duration) -> Option<String> {
         if let Err(e) = self.socket.send(payload) {
             eprintln!("send: {e}");
             return None;
@@ -89,14 +89,14 @@ impl Client {
 }
 
 /// Open file descriptors of a process.
-fn fd_count(pid: u32) -> usize {
+pub(crate) fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
 }
 
 /// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
