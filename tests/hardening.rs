@@ -416,3 +416,45 @@ fn a_reuseport_reload_of_workers_that_drain_nothing_fails_no_request() {
     assert!(ok > 0 && seen.len() >= 4, "{seen:?}");
     assert_eq!(failed, 0);
 }
+
+#[test]
+fn clients_that_hang_up_while_queued_free_their_descriptors_at_once() {
+    let port = free_port();
+    let b = Balancer::start(&pid_app("web", port, 1, "queue_timeout = \"30s\""));
+    b.wait_ready("web", 1);
+    b.wait_running();
+    let (code, _, err) = b.cli(&["stop", "web"]);
+    assert_eq!(code, 0, "{err}");
+    let baseline = crate::udp::fd_count(b.pid());
+    let clients: Vec<_> = (0..200)
+        .map(|_| std::net::TcpStream::connect(loopback(port)).unwrap())
+        .collect();
+    let deadline = Instant::now() + PATIENCE;
+    while crate::udp::fd_count(b.pid()) < baseline + 150 {
+        assert!(
+            Instant::now() < deadline,
+            "the queued connections were not accepted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = crate::udp::fd_count(b.pid());
+    drop(clients);
+    let closed = Instant::now();
+    while crate::udp::fd_count(b.pid()) > baseline + 5 {
+        assert!(
+            closed.elapsed() < Duration::from_secs(5),
+            "still {} fds, {baseline} before (queue_timeout is 30 s)",
+            crate::udp::fd_count(b.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "200 queued clients hung up: master fds {baseline} → {held} → {} in {:?}",
+        crate::udp::fd_count(b.pid()),
+        closed.elapsed()
+    );
+    // And none of them reaches a worker once one is ready again.
+    let (code, _, err) = b.cli(&["start", "web"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(greeting(loopback(port)).is_ok());
+}

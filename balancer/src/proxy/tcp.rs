@@ -30,6 +30,9 @@ pub enum TcpProxyError {
     /// The master is shutting down.
     #[error("shutting down")]
     Shutdown,
+    /// The client hung up while waiting for a worker.
+    #[error("the client closed the connection while it waited for a worker")]
+    ClientGone,
     /// Copying failed after the connection was established.
     #[error("copy between client and worker failed")]
     Copy(#[source] io::Error),
@@ -80,7 +83,12 @@ pub async fn proxy(
     route: &Route,
     shutdown: &CancellationToken,
 ) -> Result<Transferred, TcpProxyError> {
-    let (mut upstream, _guard) = connect(route, shutdown).await?;
+    // A client that hangs up while its connection waits for a worker (queue_timeout can be
+    // long) must not keep two descriptors, or later get a worker connection nobody reads.
+    let (mut upstream, _guard) = tokio::select! {
+        connected = connect(route, shutdown) => connected?,
+        () = hung_up(&client) => return Err(TcpProxyError::ClientGone),
+    };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     // copy_bidirectional shuts down each write side when its read side hits EOF and keeps the
@@ -97,6 +105,21 @@ pub async fn proxy(
         to_worker,
         to_client,
     })
+}
+
+/// A connect normally takes well under this: only a connection still waiting for a worker
+/// after it watches its client (so the common path costs a timer, not a syscall).
+const HANG_UP_WATCH_AFTER: Duration = Duration::from_millis(50);
+
+/// Resolves when the client closed (or reset) its connection before sending anything. A
+/// client that sent data, even followed by its FIN, is served: that is a half-closed request.
+async fn hung_up(client: &TcpStream) {
+    tokio::time::sleep(HANG_UP_WATCH_AFTER).await;
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending::<()>().await,
+    }
 }
 
 /// Carries a connection rescued from a leaving reuseport socket to `target`, the public
