@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::policy::round_robin;
 
+pub mod copy;
 pub mod http;
 pub mod tcp;
 pub mod udp;

@@ -12,10 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Attempt, PickError, Route, pick_and_connect};
 
-/// Per-direction copy buffer: HAProxy's default `tune.bufsize`; twice tokio's default, which
-/// measurably helps bulk transfers while keeping a connection's memory small.
-const COPY_BUFFER: usize = 16 * 1024;
-
 /// Time allowed to connect a rescued connection to the public address (the kernel answers a
 /// loopback connect at once unless the accept queue is full).
 const RESCUE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,28 +75,23 @@ pub async fn connect(
 
 /// Proxies one client connection to a worker until both directions are closed.
 pub async fn proxy(
-    mut client: TcpStream,
+    client: TcpStream,
     route: &Route,
     shutdown: &CancellationToken,
 ) -> Result<Transferred, TcpProxyError> {
     // A client that hangs up while its connection waits for a worker (queue_timeout can be
     // long) must not keep two descriptors, or later get a worker connection nobody reads.
-    let (mut upstream, _guard) = tokio::select! {
+    let (upstream, _guard) = tokio::select! {
         connected = connect(route, shutdown) => connected?,
         () = hung_up(&client) => return Err(TcpProxyError::ClientGone),
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    // copy_bidirectional shuts down each write side when its read side hits EOF and keeps the
-    // other direction going: half-close passes through in both directions.
-    let (to_worker, to_client) = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await
-    .map_err(TcpProxyError::Copy)?;
+    // Each EOF shuts down the other side's write half and the other direction goes on:
+    // half-close passes through in both directions. Buffers are borrowed only while bytes move.
+    let (to_worker, to_client) = super::copy::bidirectional(&client, &upstream)
+        .await
+        .map_err(TcpProxyError::Copy)?;
     Ok(Transferred {
         to_worker,
         to_client,
@@ -125,19 +116,13 @@ async fn hung_up(client: &TcpStream) {
 /// Carries a connection rescued from a leaving reuseport socket to `target`, the public
 /// address, where the group's steering program hands it to a live worker (the reuseport
 /// policy's [`Rescue`](balancer_workers::reuseport::Rescue) hook).
-pub fn rescue(mut client: TcpStream, target: std::net::SocketAddr) {
+pub fn rescue(client: TcpStream, target: std::net::SocketAddr) {
     tokio::spawn(async move {
         match timeout(RESCUE_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(mut upstream)) => {
+            Ok(Ok(upstream)) => {
                 let _ = client.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut upstream,
-                    COPY_BUFFER,
-                    COPY_BUFFER,
-                )
-                .await;
+                let _ = super::copy::bidirectional(&client, &upstream).await;
             }
             Ok(Err(e)) => tracing::debug!(%target, "rescued connection: connect failed: {e}"),
             Err(_) => tracing::debug!(%target, "rescued connection: connect timed out"),
