@@ -4,6 +4,7 @@
 mod config_errors;
 mod http;
 mod lifecycle;
+mod observe;
 mod operate;
 mod reuseport;
 mod support;
