@@ -9,12 +9,17 @@
 //! chain catches a child that left the group (`setsid`, Node's `detached: true`) but is still
 //! the worker's to answer for. Either alone misses one of them.
 //!
-//! **Why one thread and a hand-written reader.** One scan of `/proc` per tick serves every
-//! worker of every app: `/proc/PID/stat` alone gives ppid, pgid, CPU ticks and RSS, so each
-//! process on the machine costs one open and one read, whatever the number of workers. The
-//! reads block, so they run on a plain thread, never on the async runtime's workers, and never
-//! near the proxies. The `procfs` crate would parse a dozen fields we do not use and allocate
-//! per process; forty lines do the job at a fraction of the cost.
+//! **Why one thread and a hand-written reader.** One scan of `/proc` serves every worker of
+//! every app: `/proc/PID/stat` alone gives ppid, pgid, CPU ticks and RSS, so each process on
+//! the machine costs one open and one read, whatever the number of workers. Still, the kernel
+//! builds each line (summing every thread's times), about 20 µs a process: on a busy machine a
+//! full scan every second would cost more than the 0.5 % of a core we allow the master. So a
+//! full scan runs every [`FULL_SCAN_EVERY`] rounds (and whenever a new worker appears); the
+//! rounds in between read only the processes the last scan found in some tree. A child forked
+//! in between is counted from the next full scan, at most `FULL_SCAN_EVERY` intervals late.
+//! The reads block, so they run on a plain thread, never on the async runtime's workers, and
+//! never near the proxies. The `procfs` crate would parse a dozen fields we do not use and
+//! allocate per process; forty lines do the job at a fraction of the cost.
 //!
 //! **What the numbers mean.** Memory is the sum of the members' RSS (shared pages count once
 //! per process that maps them, as in `ps`; PSS would need `smaps_rollup`, which walks every
@@ -32,6 +37,9 @@ use std::sync::{Arc, Mutex, Once, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+/// Rounds between two full scans of `/proc` (see the module's doc).
+pub const FULL_SCAN_EVERY: u64 = 5;
 
 /// The default `sample_interval`.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -196,6 +204,8 @@ struct Shared {
     tick: watch::Sender<u64>,
     thread: Once,
     proc_root: PathBuf,
+    /// Rounds so far, and the pids the last round found in some tree.
+    known: Mutex<(u64, Vec<u32>)>,
 }
 
 impl Default for Sampler {
@@ -215,6 +225,7 @@ impl Sampler {
                 tick,
                 thread: Once::new(),
                 proc_root: PathBuf::from("/proc"),
+                known: Mutex::new((0, Vec::new())),
             }),
         };
         sampler.set_interval(interval);
@@ -280,12 +291,30 @@ impl Shared {
             watched.iter().filter_map(Weak::upgrade).collect()
         };
         if !usages.is_empty() {
-            let table = scan(&self.proc_root);
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            let (round, pids) = &mut *known;
+            let new_worker = usages
+                .iter()
+                .any(|u| u.root_start.load(Ordering::Relaxed) == 0);
+            let table = if *round % FULL_SCAN_EVERY == 0 || new_worker {
+                scan(&self.proc_root)
+            } else {
+                read_some(&self.proc_root, pids)
+            };
+            *round += 1;
+            pids.clear();
             let now = Instant::now();
             let clock = Clock::get();
             for usage in &usages {
-                if let Some((ticks, rss, count)) = tree(&table, usage, clock.page) {
-                    usage.record(now, ticks, rss, count, &clock);
+                if let Some(found) = tree(&table, usage, clock.page) {
+                    usage.record(
+                        now,
+                        found.ticks,
+                        found.rss,
+                        found.members.len() as u32,
+                        &clock,
+                    );
+                    pids.extend(found.members);
                 }
             }
         }
@@ -377,6 +406,21 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// The stat of each of `pids` that still exists.
+fn read_some(root: &std::path::Path, pids: &[u32]) -> Vec<Stat> {
+    let mut buf = String::with_capacity(512);
+    pids.iter()
+        .filter_map(|pid| {
+            buf.clear();
+            let path = root.join(pid.to_string()).join("stat");
+            fs::File::open(path)
+                .and_then(|mut f| f.read_to_string(&mut buf))
+                .ok()?;
+            parse_stat(&buf)
+        })
+        .collect()
+}
+
 /// Every process's stat (those that vanish mid-scan are skipped).
 fn scan(root: &std::path::Path) -> Vec<Stat> {
     let Ok(dir) = fs::read_dir(root) else {
@@ -403,9 +447,19 @@ fn scan(root: &std::path::Path) -> Vec<Stat> {
     stats
 }
 
-/// The tree of `usage`'s worker in `table`: CPU ticks, RSS bytes and process count; `None` if
-/// the worker is not there (gone, or its pid now belongs to another process).
-fn tree(table: &[Stat], usage: &Usage, page: u64) -> Option<(u64, u64, u32)> {
+/// One worker's tree in one round.
+struct Found {
+    /// CPU ticks of every member (reaped children included).
+    ticks: u64,
+    /// Resident bytes of every member.
+    rss: u64,
+    /// The members' pids, the worker first.
+    members: Vec<u32>,
+}
+
+/// The tree of `usage`'s worker in `table`; `None` if the worker is not there (gone, or its
+/// pid now belongs to another process).
+fn tree(table: &[Stat], usage: &Usage, page: u64) -> Option<Found> {
     let root = table.iter().find(|s| s.pid == usage.pid)?;
     match usage.root_start.load(Ordering::Relaxed) {
         0 => usage.root_start.store(root.start, Ordering::Relaxed),
@@ -437,7 +491,11 @@ fn tree(table: &[Stat], usage: &Usage, page: u64) -> Option<(u64, u64, u32)> {
         ticks += stat.ticks;
         pages += stat.rss;
     }
-    Some((ticks, pages * page, members.len() as u32))
+    Some(Found {
+        ticks,
+        rss: pages * page,
+        members,
+    })
 }
 
 #[cfg(test)]
