@@ -5,6 +5,7 @@ mod config_errors;
 mod hardening;
 mod http;
 mod lifecycle;
+mod observe;
 mod operate;
 mod reuseport;
 mod soak;

@@ -287,7 +287,7 @@ pub struct Pong {
 }
 
 /// One worker, as `ls` and `jlist` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerInfo {
     /// Worker id (stable across restarts and reloads of the same slot).
     pub id: u32,
@@ -315,6 +315,60 @@ pub struct WorkerInfo {
     pub last_exit: Option<String>,
     /// Why it is errored/unhealthy/restarting.
     pub reason: Option<String>,
+    /// CPU of its whole process tree over the last `sample_interval`, in percent of one core
+    /// (null when not running or not sampled yet).
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    /// Resident memory of its whole process tree, in bytes (null likewise).
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// CPU seconds its tree has used since the process started (a counter).
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    /// Processes in its tree, itself included.
+    #[serde(default)]
+    pub processes: Option<u32>,
+    /// Lowest, mean and highest CPU and memory since the process started.
+    #[serde(default)]
+    pub history: Option<UsageHistory>,
+    /// `restarts`, by reason.
+    #[serde(default)]
+    pub restarts_by: RestartsBy,
+    /// The last restart's reason and cause (`memory: tree RSS … over max_memory_restart …`).
+    #[serde(default)]
+    pub last_restart: Option<String>,
+}
+
+/// A worker's CPU and memory since its process started (`show`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct UsageHistory {
+    /// Samples taken.
+    pub samples: u64,
+    /// Lowest CPU % over one `sample_interval`.
+    pub cpu_min: f64,
+    /// CPU % over the whole life (CPU seconds / uptime).
+    pub cpu_avg: f64,
+    /// Highest CPU % over one `sample_interval`.
+    pub cpu_max: f64,
+    /// Lowest sampled tree memory, bytes.
+    pub memory_min: u64,
+    /// Mean sampled tree memory, bytes.
+    pub memory_avg: u64,
+    /// Highest sampled tree memory, bytes.
+    pub memory_max: u64,
+}
+
+/// Restarts of one worker by reason; they add up to `restarts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RestartsBy {
+    /// It exited by itself, or never became ready, and was restarted.
+    pub crash: u32,
+    /// Its tree stayed over `max_memory_restart`: replaced as a reload replaces.
+    pub memory: u32,
+    /// `reload` replaced it.
+    pub reload: u32,
+    /// `restart` restarted it.
+    pub restart: u32,
 }
 
 /// One app in detail (`show`).

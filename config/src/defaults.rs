@@ -87,6 +87,9 @@ pub const MIN_UPTIME: Duration = Duration::from_secs(1);
 pub const RESTART_DELAY: Duration = Duration::ZERO;
 /// `exp_backoff_restart_delay`: on by default, unlike PM2, so a crash loop never spins.
 pub const EXP_BACKOFF_RESTART_DELAY: Option<Duration> = Some(Duration::from_millis(100));
+/// `[balancer] sample_interval`: CPU and memory of every worker, once a second (PM2's `monit`
+/// refreshes as often).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// `max_memory_restart`: no limit.
 pub const MAX_MEMORY_RESTART: Option<u64> = None;
 

@@ -22,10 +22,21 @@ pub struct Config {
 }
 
 /// The `[balancer]` table: settings of the master itself.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Global {
     /// `metrics = "127.0.0.1:9615"`: where the Prometheus endpoint listens, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// `sample_interval = "1s"`: how often every worker's CPU and memory are sampled.
+    pub sample_interval: Duration,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Global {
+            metrics: None,
+            sample_interval: crate::defaults::SAMPLE_INTERVAL,
+        }
+    }
 }
 
 /// One `[[app]]`: a program run as `instances` workers behind `listen`.

@@ -135,6 +135,9 @@ fn defaults_are_applied() {
         Some(Duration::from_millis(100))
     );
     assert_eq!(app.max_memory_restart, None);
+    let config = p.parse(&format!("[[app]]\nname = \"web\"\n{CMD}")).unwrap();
+    assert_eq!(config.balancer.sample_interval, Duration::from_secs(1));
+    assert_eq!(Global::default().sample_interval, Duration::from_secs(1));
 }
 
 #[test]
@@ -146,6 +149,7 @@ fn every_key_is_read() {
             r#"
 [balancer]
 metrics = "127.0.0.1:9615"
+sample_interval = "250ms"
 
 [[app]]
 name = "web"
@@ -177,6 +181,7 @@ max_memory_restart = "300M"
         config.balancer.metrics,
         Some("127.0.0.1:9615".parse().unwrap())
     );
+    assert_eq!(config.balancer.sample_interval, Duration::from_millis(250));
     let app = &config.apps[0];
     let script = p.path("node/server.js").to_string_lossy().into_owned();
     assert_eq!(app.program, "node");
@@ -403,6 +408,21 @@ fn bad_listen_address() {
         "[balancer]\nmetrics = \"localhost\"\n[[app]]\nname = \"web\"\n{CMD}"
     ));
     assert_one(&errors, "2:11", "`metrics`: missing port");
+    let global = |line: &str| {
+        p.errors(&format!(
+            "[balancer]\n{line}\n[[app]]\nname = \"web\"\n{CMD}"
+        ))
+    };
+    assert_one(
+        &global("sample_interval = \"50ms\""),
+        "2:19",
+        "`sample_interval`: at least 100ms",
+    );
+    assert_one(
+        &global("sample_interval = 0"),
+        "2:19",
+        "`sample_interval`: must be longer than 0",
+    );
 }
 
 #[test]

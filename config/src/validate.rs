@@ -57,7 +57,9 @@ const APP_KEYS: &[&str] = &[
     "http_max_header_size",
     "http_idle_timeout",
 ];
-const BALANCER_KEYS: &[&str] = &["metrics"];
+const BALANCER_KEYS: &[&str] = &["metrics", "sample_interval"];
+/// The shortest `sample_interval`.
+const MIN_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
 const LISTENER_KEYS: &[&str] = &["url", "port_env"];
 
@@ -194,7 +196,27 @@ fn global(r: &mut Reader<'_, '_, '_, '_>, taken: &mut Taken) -> Global {
             "metrics",
         );
     }
-    Global { metrics }
+    let sample_interval = match (
+        r.positive_duration("sample_interval"),
+        r.value("sample_interval"),
+    ) {
+        // Each sample reads /proc/PID/stat of every process on the machine.
+        (Some(d), Some(value)) if d < MIN_SAMPLE_INTERVAL => {
+            r.error(
+                value.span(),
+                format!(
+                    "`sample_interval`: at least {MIN_SAMPLE_INTERVAL:?} (each sample reads /proc)"
+                ),
+            );
+            None
+        }
+        (d, _) => d,
+    }
+    .unwrap_or(defaults::SAMPLE_INTERVAL);
+    Global {
+        metrics,
+        sample_interval,
+    }
 }
 
 /// One `[[app]]`; `None` when it has no usable name or program (already reported).

@@ -16,13 +16,15 @@ pub mod shim;
 mod slot;
 pub mod sockdiag;
 pub mod spawn;
+pub mod stats;
 pub mod status;
 pub mod supervisor;
 
 pub use error::Chain;
 pub use pool::{ConnGuard, Pool, PoolSnapshot, WorkerHandle};
 pub use process::Exit;
-pub use status::{Target, WorkerState, WorkerStatus};
+pub use stats::{Sampler, Usage, UsageSnapshot};
+pub use status::{RestartCounts, RestartReason, Target, WorkerState, WorkerStatus};
 pub use supervisor::{AppSupervisor, NotReady, OpError, SpawnContext};
 
 /// Backlog of every listening socket the master creates (public listeners and reuseport

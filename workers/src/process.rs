@@ -97,6 +97,11 @@ impl Process {
         self.pid
     }
 
+    /// The worker's shim, when it runs under one.
+    pub fn shim_pid(&self) -> Option<u32> {
+        self.shim.then_some(self.spawned)
+    }
+
     /// When it was spawned.
     pub fn started(&self) -> Instant {
         self.started

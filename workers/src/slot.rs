@@ -22,7 +22,8 @@ use crate::process::{Exit, Process};
 use crate::restart::{RestartPolicy, wait_restart};
 use crate::reuseport::{Group, MemberKey, Takeover};
 use crate::spawn::{SpawnSpec, private_port, spawn};
-use crate::status::{WorkerState, WorkerStatus};
+use crate::stats::{Sampler, Usage};
+use crate::status::{RestartCounts, RestartReason, WorkerState, WorkerStatus};
 
 /// What a slot is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +40,12 @@ pub(crate) struct SlotSpec {
     pub id: u32,
     /// Its instance number.
     pub instance: u32,
-    /// Restarts counted so far (a reload or restart carries the count on).
-    pub restarts: u32,
+    /// Restarts counted so far, by reason (a reload or restart carries the counts on).
+    pub restarts: RestartCounts,
+    /// Why the slot was (re)created, when it replaces an earlier worker (`show` says it).
+    pub last_restart: Option<String>,
+    /// Samples the CPU and memory of each incarnation's tree.
+    pub sampler: Arc<Sampler>,
     /// A reload's replacement: it gives up at once if its first process never becomes ready.
     pub probation: bool,
     /// The app's configuration at creation time.
@@ -70,8 +75,13 @@ pub(crate) struct Slot {
 impl Slot {
     /// Starts the slot's task: the first process is spawned at once.
     pub fn start(spec: SlotSpec) -> Slot {
-        let initial =
-            WorkerStatus::new(spec.id, spec.app.name.clone(), spec.instance, spec.restarts);
+        let initial = WorkerStatus::new(
+            spec.id,
+            spec.app.name.clone(),
+            spec.instance,
+            spec.restarts,
+            spec.last_restart,
+        );
         let (status_tx, status) = watch::channel(initial);
         let (control, control_rx) = watch::channel(Control::Run);
         let task = SlotTask {
@@ -82,6 +92,7 @@ impl Slot {
             shim: spec.shim,
             app: spec.app,
             pool: spec.pool,
+            sampler: spec.sampler,
             status: status_tx,
             control: control_rx,
             probation: spec.probation,
@@ -102,9 +113,20 @@ impl Slot {
         self.task.is_finished() || self.status.borrow().state.is_down()
     }
 
-    /// Restarts counted so far.
-    pub fn restarts(&self) -> u32 {
-        self.status.borrow().restarts
+    /// Restarts counted so far, by reason.
+    pub fn restarts(&self) -> RestartCounts {
+        self.status.borrow().restarts_by
+    }
+
+    /// The running process's usage (none while it is not running or not sampled).
+    pub fn usage(&self) -> Option<Arc<Usage>> {
+        let status = self.status.borrow();
+        status.usage.clone().filter(|_| status.pid.is_some())
+    }
+
+    /// Its state now.
+    pub fn state(&self) -> WorkerState {
+        self.status.borrow().state
     }
 
     /// Asks the task to drain and stop its worker, without waiting (the slot stays usable).
@@ -137,6 +159,7 @@ struct SlotTask {
     probation: bool,
     app: Arc<App>,
     pool: Arc<Pool>,
+    sampler: Arc<Sampler>,
     logs: LogPaths,
     status: watch::Sender<WorkerStatus>,
     control: watch::Receiver<Control>,
@@ -157,9 +180,10 @@ impl SlotTask {
                 return;
             }
             let (outcome, uptime) = match self.spawn().await {
-                Ok((process, handle)) => {
+                Ok((process, handle, usage)) => {
                     let started = process.started();
                     let outcome = self.supervise(process, &handle).await;
+                    usage.stop();
                     self.pool.remove(&handle);
                     handle.mark_gone();
                     // In the background: a replacement may be what takes the queued connections.
@@ -229,17 +253,18 @@ impl SlotTask {
             s.state = state;
             s.pid = None;
             s.handle = None;
+            s.usage = None;
             s.last_exit = exit.or(s.last_exit);
-            s.reason = Some(reason);
             if state == WorkerState::WaitingRestart {
-                s.restarts += 1;
+                s.count_restart(RestartReason::Crash, format!("crash: {reason}"));
             }
+            s.reason = Some(reason);
         });
     }
 
     /// Reserves private ports (rr) or sockets in the groups (reuseport) and starts one
     /// incarnation.
-    async fn spawn(&mut self) -> Result<(Process, Arc<WorkerHandle>), String> {
+    async fn spawn(&mut self) -> Result<(Process, Arc<WorkerHandle>, Arc<Usage>), String> {
         let (addrs, sockets) = if self.groups.is_empty() {
             let addrs = self
                 .app
@@ -302,14 +327,20 @@ impl SlotTask {
             ports = ?addrs.iter().map(|a| a.port()).collect::<Vec<_>>(),
             "worker started"
         );
+        let usage = self.sampler.watch_adopted(
+            process.pid(),
+            process.shim_pid(),
+            self.app.max_memory_restart,
+        );
         self.set(|s| {
             s.state = WorkerState::Starting;
             s.pid = Some(process.pid());
             s.addrs = addrs;
             s.since = Some(SystemTime::now());
             s.handle = Some(Arc::clone(&handle));
+            s.usage = Some(Arc::clone(&usage));
         });
-        Ok((process, handle))
+        Ok((process, handle, usage))
     }
 
     /// The end of a stop asked for: the handle stays, so `show` can still read its counters.

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 
 use crate::pool::WorkerHandle;
 use crate::process::Exit;
+use crate::stats::Usage;
 
 /// Where a worker is in its life. See `workers/LIFECYCLE.md`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,19 +73,31 @@ pub struct WorkerStatus {
     pub addrs: Vec<SocketAddr>,
     /// When the current incarnation was spawned.
     pub since: Option<SystemTime>,
-    /// How many times the slot was restarted after an exit.
+    /// How many times the slot was restarted (every reason: the sum of `restarts_by`).
     pub restarts: u32,
+    /// The same restarts, by reason.
+    pub restarts_by: RestartCounts,
+    /// The last restart's reason and what caused it (`memory: tree RSS 130 MiB over …`).
+    pub last_restart: Option<String>,
     /// How the previous incarnation ended.
     pub last_exit: Option<Exit>,
     /// Why the worker is errored, unhealthy or was restarted, in words.
     pub reason: Option<String>,
     /// The data path's handle, for live-connection counts.
     pub handle: Option<Arc<WorkerHandle>>,
+    /// CPU and memory of the running process's tree (see [`crate::stats`]).
+    pub usage: Option<Arc<Usage>>,
 }
 
 impl WorkerStatus {
     /// The status of a slot whose first process is about to be spawned.
-    pub(crate) fn new(id: u32, app: String, instance: u32, restarts: u32) -> Self {
+    pub(crate) fn new(
+        id: u32,
+        app: String,
+        instance: u32,
+        restarts_by: RestartCounts,
+        last_restart: Option<String>,
+    ) -> Self {
         WorkerStatus {
             id,
             app,
@@ -93,16 +106,106 @@ impl WorkerStatus {
             pid: None,
             addrs: Vec::new(),
             since: None,
-            restarts,
+            restarts: restarts_by.total(),
+            restarts_by,
+            last_restart,
             last_exit: None,
             reason: None,
             handle: None,
+            usage: None,
         }
+    }
+
+    /// Counts one restart for `reason` (in the total too), and says why.
+    pub(crate) fn count_restart(&mut self, reason: RestartReason, why: String) {
+        self.restarts_by.count(reason);
+        self.restarts = self.restarts_by.total();
+        self.last_restart = Some(why);
     }
 
     /// Connections currently proxied to this worker.
     pub fn live_connections(&self) -> usize {
         self.handle.as_ref().map_or(0, |h| h.live())
+    }
+}
+
+/// Why a worker was restarted (a reload's replacement counts as a restart of the slot, as in
+/// PM2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartReason {
+    /// It exited by itself, or never became ready within `listen_timeout`.
+    Crash,
+    /// Its tree stayed above `max_memory_restart` (replaced the way a reload replaces).
+    Memory,
+    /// A `reload` replaced it.
+    Reload,
+    /// A `restart` (stop, then start) asked for it.
+    Restart,
+}
+
+impl RestartReason {
+    /// Every reason, in the order metrics and `show` list them.
+    pub const ALL: [RestartReason; 4] = [
+        RestartReason::Crash,
+        RestartReason::Memory,
+        RestartReason::Reload,
+        RestartReason::Restart,
+    ];
+
+    /// The name used in `jlist`, `show` and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartReason::Crash => "crash",
+            RestartReason::Memory => "memory",
+            RestartReason::Reload => "reload",
+            RestartReason::Restart => "restart",
+        }
+    }
+}
+
+/// Restarts of one worker slot, by reason; kept across its restarts and reloads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestartCounts {
+    /// Exits and never-ready starts that were restarted.
+    pub crash: u32,
+    /// `max_memory_restart` replacements.
+    pub memory: u32,
+    /// Reload replacements.
+    pub reload: u32,
+    /// `restart` commands.
+    pub restart: u32,
+}
+
+impl RestartCounts {
+    /// All restarts.
+    pub fn total(&self) -> u32 {
+        self.crash + self.memory + self.reload + self.restart
+    }
+
+    /// The count for one reason.
+    pub fn get(&self, reason: RestartReason) -> u32 {
+        match reason {
+            RestartReason::Crash => self.crash,
+            RestartReason::Memory => self.memory,
+            RestartReason::Reload => self.reload,
+            RestartReason::Restart => self.restart,
+        }
+    }
+
+    /// These counts with one more restart for `reason`.
+    pub fn with(mut self, reason: RestartReason) -> Self {
+        self.count(reason);
+        self
+    }
+
+    fn count(&mut self, reason: RestartReason) {
+        let n = match reason {
+            RestartReason::Crash => &mut self.crash,
+            RestartReason::Memory => &mut self.memory,
+            RestartReason::Reload => &mut self.reload,
+            RestartReason::Restart => &mut self.restart,
+        };
+        *n = n.saturating_add(1);
     }
 }
 

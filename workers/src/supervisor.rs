@@ -20,7 +20,8 @@ use crate::logs::LogPaths;
 use crate::pool::Pool;
 use crate::reuseport::{Group, Rescue};
 use crate::slot::{Slot, SlotSpec};
-use crate::status::{Target, WorkerState, WorkerStatus};
+use crate::stats::{MEMORY_SAMPLES, Sampler};
+use crate::status::{RestartCounts, RestartReason, Target, WorkerState, WorkerStatus};
 
 /// Why an operation on an app did not (entirely) succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -91,6 +92,8 @@ pub struct SpawnContext {
     pub shim: Option<PathBuf>,
     /// Where connections rescued from leaving reuseport sockets go (the data plane).
     pub rescue: Rescue,
+    /// Samples every worker's CPU and memory (one thread for the whole master).
+    pub sampler: Arc<Sampler>,
 }
 
 impl std::fmt::Debug for SpawnContext {
@@ -111,6 +114,7 @@ impl SpawnContext {
             ids: AtomicU32::new(0),
             shim,
             rescue,
+            sampler: Arc::new(Sampler::default()),
         })
     }
 }
@@ -147,9 +151,10 @@ impl AppSupervisor {
             ops: tokio::sync::Mutex::new(()),
         });
         let slots: Vec<Slot> = (0..instances)
-            .map(|instance| sup.spawn_slot(None, instance, 0, false))
+            .map(|instance| sup.spawn_slot(None, instance, RestartCounts::default(), None, false))
             .collect();
         sup.slots().extend(slots);
+        tokio::spawn(guard_memory(Arc::downgrade(&sup), sup.env.sampler.ticks()));
         sup
     }
 
@@ -222,7 +227,7 @@ impl AppSupervisor {
             for _ in current..to {
                 let instance = (0..).find(|i| !used.contains(i)).unwrap_or(0);
                 used.push(instance);
-                let slot = self.spawn_slot(None, instance, 0, false);
+                let slot = self.spawn_slot(None, instance, RestartCounts::default(), None, false);
                 watches.push(slot.status.clone());
                 self.slots().push(slot);
             }
@@ -261,12 +266,40 @@ impl AppSupervisor {
     /// previous configuration is restored, and the reload fails with the reason.
     pub async fn reload(&self, new: Option<App>, target: Target) -> Result<String, OpError> {
         let _op = self.ops.lock().await;
+        let cause = (RestartReason::Reload, "reload".to_owned());
+        self.reload_locked(new, target, cause).await
+    }
+
+    /// `max_memory_restart`: replaces worker `id` the way [`reload`](Self::reload) does, counted
+    /// as a `memory` restart with `why` as its cause. Returns `Ok(false)` when the worker is no
+    /// longer there or no longer ready (someone else replaced or stopped it meanwhile).
+    pub async fn replace_for_memory(&self, id: u32, why: String) -> Result<bool, OpError> {
+        let _op = self.ops.lock().await;
+        let ready = self
+            .slots()
+            .iter()
+            .any(|s| s.id == id && s.state() == WorkerState::Ready);
+        if !ready {
+            return Ok(false);
+        }
+        let cause = (RestartReason::Memory, format!("memory: {why}"));
+        self.reload_locked(None, Target::Worker(id), cause)
+            .await
+            .map(|_| true)
+    }
+
+    async fn reload_locked(
+        &self,
+        new: Option<App>,
+        target: Target,
+        (reason, why): (RestartReason, String),
+    ) -> Result<String, OpError> {
         let previous = self.app();
         if let Some(new) = new {
             self.app.store(Arc::new(new));
         }
         let app = self.app();
-        let chosen: Vec<(u32, u32, u32, bool)> = self
+        let chosen: Vec<(u32, u32, RestartCounts, bool)> = self
             .slots()
             .iter()
             .filter(|s| target.matches(s.id))
@@ -286,7 +319,8 @@ impl AppSupervisor {
                 .iter()
                 .map(|&(id, instance, restarts, finished)| {
                     // A worker that is not running has nothing to protect: no probation.
-                    self.spawn_slot(Some(id), instance, restarts + 1, !finished)
+                    let restarts = restarts.with(reason);
+                    self.spawn_slot(Some(id), instance, restarts, Some(why.clone()), !finished)
                 })
                 .collect();
             let outcomes =
@@ -362,7 +396,7 @@ impl AppSupervisor {
     }
 
     async fn start_locked(&self, target: Target, count_restart: bool) -> Result<String, OpError> {
-        let chosen: Vec<(u32, u32, u32)> = self
+        let chosen: Vec<(u32, u32, RestartCounts)> = self
             .slots()
             .iter()
             .filter(|s| target.matches(s.id) && s.finished())
@@ -375,8 +409,15 @@ impl AppSupervisor {
         }
         let mut watches = Vec::new();
         for (id, instance, restarts) in &chosen {
-            let restarts = restarts + u32::from(count_restart);
-            let slot = self.spawn_slot(Some(*id), *instance, restarts, false);
+            let (restarts, why) = if count_restart {
+                (
+                    restarts.with(RestartReason::Restart),
+                    Some("restart".to_owned()),
+                )
+            } else {
+                (*restarts, None)
+            };
+            let slot = self.spawn_slot(Some(*id), *instance, restarts, why, false);
             watches.push(slot.status.clone());
             if let Some(old) = self.swap_slot(slot) {
                 old.stop().await;
@@ -506,12 +547,21 @@ impl AppSupervisor {
     }
 
     /// Creates a slot (a new id unless `id` is given) running the app's current configuration.
-    fn spawn_slot(&self, id: Option<u32>, instance: u32, restarts: u32, probation: bool) -> Slot {
+    fn spawn_slot(
+        &self,
+        id: Option<u32>,
+        instance: u32,
+        restarts: RestartCounts,
+        last_restart: Option<String>,
+        probation: bool,
+    ) -> Slot {
         let app = self.app();
         Slot::start(SlotSpec {
             id: id.unwrap_or_else(|| self.env.ids.fetch_add(1, Ordering::Relaxed)),
             instance,
             restarts,
+            last_restart,
+            sampler: Arc::clone(&self.env.sampler),
             probation,
             logs: LogPaths::new(&self.env.home, &app.name, instance),
             groups: self.groups_for(&app),
@@ -520,6 +570,55 @@ impl AppSupervisor {
             app,
         })
     }
+}
+
+/// `max_memory_restart`, enforced: after every sample round, each ready worker whose tree has
+/// been over the app's limit for [`MEMORY_SAMPLES`] samples in a row is replaced as a reload
+/// replaces it (the new one ready first, then the old one drained). A replacement that cannot
+/// become ready leaves the old worker serving, with a warning, and the count starts again: the
+/// next attempt comes `MEMORY_SAMPLES` samples later, not at every tick. Ends with the app.
+async fn guard_memory(sup: std::sync::Weak<AppSupervisor>, mut ticks: watch::Receiver<u64>) {
+    while ticks.changed().await.is_ok() {
+        let Some(sup) = sup.upgrade() else { return };
+        let Some(limit) = sup.app().max_memory_restart else {
+            continue;
+        };
+        let over: Vec<(u32, u64, Arc<crate::stats::Usage>)> = sup
+            .slots()
+            .iter()
+            .filter(|s| s.state() == WorkerState::Ready)
+            .filter_map(|s| s.usage().map(|u| (s.id, u)))
+            .filter_map(|(id, u)| {
+                let snap = u.snapshot()?;
+                (snap.over_limit >= MEMORY_SAMPLES).then_some((id, snap.memory, u))
+            })
+            .collect();
+        for (id, memory, usage) in over {
+            let name = sup.app().name.clone();
+            let why = format!(
+                "tree RSS {} over max_memory_restart {} for {MEMORY_SAMPLES} samples",
+                mib(memory),
+                mib(limit)
+            );
+            tracing::warn!(app = %name, id, "worker {why}: replacing it");
+            match sup.replace_for_memory(id, why).await {
+                Ok(true) => tracing::info!(app = %name, id, "worker replaced (memory)"),
+                Ok(false) => {}
+                Err(e) => {
+                    usage.reset_over_limit();
+                    tracing::warn!(
+                        app = %name, id,
+                        "memory replacement failed, the old worker keeps serving: {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Bytes as MiB with one decimal, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// Resolves once the worker is ready (`Ok`) or its first start failed (`Err` with why).

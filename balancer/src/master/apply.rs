@@ -96,6 +96,10 @@ impl Master {
             }
             fresh.push(sockets);
         }
+        // A master-wide setting: the file applied last sets it.
+        self.spawn
+            .sampler
+            .set_interval(config.balancer.sample_interval);
 
         let mut done = Vec::new();
         let mut failures = Vec::new();

@@ -49,6 +49,10 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
         Some(shim),
     ));
 
+    master
+        .spawn
+        .sampler
+        .set_interval(config.balancer.sample_interval);
     let bound = bind_all(&config.apps)?;
     for (app, sockets) in config.apps.into_iter().zip(bound) {
         master.add_app(app, sockets, source.clone());

@@ -7,7 +7,7 @@ use balancer_config::{App, Check};
 use balancer_workers::WorkerStatus;
 
 use super::{ControlError, Master};
-use crate::protocol::{AppInfo, WorkerInfo};
+use crate::protocol::{AppInfo, RestartsBy, UsageHistory, WorkerInfo};
 
 /// Every worker of every app, in start order (`ls`/`jlist`).
 pub(super) fn all_workers(master: &Master) -> Vec<WorkerInfo> {
@@ -18,9 +18,16 @@ pub(super) fn all_workers(master: &Master) -> Vec<WorkerInfo> {
         .collect()
 }
 
-/// One worker's row.
+/// One worker's row. CPU and memory come from the last sample (taken on the sampler's thread),
+/// so a row costs no `/proc` read: `ls` stays as fast with them as without.
 pub(super) fn worker_info(app: &App, s: &WorkerStatus) -> WorkerInfo {
     let running = s.pid.is_some();
+    let usage = s
+        .usage
+        .as_ref()
+        .filter(|_| running)
+        .and_then(|u| u.snapshot());
+    let by = s.restarts_by;
     WorkerInfo {
         id: s.id,
         app: s.app.clone(),
@@ -39,7 +46,32 @@ pub(super) fn worker_info(app: &App, s: &WorkerStatus) -> WorkerInfo {
         private: s.addrs.iter().map(|a| a.to_string()).collect(),
         last_exit: s.last_exit.map(|e| e.to_string()),
         reason: s.reason.clone(),
+        cpu: usage.map(|u| tenths(u.cpu_percent)),
+        memory: usage.map(|u| u.memory),
+        cpu_seconds: usage.map(|u| (u.cpu_seconds * 100.0).round() / 100.0),
+        processes: usage.map(|u| u.processes),
+        history: usage.map(|u| UsageHistory {
+            samples: u.samples,
+            cpu_min: tenths(u.cpu_min),
+            cpu_avg: tenths(u.cpu_avg),
+            cpu_max: tenths(u.cpu_max),
+            memory_min: u.memory_min,
+            memory_avg: u.memory_avg,
+            memory_max: u.memory_max,
+        }),
+        restarts_by: RestartsBy {
+            crash: by.crash,
+            memory: by.memory,
+            reload: by.reload,
+            restart: by.restart,
+        },
+        last_restart: s.last_restart.clone(),
     }
+}
+
+/// A percentage to one decimal: what a reader can tell apart in a 1 s sample.
+fn tenths(percent: f64) -> f64 {
+    (percent * 10.0).round() / 10.0
 }
 
 /// `show`: the app named `target`, or the app of worker `target` with only that worker.

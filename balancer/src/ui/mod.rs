@@ -40,6 +40,27 @@ pub fn uptime(ms: u64) -> String {
     }
 }
 
+/// A size the way `ls` shows memory: binary units, one decimal from MiB up (`512 KiB`,
+/// `45.2 MiB`, `1.3 GiB`).
+pub fn bytes(n: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let n = n as f64;
+    if n < KIB {
+        format!("{n} B")
+    } else if n < KIB * KIB {
+        format!("{:.0} KiB", n / KIB)
+    } else if n < KIB * KIB * KIB {
+        format!("{:.1} MiB", n / (KIB * KIB))
+    } else {
+        format!("{:.1} GiB", n / (KIB * KIB * KIB))
+    }
+}
+
+/// A CPU share the way `ls` shows it: `0.3%`, `112.0%` (several cores).
+pub fn percent(p: f64) -> String {
+    format!("{p:.1}%")
+}
+
 /// One log line as `<app>-<instance> | <line>`; lines from any stream but `out` carry its name
 /// (`web-0 err | …`), in red on a terminal.
 pub fn log_line(log: &LogLine, output: Output) -> String {
@@ -56,6 +77,16 @@ pub fn log_line(log: &LogLine, output: Output) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_and_shares_read_like_ls() {
+        assert_eq!(bytes(900), "900 B");
+        assert_eq!(bytes(300 * 1024), "300 KiB");
+        assert_eq!(bytes(45 * 1024 * 1024 + 200 * 1024), "45.2 MiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+        assert_eq!(percent(0.24), "0.2%");
+        assert_eq!(percent(112.0), "112.0%");
+    }
 
     #[test]
     fn uptimes_read_like_pm2() {

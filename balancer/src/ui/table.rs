@@ -1,5 +1,5 @@
 //! Tables: `ls` (one row per worker) and `show` (an app's resolved config, log files, workers,
-//! and why each worker last stopped).
+//! their CPU and memory since start, and why each worker last stopped or restarted).
 //!
 //! One fixed comfy-table style everywhere. Off a terminal there is no color and no wrapping, so
 //! scripts and tests see the same text every time.
@@ -9,11 +9,11 @@ use std::fmt::Write as _;
 use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table, presets};
 use serde_json::Value;
 
-use super::{Output, uptime};
+use super::{Output, bytes, percent, uptime};
 use crate::protocol::{AppInfo, WorkerInfo};
 
-/// The `ls` header; `↺` is restarts, as in PM2.
-const WORKER_HEADER: [&str; 10] = [
+/// The `ls` header; `↺` is restarts, as in PM2. `cpu` and `mem` are the whole process tree's.
+const WORKER_HEADER: [&str; 12] = [
     "id",
     "app",
     "inst",
@@ -21,13 +21,27 @@ const WORKER_HEADER: [&str; 10] = [
     "policy",
     "status",
     "↺",
+    "cpu",
+    "mem",
     "uptime",
     "conns",
     "listeners",
 ];
 
 /// Columns of numbers, aligned right.
-const NUMERIC_COLUMNS: [usize; 5] = [0, 2, 3, 6, 8];
+const NUMERIC_COLUMNS: [usize; 7] = [0, 2, 3, 6, 7, 8, 10];
+
+/// `show`'s usage table: now, and lowest/mean/highest since the process started.
+const USAGE_HEADER: [&str; 8] = [
+    "id",
+    "cpu",
+    "cpu min/avg/max",
+    "mem",
+    "mem min/avg/max",
+    "procs",
+    "cpu time",
+    "restarts by reason",
+];
 
 fn new_table(output: Output) -> Table {
     let mut table = Table::new();
@@ -70,6 +84,8 @@ pub fn workers(workers: &[WorkerInfo], output: Output) -> String {
             Cell::new(&w.policy),
             status_cell(&w.status),
             Cell::new(w.restarts),
+            Cell::new(w.cpu.map_or_else(|| "-".to_owned(), percent)),
+            Cell::new(w.memory.map_or_else(|| "-".to_owned(), bytes)),
             Cell::new(w.uptime_ms.map_or_else(|| "-".to_owned(), uptime)),
             Cell::new(w.connections),
             Cell::new(w.listeners.join(", ")),
@@ -83,12 +99,65 @@ pub fn workers(workers: &[WorkerInfo], output: Output) -> String {
     table.to_string()
 }
 
+/// `show`'s usage rows: each running worker's CPU and memory now and since it started, its
+/// tree's size and CPU time, and its restarts by reason.
+pub fn usage(workers: &[WorkerInfo], output: Output) -> String {
+    let mut table = new_table(output);
+    table.set_header(USAGE_HEADER);
+    for w in workers {
+        let dash = || "-".to_owned();
+        let h = w.history;
+        let by = w.restarts_by;
+        let reasons = [
+            ("crash", by.crash),
+            ("memory", by.memory),
+            ("reload", by.reload),
+            ("restart", by.restart),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+        table.add_row(vec![
+            Cell::new(w.id),
+            Cell::new(w.cpu.map_or_else(dash, percent)),
+            Cell::new(h.map_or_else(dash, |h| {
+                format!(
+                    "{} / {} / {}",
+                    percent(h.cpu_min),
+                    percent(h.cpu_avg),
+                    percent(h.cpu_max)
+                )
+            })),
+            Cell::new(w.memory.map_or_else(dash, bytes)),
+            Cell::new(h.map_or_else(dash, |h| {
+                format!(
+                    "{} / {} / {}",
+                    bytes(h.memory_min),
+                    bytes(h.memory_avg),
+                    bytes(h.memory_max)
+                )
+            })),
+            Cell::new(w.processes.map_or_else(dash, |p| p.to_string())),
+            Cell::new(w.cpu_seconds.map_or_else(dash, |s| format!("{s:.2}s"))),
+            Cell::new(if reasons.is_empty() { dash() } else { reasons }),
+        ]);
+    }
+    for index in [0, 1, 3, 5, 6] {
+        if let Some(column) = table.column_mut(index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table.to_string()
+}
+
 /// Why each worker is not simply running, one line per worker that has something to say:
-/// `worker 3 (web #1) errored: <reason>; last exit: <how>`.
+/// `worker 3 (web #1) errored: <reason>; last exit: <how>; last restart: <why>`.
 pub fn worker_notes(workers: &[WorkerInfo]) -> Vec<String> {
     workers
         .iter()
-        .filter(|w| w.reason.is_some() || w.last_exit.is_some())
+        .filter(|w| w.reason.is_some() || w.last_exit.is_some() || w.last_restart.is_some())
         .map(|w| {
             let mut line = format!("worker {} ({} #{}) {}", w.id, w.app, w.instance, w.status);
             let mut sep = ": ";
@@ -98,6 +167,10 @@ pub fn worker_notes(workers: &[WorkerInfo]) -> Vec<String> {
             }
             if let Some(exit) = &w.last_exit {
                 let _ = write!(line, "{sep}last exit: {exit}");
+                sep = "; ";
+            }
+            if let Some(why) = &w.last_restart {
+                let _ = write!(line, "{sep}last restart: {why}");
             }
             line
         })
@@ -119,6 +192,11 @@ pub fn app(app: &AppInfo, output: Output) -> String {
 
     let mut page = format!("app {}\n{config}\n", app.name);
     let _ = write!(page, "\nworkers\n{}\n", workers(&app.workers, output));
+    let _ = write!(
+        page,
+        "\nusage since start\n{}\n",
+        usage(&app.workers, output)
+    );
     let notes = worker_notes(&app.workers);
     if !notes.is_empty() {
         page.push_str("\nlast exits\n");
@@ -183,13 +261,34 @@ mod tests {
             pid: Some(4000 + id),
             policy: "rr".into(),
             status: status.into(),
-            restarts: 0,
+            restarts: 3,
             uptime_ms: Some(125_000),
             connections: 3,
             listeners: vec!["tcp://0.0.0.0:8080".into(), "http://0.0.0.0:8081".into()],
             private: vec!["127.0.0.1:40001".into()],
             last_exit: None,
             reason: None,
+            cpu: Some(1.5),
+            memory: Some(47_395_635),
+            cpu_seconds: Some(2.31),
+            processes: Some(2),
+            history: Some(crate::protocol::UsageHistory {
+                samples: 125,
+                cpu_min: 0.0,
+                cpu_avg: 1.8,
+                cpu_max: 37.5,
+                memory_min: 41_000_000,
+                memory_avg: 45_500_000,
+                memory_max: 49_000_000,
+            }),
+            restarts_by: crate::protocol::RestartsBy {
+                memory: 1,
+                reload: 2,
+                ..Default::default()
+            },
+            last_restart: Some(
+                "memory: tree RSS 130.2 MiB over max_memory_restart 100.0 MiB for 3 samples".into(),
+            ),
         }
     }
 
@@ -201,6 +300,16 @@ mod tests {
             connections: 0,
             last_exit: Some("exit status 1".into()),
             reason: Some("16 unstable restarts (each under min_uptime 1s)".into()),
+            cpu: None,
+            memory: None,
+            cpu_seconds: None,
+            processes: None,
+            history: None,
+            restarts_by: crate::protocol::RestartsBy {
+                crash: 16,
+                ..Default::default()
+            },
+            last_restart: Some("crash: exited with exit code 1".into()),
             ..worker(12, 1, "errored")
         }
     }
@@ -223,12 +332,15 @@ mod tests {
         assert_eq!(
             worker_notes(&[worker(0, 0, "ready"), errored()]),
             [
+                "worker 0 (web #0) ready: last restart: memory: tree RSS 130.2 MiB over \
+                 max_memory_restart 100.0 MiB for 3 samples",
                 "worker 12 (web #1) errored: 16 unstable restarts (each under min_uptime 1s); \
-              last exit: exit status 1"
+              last exit: exit status 1; last restart: crash: exited with exit code 1"
             ]
         );
         let only_exit = WorkerInfo {
             last_exit: Some("signal SIGKILL".into()),
+            last_restart: None,
             ..worker(3, 0, "starting")
         };
         assert_eq!(
@@ -261,10 +373,15 @@ mod tests {
         };
         let text = app(&info, Output::Plain);
         insta::assert_snapshot!("show", text);
-        assert!(text.contains("│ 12 ┆ web ┆    1 ┆    - ┆ rr     ┆ errored ┆ 16 ┆"));
+        assert!(
+            text.contains("│ 12 ┆ web ┆    1 ┆    - ┆ rr     ┆ errored ┆ 16 ┆    - ┆        - ┆")
+        );
+        assert!(text.contains(
+            "│  0 ┆ 1.5% ┆ 0.0% / 1.8% / 37.5% ┆ 45.2 MiB ┆ 39.1 MiB / 43.4 MiB / 46.7 MiB ┆     2 ┆    2.31s ┆ memory 1, reload 2"
+        ));
         assert!(text.ends_with(
-            "\nlast exits\nworker 12 (web #1) errored: 16 unstable restarts (each under \
-             min_uptime 1s); last exit: exit status 1\n"
+            "\nworker 12 (web #1) errored: 16 unstable restarts (each under \
+             min_uptime 1s); last exit: exit status 1; last restart: crash: exited with exit code 1\n"
         ));
     }
 }
