@@ -150,6 +150,12 @@ pub struct StartArgs {
     /// Run in the foreground, as `run` does, instead of handing the apps to a master.
     #[arg(long)]
     pub no_daemon: bool,
+    /// Replace a running app of the same name (without it, the name is refused, as in PM2).
+    #[arg(short, long)]
+    pub force: bool,
+    /// PM2's options, each the balancer.toml key of the same name.
+    #[command(flatten)]
+    pub pm2: Box<Pm2Args>,
     /// Arguments for the script or command.
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
@@ -163,7 +169,229 @@ impl StartArgs {
             || !self.listen.is_empty()
             || self.policy.is_some()
             || !self.args.is_empty()
+            || *self.pm2 != Pm2Args::default()
     }
+}
+
+/// PM2's `start` options. Each one is the `balancer.toml` key named in its help (PM2's own key
+/// names), written into the one-app config `start` builds, so a flag and a key can never mean
+/// two things. The flags whose behaviour is not built yet parse, so that the refusal can name
+/// the key instead of clap suggesting to pass them to the script.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+#[command(next_help_heading = "PM2 options (each sets the balancer.toml key of its name)")]
+pub struct Pm2Args {
+    /// `interpreter`: the program that runs the script (`node`, `python3`, `none`, …).
+    #[arg(long, value_name = "PROG")]
+    pub interpreter: Option<String>,
+    /// `interpreter_args`: options for the interpreter, before the script (split like a shell).
+    #[arg(
+        long,
+        visible_alias = "node-args",
+        value_name = "ARGS",
+        allow_hyphen_values = true
+    )]
+    pub interpreter_args: Option<String>,
+    /// PM2's fork mode: one worker, no balancing, no listener; the app binds its own ports.
+    #[arg(short = 'x', long, conflicts_with_all = ["instances", "listen"])]
+    pub fork: bool,
+    /// `restart_delay`: wait this long before restarting a crashed worker (`500ms`, `2s`; a
+    /// bare number is milliseconds, as in PM2).
+    #[arg(long, value_name = "DURATION")]
+    pub restart_delay: Option<String>,
+    /// `autorestart = false`: leave a worker that exits down.
+    #[arg(long)]
+    pub no_autorestart: bool,
+    /// `max_restarts`: unstable exits in a row before the worker is `errored`.
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// `min_uptime`: a run shorter than this is unstable (a bare number is milliseconds).
+    #[arg(long, value_name = "DURATION")]
+    pub min_uptime: Option<String>,
+    /// `kill_timeout`: from the stop signal to SIGKILL (a bare number is milliseconds).
+    #[arg(long, value_name = "DURATION")]
+    pub kill_timeout: Option<String>,
+    /// `max_memory_restart`: replace a worker whose memory passes this (`300M`, `1G`; a bare
+    /// number is bytes, as in PM2).
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory_restart: Option<String>,
+    /// `cwd`: the workers' working directory (default: the current directory).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// `error_file`: the workers' stderr file.
+    #[arg(short = 'e', long = "error", value_name = "FILE")]
+    pub error_file: Option<String>,
+    /// `out_file`: the workers' stdout file.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub out_file: Option<String>,
+    /// `log_file`: one file for both stdout and stderr (PM2's `-l`; here `-l` is --listen).
+    #[arg(long = "log", value_name = "FILE")]
+    pub log_file: Option<String>,
+    /// `merge_logs`: not supported yet.
+    #[arg(long)]
+    pub merge_logs: bool,
+    /// `time`: not supported yet.
+    #[arg(long)]
+    pub time: bool,
+    /// `log_date_format`: not supported yet.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_date_format: Option<String>,
+    /// `watch`: not supported yet.
+    #[arg(long, value_name = "PATHS", num_args = 0.., value_delimiter = ',')]
+    pub watch: Option<Vec<String>>,
+    /// `ignore_watch`: not supported yet.
+    #[arg(long, value_name = "PATHS", num_args = 1.., value_delimiter = ',')]
+    pub ignore_watch: Option<Vec<String>>,
+    /// `watch_delay`: not supported yet.
+    #[arg(long, value_name = "DURATION")]
+    pub watch_delay: Option<String>,
+    /// `cron_restart`: not supported yet.
+    #[arg(long, visible_alias = "cron", value_name = "CRON")]
+    pub cron_restart: Option<String>,
+}
+
+impl Pm2Args {
+    /// The flags given whose balancer.toml key has no behaviour yet: `(flag, key)`.
+    pub fn unsupported(&self) -> Vec<(&'static str, &'static str)> {
+        let mut found = Vec::new();
+        let mut check = |given: bool, flag, key| {
+            if given {
+                found.push((flag, key));
+            }
+        };
+        check(self.merge_logs, "--merge-logs", "merge_logs");
+        check(self.time, "--time", "time");
+        check(
+            self.log_date_format.is_some(),
+            "--log-date-format",
+            "log_date_format",
+        );
+        check(self.watch.is_some(), "--watch", "watch");
+        check(
+            self.ignore_watch.is_some(),
+            "--ignore-watch",
+            "ignore_watch",
+        );
+        check(self.watch_delay.is_some(), "--watch-delay", "watch_delay");
+        check(
+            self.cron_restart.is_some(),
+            "--cron-restart",
+            "cron_restart",
+        );
+        found
+    }
+}
+
+/// PM2 `start` flags balancer has no flag for, with the balancer.toml key that does the same
+/// (or `None`: nothing does), so `balancer start app.js --no-vizion` says what to do instead
+/// of clap's tip to pass the flag to the script.
+pub const PM2_ONLY_FLAGS: &[(&str, Option<&str>, &str)] = &[
+    (
+        "--namespace",
+        None,
+        "balancer has no namespaces; name apps apart with -n",
+    ),
+    (
+        "--wait-ready",
+        Some("health"),
+        "a worker is ready when its `health` check passes",
+    ),
+    (
+        "--listen-timeout",
+        Some("listen_timeout"),
+        "set `listen_timeout` in balancer.toml",
+    ),
+    (
+        "--shutdown-with-message",
+        None,
+        "workers are stopped with `kill_signal`",
+    ),
+    (
+        "--kill-signal",
+        Some("kill_signal"),
+        "set `kill_signal` in balancer.toml",
+    ),
+    (
+        "--exp-backoff-restart-delay",
+        Some("exp_backoff_restart_delay"),
+        "set `exp_backoff_restart_delay` in balancer.toml",
+    ),
+    (
+        "--instance-var",
+        None,
+        "the instance is always in BALANCER_INSTANCE and NODE_APP_INSTANCE",
+    ),
+    (
+        "--no-vizion",
+        None,
+        "balancer reads no version control metadata; drop the flag",
+    ),
+    (
+        "--no-pmx",
+        None,
+        "balancer injects nothing into workers; drop the flag",
+    ),
+    (
+        "--no-automation",
+        None,
+        "balancer injects nothing into workers; drop the flag",
+    ),
+    (
+        "--disable-trace",
+        None,
+        "balancer injects nothing into workers; drop the flag",
+    ),
+    ("--trace", None, "balancer injects nothing into workers"),
+    (
+        "--deep-monitoring",
+        None,
+        "balancer injects nothing into workers",
+    ),
+    (
+        "--source-map-support",
+        None,
+        "pass `--enable-source-maps` with --node-args",
+    ),
+    (
+        "--log-type",
+        None,
+        "logs are plain lines (`balancer logs --json` prints JSON)",
+    ),
+    ("--attach", None, "follow the logs with `balancer logs -f`"),
+    (
+        "--env-file",
+        None,
+        "put the variables in `env` in balancer.toml",
+    ),
+    (
+        "--max-memory",
+        Some("max_memory_restart"),
+        "use --max-memory-restart",
+    ),
+    ("--user", None, "run balancer as that user instead"),
+    ("--uid", None, "run balancer as that user instead"),
+    ("--gid", None, "run balancer as that group instead"),
+];
+
+/// What to say about `flag`, an argument clap did not know: PM2's flag and what balancer has
+/// for it, or that balancer has no such flag (and where arguments for the script go).
+pub fn unknown_flag_hint(flag: &str) -> String {
+    let name = flag.split('=').next().unwrap_or(flag);
+    if let Some((_, key, advice)) = PM2_ONLY_FLAGS.iter().find(|(f, _, _)| *f == name) {
+        return match key {
+            Some(key) => format!(
+                "`{name}` is a PM2 flag balancer does not take; its balancer.toml key is \
+                 `{key}`: {advice}"
+            ),
+            None => format!(
+                "`{name}` is a PM2 flag with no balancer equivalent (no balancer.toml key): \
+                 {advice}"
+            ),
+        };
+    }
+    format!(
+        "balancer has no flag `{name}` (see `balancer start --help`); arguments meant for the \
+         script go after `--`, as in `balancer start app.js -- {name}`"
+    )
 }
 
 /// `-i`: a count (negative: CPUs minus that many) or `max`.

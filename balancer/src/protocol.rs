@@ -141,6 +141,9 @@ pub enum Start {
         cwd: Option<PathBuf>,
         /// How to read it.
         load: Load,
+        /// `-f`: replace a running app of the same name (PM2's "add -f to force
+        /// re-execution"); without it, a name already in use is refused.
+        force: bool,
     },
     /// Stopped apps or workers, again: an app name, a worker id or `all`.
     Stopped {
@@ -378,6 +381,8 @@ pub mod wire {
             cwd: Option<PathBuf>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             target: Option<String>,
+            #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+            force: bool,
         },
         Stop {
             target: String,
@@ -442,14 +447,23 @@ pub mod wire {
                     toml,
                     cwd,
                     target,
+                    force,
                 } => {
+                    if force && toml.is_none() {
+                        return Err("`force` goes with `toml`".into());
+                    }
                     let load = Load {
                         env,
                         policy: policy.as_deref().map(parse_policy).transpose()?,
                     };
                     Self::Start(match (file, toml, target) {
                         (Some(file), None, None) if cwd.is_none() => Start::File { file, load },
-                        (None, Some(toml), None) => Start::Toml { toml, cwd, load },
+                        (None, Some(toml), None) => Start::Toml {
+                            toml,
+                            cwd,
+                            load,
+                            force,
+                        },
                         (None, None, Some(target)) if load == Load::default() && cwd.is_none() => {
                             Start::Stopped { target }
                         }
@@ -519,11 +533,16 @@ pub mod wire {
                 super::Request::List => Request::List {},
                 super::Request::Show { target } => Request::Show { target },
                 super::Request::Start(start) => {
-                    let (file, toml, cwd, target, load) = match start {
-                        Start::File { file, load } => (Some(file), None, None, None, load),
-                        Start::Toml { toml, cwd, load } => (None, Some(toml), cwd, None, load),
+                    let (file, toml, cwd, target, load, force) = match start {
+                        Start::File { file, load } => (Some(file), None, None, None, load, false),
+                        Start::Toml {
+                            toml,
+                            cwd,
+                            load,
+                            force,
+                        } => (None, Some(toml), cwd, None, load, force),
                         Start::Stopped { target } => {
-                            (None, None, None, Some(target), Load::default())
+                            (None, None, None, Some(target), Load::default(), false)
                         }
                     };
                     Request::Start {
@@ -533,6 +552,7 @@ pub mod wire {
                         toml,
                         cwd,
                         target,
+                        force,
                     }
                 }
                 super::Request::Stop { target } => Request::Stop { target },
@@ -794,6 +814,7 @@ mod tests {
                     env: None,
                     policy: Some(Policy::ReusePort),
                 },
+                force: true,
             }),
             Request::Start(Start::Stopped { target: "3".into() }),
             Request::Reload(Reload::File {

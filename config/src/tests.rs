@@ -145,7 +145,6 @@ fn every_key_is_read() {
         .parse(
             r#"
 [balancer]
-metrics = "127.0.0.1:9615"
 
 [[app]]
 name = "web"
@@ -173,10 +172,7 @@ max_memory_restart = "300M"
         )
         .unwrap();
     assert_eq!(config.source, p.path("balancer.toml"));
-    assert_eq!(
-        config.balancer.metrics,
-        Some("127.0.0.1:9615".parse().unwrap())
-    );
+    assert_eq!(config.balancer.metrics, None);
     let app = &config.apps[0];
     let script = p.path("node/server.js").to_string_lossy().into_owned();
     assert_eq!(app.program, "node");
@@ -227,8 +223,8 @@ fn typo_key_suggests_the_right_one() {
         "4:12",
         "unknown key `health.chek` in app `web`; did you mean `health.check`?",
     );
-    let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}watch = true\n"));
-    assert_one(&errors, "4:1", "unknown key `watch` in app `web`");
+    let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}wacth = true\n"));
+    assert_one(&errors, "4:1", "unknown key `wacth` in app `web`");
     assert!(!errors[0].contains("did you mean"), "{errors:?}");
 }
 
@@ -399,10 +395,6 @@ fn bad_listen_address() {
         "4:37",
         "`listen.port_env`: \"1X\" is not a valid variable name",
     );
-    let errors = p.errors(&format!(
-        "[balancer]\nmetrics = \"localhost\"\n[[app]]\nname = \"web\"\n{CMD}"
-    ));
-    assert_one(&errors, "2:11", "`metrics`: missing port");
 }
 
 #[test]
@@ -484,12 +476,52 @@ fn address_clashes_name_the_holder() {
         p.parse(&format!("[[app]]\nname = \"a\"\n{CMD}listen = [\"tcp://0.0.0.0:53\"]\n[[app]]\nname = \"b\"\n{CMD}listen = [\"udp://0.0.0.0:53\"]\n"))
             .is_ok()
     );
-    // The metrics endpoint holds its port too.
-    let errors = p.errors(&format!("[balancer]\nmetrics = \"127.0.0.1:9615\"\n[[app]]\nname = \"a\"\n{CMD}listen = [\":9615\"]\n"));
+}
+
+#[test]
+fn keys_whose_behaviour_is_not_built_are_refused_where_written() {
+    let p = Project::new();
+    for (key, value) in [
+        ("watch", "true"),
+        ("ignore_watch", "[\"node_modules\"]"),
+        ("watch_delay", "1000"),
+        ("cron_restart", "\"0 * * * *\""),
+        ("merge_logs", "true"),
+        ("time", "true"),
+        ("log_date_format", "\"YYYY\""),
+    ] {
+        let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{key} = {value}\n"));
+        assert_one(
+            &errors,
+            "4:1",
+            &format!("`{key}` is not supported yet (it would be ignored); remove it"),
+        );
+    }
+    let errors = p.errors(&format!(
+        "[balancer]\nmetrics = \"127.0.0.1:9615\"\n[[app]]\nname = \"a\"\n{CMD}"
+    ));
+    assert_one(&errors, "2:1", "`metrics` is not supported yet");
+}
+
+#[test]
+fn log_files_resolve_against_cwd_and_log_file_takes_both_streams() {
+    let p = Project::new();
+    let app = |line: &str| p.app(&format!("[[app]]\nname = \"web\"\n{CMD}{line}\n"));
+    let app = app("out_file = \"logs/out.log\"\nerror_file = \"/tmp/e.log\"");
+    assert_eq!(app.out_file, Some(p.path("logs/out.log")));
+    assert_eq!(app.error_file, Some("/tmp/e.log".into()));
+    let app = p.app(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}log_file = \"all.log\"\n"
+    ));
+    assert_eq!(app.out_file, Some(p.path("all.log")));
+    assert_eq!(app.error_file, app.out_file);
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}out_file = \"o.log\"\nlog_file = \"all.log\"\n"
+    ));
     assert_one(
         &errors,
-        "6:11",
-        "clashes with http://127.0.0.1:9615 of [balancer] metrics (line 2)",
+        "5:1",
+        "`log_file` sends stdout and stderr to one file",
     );
 }
 
@@ -803,7 +835,7 @@ fn diagnostics_display_with_the_path() {
 #[test]
 fn no_apps_is_an_error() {
     let p = Project::new();
-    let errors = p.errors("[balancer]\nmetrics = \":9615\"\n");
+    let errors = p.errors("[balancer]\n");
     assert_eq!(errors, ["no [[app]] table: nothing to run"]);
     let errors = p.errors(&format!("[app]\nname = \"web\"\n{CMD}"));
     assert_one(

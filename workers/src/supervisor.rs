@@ -181,13 +181,13 @@ impl AppSupervisor {
 
     /// The log files of each instance.
     pub fn log_paths(&self) -> Vec<(u32, LogPaths)> {
-        let name = self.app().name.clone();
+        let app = self.app();
         let mut instances: Vec<u32> = self.slots().iter().map(|s| s.instance).collect();
         instances.sort_unstable();
         instances.dedup();
         instances
             .into_iter()
-            .map(|i| (i, LogPaths::new(&self.env.home, &name, i)))
+            .map(|i| (i, LogPaths::for_app(&self.env.home, &app, i)))
             .collect()
     }
 
@@ -265,11 +265,18 @@ impl AppSupervisor {
             self.app.store(Arc::new(new));
         }
         let app = self.app();
-        let chosen: Vec<(u32, u32, u32, bool)> = self
+        // `reload all` (or of the app) leaves workers someone stopped stopped, as PM2 does;
+        // only a worker named by its id is reloaded whatever its state.
+        let stopped = |s: &Slot| s.status.borrow().state == WorkerState::Stopped;
+        let (chosen, left_stopped): (Vec<_>, Vec<_>) = self
             .slots()
             .iter()
             .filter(|s| target.matches(s.id))
-            .map(|s| (s.id, s.instance, s.restarts(), s.finished()))
+            .map(|s| (s.id, s.instance, s.restarts(), s.finished(), stopped(s)))
+            .partition(|c| target != Target::All || !c.4);
+        let chosen: Vec<(u32, u32, u32, bool)> = chosen
+            .into_iter()
+            .map(|(id, instance, restarts, finished, _)| (id, instance, restarts, finished))
             .collect();
         if let Target::Worker(id) = target
             && chosen.is_empty()
@@ -320,7 +327,11 @@ impl AppSupervisor {
         if target == Target::All && self.slots().len() as u32 != app.instances {
             self.scale_locked(app.instances).await?;
         }
-        Ok(format!("reloaded {replaced} worker(s) of {}", app.name))
+        let mut message = format!("reloaded {replaced} worker(s) of {}", app.name);
+        if !left_stopped.is_empty() {
+            message += &format!(" ({} stopped, left stopped)", left_stopped.len());
+        }
+        Ok(message)
     }
 
     /// Drains and stops the targeted workers; they stay listed as `stopped`.
@@ -395,7 +406,10 @@ impl AppSupervisor {
         let _op = self.ops.lock().await;
         self.stop_locked(target).await?;
         self.start_locked(target, true).await?;
-        Ok(format!("restarted {}", self.app().name))
+        Ok(match target {
+            Target::Worker(id) => format!("restarted worker {id} of {}", self.app().name),
+            Target::All => format!("restarted {}", self.app().name),
+        })
     }
 
     /// Drains, stops and forgets one worker.
@@ -412,6 +426,11 @@ impl AppSupervisor {
         if victims.is_empty() {
             return Err(self.no_such_worker(id));
         }
+        // Sticky, like a scale down by one: a later reload or rescale must not bring it back.
+        let mut app = App::clone(&self.app());
+        app.instances = app.instances.saturating_sub(1);
+        app.instances_spec = balancer_config::Instances::Count(app.instances);
+        self.app.store(Arc::new(app));
         self.retire(victims).await;
         Ok(format!("deleted worker {id} of {}", self.app().name))
     }
@@ -512,7 +531,7 @@ impl AppSupervisor {
             instance,
             restarts,
             probation,
-            logs: LogPaths::new(&self.env.home, &app.name, instance),
+            logs: LogPaths::for_app(&self.env.home, &app, instance),
             groups: self.groups_for(&app),
             shim: self.env.shim.clone(),
             pool: Arc::clone(&self.pool),

@@ -258,7 +258,11 @@ mod tests {
         let run = |command| code(run_outcome(command, home.path()));
         let web = || "web".to_owned();
         assert_eq!(run(Command::Stop { target: web() }), ExitCode::from(1));
-        assert_eq!(run(Command::Ls), ExitCode::from(1));
+        assert_eq!(
+            run(Command::Ls),
+            ExitCode::SUCCESS,
+            "no master: an empty table"
+        );
         assert_eq!(run(Command::Ping), ExitCode::from(1));
         assert_eq!(run(Command::Kill), ExitCode::SUCCESS);
         let all = StartArgs {
@@ -379,6 +383,7 @@ mod tests {
                 toml: text,
                 cwd: Some(cwd),
                 load,
+                force: false,
             }) => {
                 assert_eq!(load.env, None);
                 assert!(text.contains("command = [\"sleep\"]"), "{text}");

@@ -26,6 +26,9 @@ pub(super) enum Program {
 /// app or worker the master already knows (or `all`), or else a command. The order is fixed so
 /// the same words always mean the same thing.
 pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if let Some(refusal) = unsupported(&args) {
+        return failed(EXIT_USAGE, refusal);
+    }
     let path = Path::new(&args.target);
     if path.exists() {
         if is_toml(path) && path.is_file() {
@@ -44,6 +47,24 @@ pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
         }
     }
     start_program(home, args, Program::Command, output)
+}
+
+/// The refusal of PM2 flags whose behaviour balancer does not have yet, naming the key.
+fn unsupported(args: &StartArgs) -> Option<String> {
+    let found = args.pm2.unsupported();
+    if found.is_empty() {
+        return None;
+    }
+    let named: Vec<String> = found
+        .iter()
+        .map(|(flag, key)| format!("{flag} (balancer.toml `{key}`)"))
+        .collect();
+    Some(format!(
+        "{} not supported yet: balancer does not build that behaviour, and a flag it would \
+         accept and ignore is worse than none; drop it (reload on deploy with `balancer reload \
+         NAME`)",
+        named.join(", ")
+    ))
 }
 
 /// Whether the master knows `target` as an app name, a worker id, or `all`. No master: no.
@@ -181,6 +202,7 @@ fn start_program(home: &Path, args: StartArgs, program: Program, output: Output)
         toml: text,
         cwd: Some(cwd),
         load,
+        force: args.force,
     });
     start_on_master(home, master, &request, output)
 }
@@ -232,9 +254,54 @@ pub(super) fn app_toml(args: &StartArgs, program: Program) -> Result<String, Str
     if let Some(policy) = &args.policy {
         app.insert("policy".into(), Value::String(policy.clone()));
     }
+    pm2_keys(&mut app, &args.pm2);
     let mut doc = toml::Table::new();
     doc.insert("app".into(), Value::Array(vec![Value::Table(app)]));
     toml::to_string(&doc).map_err(|e| format!("cannot describe the app as TOML: {e}"))
+}
+
+/// PM2's start options as their balancer.toml keys. A duration given as a bare number is
+/// milliseconds (a TOML integer), as PM2 reads it; anything else is passed as written and
+/// checked by the config's own parser, so a flag and its key accept exactly the same values.
+fn pm2_keys(app: &mut toml::Table, pm2: &crate::cli::Pm2Args) {
+    use toml::Value;
+    let text = |v: &str| Value::String(v.to_owned());
+    let duration = |v: &str| match v.parse::<i64>() {
+        Ok(ms) => Value::Integer(ms),
+        Err(_) => text(v),
+    };
+    let mut set = |key: &str, value: Option<Value>| {
+        if let Some(value) = value {
+            app.insert(key.into(), value);
+        }
+    };
+    set("interpreter", pm2.interpreter.as_deref().map(text));
+    set(
+        "interpreter_args",
+        pm2.interpreter_args.as_deref().map(text),
+    );
+    set("restart_delay", pm2.restart_delay.as_deref().map(duration));
+    set("min_uptime", pm2.min_uptime.as_deref().map(duration));
+    set("kill_timeout", pm2.kill_timeout.as_deref().map(duration));
+    set(
+        "max_restarts",
+        pm2.max_restarts.map(|n| Value::Integer(n.into())),
+    );
+    set(
+        "max_memory_restart",
+        pm2.max_memory_restart.as_deref().map(text),
+    );
+    set("cwd", pm2.cwd.as_deref().map(text));
+    set("error_file", pm2.error_file.as_deref().map(text));
+    set("out_file", pm2.out_file.as_deref().map(text));
+    set("log_file", pm2.log_file.as_deref().map(text));
+    if pm2.no_autorestart {
+        set("autorestart", Some(Value::Boolean(false)));
+    }
+    if pm2.fork {
+        // One worker and no listener: the app binds its own ports, as in PM2's fork mode.
+        set("instances", Some(Value::Integer(1)));
+    }
 }
 
 /// PM2's default name: the script's file name without its extension, or the program's name.

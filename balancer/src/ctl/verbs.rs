@@ -57,14 +57,22 @@ fn workers(home: &Path) -> Result<Vec<crate::protocol::WorkerInfo>, Outcome> {
     }
 }
 
-/// `ls`: the workers table.
+/// `ls`: the workers table. No master is no workers, as in PM2: an empty table, a hint on
+/// stderr, exit 0 (scripts that want to know whether one runs have `ping`).
 pub(super) fn ls(home: &Path, output: Output) -> Outcome {
-    match workers(home) {
-        Ok(workers) => {
+    match client::request(home, &Request::List) {
+        Err(e) if e.is_no_master() => {
+            print(ui::table::workers(&[], output));
+            eprintln!("balancer: no master is running; `balancer start APP` starts one");
+            ok()
+        }
+        Ok(Reply::Workers(workers)) => {
             print(ui::table::workers(&workers, output));
             ok()
         }
-        Err(outcome) => outcome,
+        Ok(Reply::Failed { error, code }) => failed(code, error),
+        Ok(other) => unexpected(&other),
+        Err(e) => failed(EXIT_FAILED, Chain(&e)),
     }
 }
 

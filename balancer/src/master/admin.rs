@@ -177,14 +177,15 @@ async fn handle(master: &Master, request: Request) -> Reply {
             Ok(config) => master.apply(config, Source::File(file), Apply::Start).await,
             Err(e) => Err(e),
         }),
-        Request::Start(Start::Toml { toml, cwd, load }) => {
+        Request::Start(Start::Toml {
+            toml,
+            cwd,
+            load,
+            force,
+        }) => {
             let cwd = cwd.unwrap_or_else(|| master.home().to_path_buf());
             outcome(match master.parse(&toml, &cwd, &load) {
-                Ok(config) => {
-                    master
-                        .apply(config, Source::CommandLine, Apply::Start)
-                        .await
-                }
+                Ok(config) => master.start_from_command_line(config, force).await,
                 Err(e) => Err(e),
             })
         }
@@ -232,7 +233,13 @@ fn log_files(master: &Master, target: Option<&str>) -> Result<Vec<LogFile>, Cont
             if wanted.is_some_and(|w| w != instance) {
                 continue;
             }
-            for (stream, path) in [("out", paths.out), ("err", paths.err)] {
+            // One file for both streams (`log_file`) is read once.
+            let streams = if paths.combined() {
+                vec![("out", paths.out)]
+            } else {
+                vec![("out", paths.out), ("err", paths.err)]
+            };
+            for (stream, path) in streams {
                 files.push(LogFile {
                     app: name.clone(),
                     instance,
@@ -255,8 +262,21 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 
 async fn flush(master: &Master, target: Option<&str>) -> OpResult {
     let files = log_files(master, target)?;
-    let count = files.len();
-    let paths: Vec<PathBuf> = files.into_iter().map(|f| f.path).collect();
+    let mut paths: Vec<PathBuf> = files.into_iter().map(|f| f.path).collect();
+    if target.is_none() {
+        // Everything: the default files of apps deleted since are in the home's logs too.
+        let home = master.home().to_path_buf();
+        let left = blocking(move || logs::home_files(&home))
+            .await
+            .map_err(|source| ControlError::Flush {
+                path: master.home().join("logs"),
+                source,
+            })?;
+        paths.extend(left);
+        paths.sort();
+        paths.dedup();
+    }
+    let count = paths.len();
     blocking(move || {
         paths.into_iter().try_for_each(|path| {
             logs::flush(&path).map_err(|source| ControlError::Flush { path, source })

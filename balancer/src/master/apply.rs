@@ -71,6 +71,37 @@ pub(super) fn route_settings(app: &App, listener_index: usize) -> RouteSettings 
 }
 
 impl Master {
+    /// `start SCRIPT|COMMAND`: the apps of a config the CLI built, each its own
+    /// [`Source::CommandLine`], so one CLI start never deletes another's app. A name already
+    /// running (from the command line or a file) is refused unless `force`, as PM2 refuses
+    /// "Script already launched" without `-f`; with `force` the app is replaced by a reload
+    /// with the new configuration (zero downtime), and the command line owns it from then on.
+    pub async fn start_from_command_line(&self, config: Config, force: bool) -> OpResult {
+        if !force {
+            let entries = self.entries();
+            for app in &config.apps {
+                if let Some(e) = entries.iter().find(|e| e.sup.app().name == app.name) {
+                    return Err(ControlError::AlreadyRunning {
+                        app: app.name.clone(),
+                        from: e.source.to_string(),
+                    });
+                }
+            }
+        }
+        let mut done = Vec::new();
+        for app in &config.apps {
+            let one = Config {
+                apps: vec![app.clone()],
+                ..config.clone()
+            };
+            let source = Source::CommandLine(app.name.clone());
+            // Forced: PM2's "re-execution", so even an unchanged app gets new workers.
+            let mode = if force { Apply::Reload } else { Apply::Start };
+            done.push(self.apply(one, source, mode).await?);
+        }
+        Ok(done.join("; "))
+    }
+
     /// Applies a configuration: new apps start, changed apps reload with their new config (and
     /// new worker count), apps that `source` brought earlier but the config no longer has are
     /// deleted. With [`Apply::Reload`], unchanged apps are reloaded too. New listeners are all

@@ -97,6 +97,31 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    /// `start SCRIPT -n NAME` where an app of that name runs already (PM2 refuses too).
+    #[error(
+        "app {app:?} is already running (started from {from}); add -f (--force) to replace it, \
+         or pick another name with -n"
+    )]
+    AlreadyRunning {
+        /// The app.
+        app: String,
+        /// Where the running app came from.
+        from: String,
+    },
+    /// Some apps of an `all` (or several-app) operation succeeded and some failed: the reply
+    /// says which, app by app.
+    #[error(
+        "{} of {} apps failed:\n{}",
+        failed.len(),
+        failed.len() + done.len(),
+        done.iter().map(|d| format!("  ok: {d}")).chain(failed.iter().map(|e| format!("  failed: {e}"))).collect::<Vec<_>>().join("\n")
+    )]
+    Partial {
+        /// What succeeded, one message per app.
+        done: Vec<String>,
+        /// What failed, one error per app.
+        failed: Vec<ControlError>,
+    },
     /// The count asked for cannot be had.
     #[error("{0}")]
     BadScale(String),
@@ -127,7 +152,9 @@ impl ControlError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ControlError::BadConfig(_) => 2,
-            ControlError::Several(all) => all.iter().map(Self::exit_code).max().unwrap_or(1),
+            ControlError::Several(all) | ControlError::Partial { failed: all, .. } => {
+                all.iter().map(Self::exit_code).max().unwrap_or(1)
+            }
             _ => 1,
         }
     }
@@ -175,8 +202,18 @@ pub enum Apply {
 pub enum Source {
     /// A balancer.toml (absolute path).
     File(PathBuf),
-    /// Built from command-line arguments.
-    CommandLine,
+    /// `balancer start SCRIPT|COMMAND`: one app built from command-line arguments. Each such
+    /// app is its own source (named after it), so starting another one never deletes it.
+    CommandLine(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::CommandLine(_) => f.write_str("the command line"),
+        }
+    }
 }
 
 /// One public listener of an app.
@@ -323,9 +360,15 @@ impl Master {
                 Err(e) => failures.push(ControlError::app(&sup, e)),
             }
         }
-        match ControlError::all(failures) {
-            None => Ok(done.join("; ")),
-            Some(error) => Err(error),
+        if failures.is_empty() {
+            Ok(done.join("; "))
+        } else if done.is_empty() {
+            Err(ControlError::all(failures).unwrap_or(ControlError::Several(Vec::new())))
+        } else {
+            Err(ControlError::Partial {
+                done,
+                failed: failures,
+            })
         }
     }
 
