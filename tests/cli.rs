@@ -203,7 +203,10 @@ fn reload_all_reports_each_app_and_keeps_stopped_and_deleted_workers_so() {
     let all = b.jlist();
     let a = workers_of(&all, "a");
     assert_eq!(a.len(), 2, "the deleted worker stays deleted: {a:?}");
-    assert!(a.iter().all(|w| w["id"] != victim.parse::<u64>().unwrap()), "{a:?}");
+    assert!(
+        a.iter().all(|w| w["id"] != victim.parse::<u64>().unwrap()),
+        "{a:?}"
+    );
     let b_workers = workers_of(&all, "b");
     assert_eq!(b_workers.len(), 1);
     assert_eq!(b_workers[0]["status"], "stopped", "{b_workers:?}");
@@ -234,12 +237,42 @@ fn restart_of_one_worker_says_so_flush_empties_deleted_apps_logs_and_ls_needs_no
         .as_u64()
         .unwrap()
         .to_string();
+    records(dir.path(), 2);
     let (code, out, err) = b.cli(&["restart", &id]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains(&format!("restarted worker {id} of r")),
         "{out}"
     );
+    let restarts = |b: &Balancer| -> Vec<u64> {
+        workers_of(&b.jlist(), "r")
+            .iter()
+            .filter_map(|w| w["restarts"].as_u64())
+            .collect()
+    };
+    assert_eq!(restarts(&b), [0, 1]);
+    let (code, out, err) = b.cli(&["reset", "r"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(restarts(&b), [0, 0], "reset zeroes the counters");
+
+    // send-signal (and PM2's spelling) reaches every running worker's process.
+    records(dir.path(), 3);
+    let (code, out, err) = b.cli(&["send-signal", "SIGUSR2", "r"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("sent SIGUSR2 to 2 worker(s) of r"), "{out}");
+    let (code, _, err) = b.cli(&["sendSignal", "usr2", &id]);
+    assert_eq!(code, 0, "{err}");
+    let got = records(dir.path(), 6);
+    let pid = workers_of(&b.jlist(), "r")[1]["pid"].clone();
+    let signalled: Vec<_> = got.iter().filter(|r| r["signal"] == "USR2").collect();
+    assert_eq!(signalled.len(), 3, "{got:?}");
+    assert_eq!(
+        signalled.iter().filter(|r| r["pid"] == pid).count(),
+        2,
+        "{got:?}"
+    );
+    let (code, _, err) = b.cli(&["send-signal", "SIGNOPE", "r"]);
+    assert_eq!(code, 2, "{err}");
 
     // `gone` writes a line, is deleted; `flush` (all) still empties its files.
     let log = b.home().join("logs/r-0-out.log");
@@ -469,4 +502,41 @@ fn cli_json(b: &Balancer, app: &str) -> (i32, serde_json::Value, String) {
     BufReader::new(&s).read_line(&mut line).unwrap();
     let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
     (0, reply["app"]["config"].clone(), line)
+}
+
+#[test]
+fn ecosystem_writes_a_sample_that_checks_completions_and_help_have_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = dir.path().join("balancer.toml");
+    let file_arg = file.display().to_string();
+    let (code, out, err) = cli(&home, &["ecosystem", &file_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.lines().filter(|l| l.contains('#')).count() > 10,
+        "commented: {text}"
+    );
+    write_file(dir.path(), "app.js", "");
+    let (code, out, err) = cli(&home, &["check", &file_arg]);
+    assert_eq!(code, 0, "the sample is a valid balancer.toml: {out}{err}");
+    let (code, _, err) = cli(&home, &["init", &file_arg]);
+    assert_eq!(code, 2, "never overwrites: {err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, _) = cli(&home, &["completions", shell]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("send-signal") && out.contains("ecosystem"),
+            "{shell}: {out}"
+        );
+    }
+    let (code, out, _) = cli(&home, &["start", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Examples:") && out.contains("balancer start server.js -i max"),
+        "{out}"
+    );
+    assert!(out.contains("--max-memory-restart"), "{out}");
 }

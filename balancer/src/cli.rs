@@ -28,6 +28,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the apps of a balancer.toml in the foreground until SIGTERM or Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  balancer run balancer.toml\n  balancer run balancer.toml --env production"
+    )]
     Run {
         /// The balancer.toml to run.
         file: PathBuf,
@@ -36,6 +39,9 @@ pub enum Command {
         env: Option<String>,
     },
     /// Validate a balancer.toml and exit, starting nothing (like `nginx -t`).
+    #[command(
+        after_help = "Example:\n  balancer check balancer.toml && balancer reload balancer.toml"
+    )]
     Check {
         /// The balancer.toml to check.
         file: PathBuf,
@@ -45,18 +51,34 @@ pub enum Command {
     },
     /// Start the apps of a balancer.toml, a script, a command, or stopped apps again; starts
     /// the background master if none is running.
+    #[command(
+        after_help = "Examples:\n  balancer start server.js -i max -l :8080\n  \
+                            balancer start app.py -n api -i 4 -l http://0.0.0.0:8000\n  \
+                            balancer start npm -n web -- run start\n  \
+                            balancer start balancer.toml --env production\n  \
+                            balancer start ecosystem.config.js\n  \
+                            balancer start worker.py -x --restart-delay 2s -o out.log\n  \
+                            balancer start web"
+    )]
     Start(StartArgs),
     /// Drain and stop apps or workers (they stay listed, their listeners stay open).
+    #[command(
+        after_help = "Examples:\n  balancer stop web\n  balancer stop 3\n  balancer stop all"
+    )]
     Stop {
         /// App name, worker id or `all`.
         target: String,
     },
     /// Stop, then start again (may drop connections; `reload` does not).
+    #[command(after_help = "Examples:\n  balancer restart web\n  balancer restart 3")]
     Restart {
         /// App name, worker id or `all`.
         target: String,
     },
     /// Replace workers without downtime, or apply a changed balancer.toml.
+    #[command(
+        after_help = "Examples:\n  balancer reload web\n  balancer reload all\n  balancer reload balancer.toml --env production"
+    )]
     Reload {
         /// App name, worker id, `all`, or a balancer.toml whose changes to apply.
         target: String,
@@ -65,12 +87,18 @@ pub enum Command {
         env: Option<String>,
     },
     /// Stop apps or workers and forget them (their listeners close).
-    #[command(visible_alias = "del")]
+    #[command(
+        visible_alias = "del",
+        after_help = "Examples:\n  balancer delete web\n  balancer delete 3   (one worker, like scale -1)"
+    )]
     Delete {
         /// App name, worker id or `all`.
         target: String,
     },
     /// Change an app's worker count: `N`, `+N`, `-N` or `max`.
+    #[command(
+        after_help = "Examples:\n  balancer scale web 4\n  balancer scale web +2\n  balancer scale web max"
+    )]
     Scale {
         /// App name.
         app: String,
@@ -79,17 +107,24 @@ pub enum Command {
         to: ScaleTo,
     },
     /// List every worker of every app.
-    #[command(visible_aliases = ["list", "status"])]
+    #[command(visible_aliases = ["list", "status"], after_help = "Example:\n  balancer ls")]
     Ls,
     /// Print the workers as a JSON array (for scripts).
+    #[command(after_help = "Example:\n  balancer jlist | jq '.[] | select(.status != \"ready\")'")]
     Jlist,
     /// Show one app (or the app of a worker id) in detail: config, log files, workers.
-    #[command(visible_alias = "describe")]
+    #[command(
+        visible_alias = "describe",
+        after_help = "Examples:\n  balancer show web\n  balancer describe 3"
+    )]
     Show {
         /// App name or worker id.
         target: String,
     },
     /// Print the last lines of the workers' logs, and with --follow new ones as they come.
+    #[command(
+        after_help = "Examples:\n  balancer logs\n  balancer logs web --lines 100\n  balancer logs 3 -f --json"
+    )]
     Logs {
         /// Only this app (or worker id).
         target: Option<String>,
@@ -104,14 +139,54 @@ pub enum Command {
         json: bool,
     },
     /// Empty the log files (of one app or worker id, or all).
+    #[command(after_help = "Examples:\n  balancer flush\n  balancer flush web")]
     Flush {
         /// Only this app (or worker id).
         target: Option<String>,
     },
     /// Say whether a master is running, and its pid and version.
+    #[command(after_help = "Example:\n  balancer ping || balancer start balancer.toml")]
     Ping,
     /// Stop every app, then the master.
+    #[command(after_help = "Example:\n  balancer kill")]
     Kill,
+    /// Set restart counters (the ↺ column) back to zero.
+    #[command(after_help = "Examples:\n  balancer reset web\n  balancer reset all")]
+    Reset {
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Send a signal to workers' processes (e.g. SIGUSR2 for a worker that reopens its logs).
+    #[command(
+        visible_alias = "sendSignal",
+        after_help = "Examples:\n  balancer send-signal SIGUSR2 web\n  balancer send-signal HUP 3"
+    )]
+    SendSignal {
+        /// `SIGUSR2`, `USR2` or `usr2`.
+        signal: String,
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Write a commented sample balancer.toml (PM2's `ecosystem`).
+    #[command(
+        visible_alias = "init",
+        after_help = "Examples:\n  balancer ecosystem\n  balancer init deploy/balancer.toml"
+    )]
+    Ecosystem {
+        /// Where to write it (an existing file is never overwritten).
+        #[arg(default_value = "balancer.toml")]
+        file: PathBuf,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  balancer completions bash > /etc/bash_completion.d/balancer\n  \
+                            balancer completions zsh > \"${fpath[1]}/_balancer\"\n  \
+                            balancer completions fish > ~/.config/fish/completions/balancer.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// The background master itself (what `start` launches).
     #[command(hide = true)]
     Daemon,
@@ -551,6 +626,50 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn every_visible_verb_has_an_example() {
+        for sub in Cli::command()
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+        {
+            let help = sub
+                .get_after_help()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                help.contains(&format!("balancer {}", sub.get_name())),
+                "`{}` has no example: {help:?}",
+                sub.get_name()
+            );
+        }
+    }
+
+    #[test]
+    fn pm2_verbs_and_aliases_parse() {
+        assert!(matches!(
+            parse(&["sendSignal", "SIGUSR2", "web"]),
+            Command::SendSignal { .. }
+        ));
+        assert!(matches!(parse(&["init"]), Command::Ecosystem { .. }));
+        assert!(matches!(
+            parse(&["completions", "zsh"]),
+            Command::Completions { .. }
+        ));
+        let Command::Start(args) =
+            parse(&["start", "a.js", "--node-args", "--inspect", "-x", "-f"])
+        else {
+            panic!("not start");
+        };
+        assert_eq!(args.pm2.interpreter_args.as_deref(), Some("--inspect"));
+        assert!(args.pm2.fork && args.force);
+        let Command::Start(args) = parse(&["start", "a.js", "--watch", "--log", "all.log"]) else {
+            panic!("not start");
+        };
+        assert_eq!(args.pm2.watch, Some(vec![]));
+        assert_eq!(args.pm2.unsupported(), [("--watch", "watch")]);
+        assert_eq!(args.pm2.log_file.as_deref(), Some("all.log"));
     }
 
     #[test]

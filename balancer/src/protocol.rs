@@ -78,6 +78,18 @@ pub enum Request {
     },
     /// Stop every app, then the master itself.
     Kill,
+    /// Set the restart counters back to zero (`reset`).
+    Reset {
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Send a signal to workers' processes (`send-signal`), e.g. `SIGUSR2` to reopen logs.
+    Signal {
+        /// App name, worker id or `all`.
+        target: String,
+        /// `SIGUSR2`, `USR2` or `usr2`.
+        signal: String,
+    },
 }
 
 /// How a balancer.toml is read: the `--env` selection, and the default policy the client
@@ -420,6 +432,13 @@ pub mod wire {
             target: Option<String>,
         },
         Kill {},
+        Reset {
+            target: String,
+        },
+        SendSignal {
+            target: String,
+            signal: String,
+        },
     }
 
     fn default_lines() -> usize {
@@ -521,6 +540,8 @@ pub mod wire {
                 },
                 Request::Flush { target } => Self::Flush { target },
                 Request::Kill {} => Self::Kill,
+                Request::Reset { target } => Self::Reset { target },
+                Request::SendSignal { target, signal } => Self::Signal { target, signal },
             })
         }
     }
@@ -585,6 +606,8 @@ pub mod wire {
                 },
                 super::Request::Flush { target } => Request::Flush { target },
                 super::Request::Kill => Request::Kill {},
+                super::Request::Reset { target } => Request::Reset { target },
+                super::Request::Signal { target, signal } => Request::SendSignal { target, signal },
             }
         }
     }
@@ -824,6 +847,13 @@ mod tests {
             Request::Scale {
                 app: "web".into(),
                 to: ScaleTo::Down(2),
+            },
+            Request::Reset {
+                target: "all".into(),
+            },
+            Request::Signal {
+                target: "3".into(),
+                signal: "SIGUSR2".into(),
             },
         ];
         for r in all {

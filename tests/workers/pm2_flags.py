@@ -7,6 +7,7 @@ stderr, then does what its first argument says:
   stubborn ignore SIGTERM and sleep (to measure kill_timeout)
   crash    exit 3 at once
   listen P bind 127.0.0.1:P itself (PM2's fork mode) and answer "fork <pid>" to each client
+On SIGUSR2 it appends {"signal": "USR2", "pid": …} to the same file (for `send-signal`).
 """
 import json
 import os
@@ -16,6 +17,15 @@ import sys
 import time
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "sleep"
+
+def on_usr2(_signum, _frame):
+    with open(os.path.join(os.getcwd(), "record.jsonl"), "a", encoding="utf-8") as out:
+        out.write(json.dumps({"signal": "USR2", "pid": os.getpid()}) + "\n")
+
+
+signal.signal(signal.SIGUSR2, on_usr2)
+
+# Written once the handler is in place: a test that saw this line may signal.
 with open(os.path.join(os.getcwd(), "record.jsonl"), "a", encoding="utf-8") as f:
     f.write(json.dumps({
         "t": time.time(),
@@ -26,6 +36,7 @@ with open(os.path.join(os.getcwd(), "record.jsonl"), "a", encoding="utf-8") as f
         "stage": os.environ.get("STAGE"),
         "port": os.environ.get("PORT"),
     }) + "\n")
+
 print(f"out line from {os.getpid()}", flush=True)
 print(f"err line from {os.getpid()}", file=sys.stderr, flush=True)
 

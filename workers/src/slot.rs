@@ -63,6 +63,8 @@ pub(crate) struct Slot {
     pub instance: u32,
     /// What its task publishes.
     pub status: watch::Receiver<WorkerStatus>,
+    /// The task's own sender, kept for [`reset_restarts`](Self::reset_restarts) alone.
+    status_tx: watch::Sender<WorkerStatus>,
     control: watch::Sender<Control>,
     task: JoinHandle<()>,
 }
@@ -86,10 +88,12 @@ impl Slot {
             control: control_rx,
             probation: spec.probation,
         };
+        let status_tx = task.status.clone();
         Slot {
             id: spec.id,
             instance: spec.instance,
             status,
+            status_tx,
             control,
             task: tokio::spawn(task.run()),
         }
@@ -105,6 +109,12 @@ impl Slot {
     /// Restarts counted so far.
     pub fn restarts(&self) -> u32 {
         self.status.borrow().restarts
+    }
+
+    /// `balancer reset`: the restart count back to zero (PM2's ↺ column). The restart
+    /// policy's own count of unstable exits is not touched: a crash loop stays one.
+    pub fn reset_restarts(&self) {
+        self.status_tx.send_modify(|s| s.restarts = 0);
     }
 
     /// Asks the task to drain and stop its worker, without waiting (the slot stays usable).

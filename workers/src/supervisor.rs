@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use balancer_config::{App, Policy};
+use balancer_config::{App, Policy, Signal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -410,6 +410,50 @@ impl AppSupervisor {
             Target::Worker(id) => format!("restarted worker {id} of {}", self.app().name),
             Target::All => format!("restarted {}", self.app().name),
         })
+    }
+
+    /// Sets the targeted workers' restart counts back to zero.
+    pub fn reset(&self, target: Target) -> Result<String, OpError> {
+        let slots = self.slots();
+        let chosen: Vec<&Slot> = slots.iter().filter(|s| target.matches(s.id)).collect();
+        if let Target::Worker(id) = target
+            && chosen.is_empty()
+        {
+            return Err(self.no_such_worker(id));
+        }
+        chosen.iter().for_each(|s| s.reset_restarts());
+        Ok(format!(
+            "reset the restart count of {} worker(s) of {}",
+            chosen.len(),
+            self.app().name
+        ))
+    }
+
+    /// Sends `signal` to the process of each targeted worker that is running (not its group:
+    /// as PM2's `sendSignal`, the worker decides what its children get).
+    pub fn signal(&self, target: Target, signal: Signal) -> Result<String, OpError> {
+        let slots = self.slots();
+        let chosen: Vec<&Slot> = slots.iter().filter(|s| target.matches(s.id)).collect();
+        if let Target::Worker(id) = target
+            && chosen.is_empty()
+        {
+            return Err(self.no_such_worker(id));
+        }
+        let mut sent = 0;
+        for slot in chosen {
+            let Some(pid) = slot.status.borrow().pid else {
+                continue;
+            };
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            if nix::sys::signal::kill(pid, signal).is_ok() {
+                sent += 1;
+            }
+        }
+        Ok(format!(
+            "sent {} to {sent} worker(s) of {}",
+            signal.as_str(),
+            self.app().name
+        ))
     }
 
     /// Drains, stops and forgets one worker.

@@ -60,6 +60,12 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
         ),
         Command::Flush { target } => act(home, &Request::Flush { target }, output),
         Command::Ping => verbs::ping(home),
+        Command::Reset { target } => act(home, &Request::Reset { target }, output),
+        Command::SendSignal { signal, target } => {
+            act(home, &Request::Signal { target, signal }, output)
+        }
+        Command::Ecosystem { file } => verbs::ecosystem(&file),
+        Command::Completions { shell } => verbs::completions(shell),
         Command::Kill => verbs::kill(home, output),
         Command::Run { .. }
         | Command::Check { .. }

@@ -1,5 +1,6 @@
-//! The verbs other than `start`: `reload`, `ls`, `jlist`, `show`, `logs`, `ping`, `kill`. The
-//! one-line ones (`stop`, `delete`, `scale`, …) are dispatched straight from `mod.rs`.
+//! The verbs other than `start`: `reload`, `ls`, `jlist`, `show`, `logs`, `ping`, `kill`, and
+//! the two that need no master, `ecosystem` and `completions`. The one-line ones (`stop`,
+//! `delete`, `scale`, `reset`, `send-signal`, …) are dispatched straight from `mod.rs`.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -194,4 +195,41 @@ pub(super) fn kill(home: &Path, output: Output) -> Outcome {
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// The commented sample `ecosystem` writes.
+pub(super) const SAMPLE_TOML: &str = include_str!("sample.toml");
+
+/// `ecosystem [FILE]` (alias `init`): writes the sample balancer.toml, never over a file.
+pub(super) fn ecosystem(file: &Path) -> Outcome {
+    use std::io::Write as _;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .and_then(|mut f| f.write_all(SAMPLE_TOML.as_bytes()));
+    match created {
+        Ok(()) => {
+            print(format!(
+                "wrote {}; edit it, then `balancer check {}` and `balancer start {}`",
+                file.display(),
+                file.display(),
+                file.display()
+            ));
+            ok()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => failed(
+            EXIT_USAGE,
+            format!("{} exists; not overwriting it", file.display()),
+        ),
+        Err(e) => failed(EXIT_FAILED, format!("cannot write {}: {e}", file.display())),
+    }
+}
+
+/// `completions SHELL`: clap_complete's script for the whole command line.
+pub(super) fn completions(shell: clap_complete::Shell) -> Outcome {
+    use clap::CommandFactory;
+    let mut command = crate::cli::Cli::command();
+    clap_complete::generate(shell, &mut command, "balancer", &mut std::io::stdout());
+    ok()
 }

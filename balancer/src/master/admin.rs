@@ -204,6 +204,8 @@ async fn handle(master: &Master, request: Request) -> Reply {
         Request::Delete { target } => outcome(master.delete(&target).await),
         Request::Scale { app, to } => outcome(master.scale(&app, to).await),
         Request::Flush { target } => outcome(flush(master, target.as_deref()).await),
+        Request::Reset { target } => outcome(master.reset(&target)),
+        Request::Signal { target, signal } => outcome(master.signal(&target, &signal)),
         Request::Logs { .. } | Request::Kill => bad_request("not a single-reply request".into()),
     }
 }

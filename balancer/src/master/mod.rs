@@ -122,6 +122,9 @@ pub enum ControlError {
         /// What failed, one error per app.
         failed: Vec<ControlError>,
     },
+    /// `send-signal` named no signal we know.
+    #[error("{0}")]
+    BadSignal(String),
     /// The count asked for cannot be had.
     #[error("{0}")]
     BadScale(String),
@@ -151,7 +154,7 @@ impl ControlError {
     /// 2 for a request or configuration that is wrong in itself, 1 for an operation that failed.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ControlError::BadConfig(_) => 2,
+            ControlError::BadConfig(_) | ControlError::BadSignal(_) => 2,
             ControlError::Several(all) | ControlError::Partial { failed: all, .. } => {
                 all.iter().map(Self::exit_code).max().unwrap_or(1)
             }
@@ -187,6 +190,21 @@ impl From<ControlError> for Reply {
 
 /// The outcome of an operation: what was done, in words, or why not.
 pub type OpResult = Result<String, ControlError>;
+
+/// The outcome of an operation on several apps: every success, or what failed and (when
+/// some succeeded) what did not, app by app.
+fn gather(done: Vec<String>, failures: Vec<ControlError>) -> OpResult {
+    if failures.is_empty() {
+        Ok(done.join("; "))
+    } else if done.is_empty() {
+        Err(ControlError::all(failures).unwrap_or(ControlError::Several(Vec::new())))
+    } else {
+        Err(ControlError::Partial {
+            done,
+            failed: failures,
+        })
+    }
+}
 
 /// Whether `apply` replaces workers of apps that did not change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -360,16 +378,27 @@ impl Master {
                 Err(e) => failures.push(ControlError::app(&sup, e)),
             }
         }
-        if failures.is_empty() {
-            Ok(done.join("; "))
-        } else if done.is_empty() {
-            Err(ControlError::all(failures).unwrap_or(ControlError::Several(Vec::new())))
-        } else {
-            Err(ControlError::Partial {
-                done,
-                failed: failures,
-            })
+        gather(done, failures)
+    }
+
+    /// Like [`each`](Self::each), for an operation that does not wait.
+    fn each_now(
+        &self,
+        target: &str,
+        op: impl Fn(&AppSupervisor, Target) -> Result<String, OpError>,
+    ) -> OpResult {
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for (sup, t) in self.resolve(target)? {
+            match op(&sup, t) {
+                Ok(message) => done.push(message),
+                Err(e) => failures.push(ControlError::app(&sup, e)),
+            }
         }
+        if done.is_empty() && failures.is_empty() {
+            return Ok("no apps".into());
+        }
+        gather(done, failures)
     }
 
     /// Drain and stop (the app stays listed, its listeners keep holding connections).
@@ -392,6 +421,17 @@ impl Master {
     pub async fn reload(&self, target: &str) -> OpResult {
         self.each(target, async |sup, t| sup.reload(None, t).await)
             .await
+    }
+
+    /// Restart counters back to zero.
+    pub fn reset(&self, target: &str) -> OpResult {
+        self.each_now(target, |sup, t| sup.reset(t))
+    }
+
+    /// `send-signal SIGNAL TARGET`: the signal to each targeted worker's process.
+    pub fn signal(&self, target: &str, signal: &str) -> OpResult {
+        let signal = balancer_config::parse_signal(signal).map_err(ControlError::BadSignal)?;
+        self.each_now(target, |sup, t| sup.signal(t, signal))
     }
 
     /// Delete apps (or one worker).
