@@ -540,3 +540,107 @@ fn ecosystem_writes_a_sample_that_checks_completions_and_help_have_examples() {
     );
     assert!(out.contains("--max-memory-restart"), "{out}");
 }
+
+/// Copies `tests/fixtures/NAME` into `to` (the apps write their logs next to the file).
+fn fixture(name: &str, to: &Path) -> std::path::PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = to.join(name);
+    copy(&root().join("tests/fixtures").join(name), &dir);
+    dir
+}
+
+#[test]
+fn the_seeds_pm2_ecosystem_files_start_and_import() {
+    let b = Balancer::start(&sleeper_toml("base", 1, ""));
+    b.wait_running();
+    let tmp = tempfile::tempdir().unwrap();
+    let eco = fixture("pm2-000", tmp.path()).join("ecosystem.config.js");
+    let process = fixture("pm2-004", tmp.path()).join("process.json");
+    let list = fixture("pm2-004-list", tmp.path()).join("test.json");
+    let arg = |p: &std::path::PathBuf| p.display().to_string();
+
+    // ecosystem.config.js, evaluated by node, with --env production picking env_production.
+    let (code, out, err) = b.cli(&["start", &arg(&eco), "--env", "production"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("started app") && out.contains("started worker"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("ecosystem.config"),
+        "the file is not run as a script: {out}"
+    );
+    file_containing(
+        &b.home().join("logs/app-0-out.log"),
+        "\"node_env\":\"production\"",
+    );
+    let (code, _, err) = b.cli(&["start", &arg(&eco)]);
+    assert_ne!(code, 0, "already running without -f");
+    assert!(err.contains("already running"), "{err}");
+
+    // process.json (a comment in it, as PM2 allows): its out_file used, each dropped key named.
+    let (code, out, err) = b.cli(&["start", &arg(&process)]);
+    assert_eq!(code, 0, "{out}{err}");
+    for key in ["pid_file", "log_date_format", "ignoreWatch", "watch"] {
+        assert!(
+            err.contains(&format!("warning: `{key}` (app `jackblog-api`, line")),
+            "{key}: {err}"
+        );
+    }
+    assert!(
+        err.contains("`pid_file` (app `jackblog-api`, line 9)"),
+        "{err}"
+    );
+    let log = process.parent().unwrap().join("logs/pm2-out.log");
+    file_containing(&log, "\"node_env\":\"production\"");
+
+    // The multi-app list: instances as "max" and "4", args as a string.
+    let (code, out, err) = b.cli(&["start", &arg(&list)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("`max` (app `echo`, line 4): no balancer equivalent"),
+        "{err}"
+    );
+    let all = b.jlist();
+    assert_eq!(workers_of(&all, "api").len(), 4);
+    assert_eq!(workers_of(&all, "bus").len(), 1);
+    assert!(!workers_of(&all, "echo").is_empty());
+    for app in ["app", "worker", "jackblog-api", "echo", "api", "bus"] {
+        for w in workers_of(&all, app) {
+            assert!(
+                w["pid"].as_u64().is_some_and(|p| alive(p as u32)),
+                "{app}: {w}"
+            );
+        }
+    }
+    file_containing(
+        &b.home().join("logs/echo-0-out.log"),
+        "\"argv\":[\"-d\",\"1\"]",
+    );
+
+    // import: balancer.toml on stdout that checks next to the original, comments for the rest.
+    for file in [&eco, &process, &list] {
+        let (code, toml, err) = b.cli(&["import", &arg(file)]);
+        assert_eq!(code, 0, "{err}");
+        let out = file.with_file_name("balancer.toml");
+        std::fs::write(&out, &toml).unwrap();
+        let (code, ok, err) = b.cli(&["check", &arg(&out)]);
+        assert_eq!(code, 0, "{}: {toml}\n{ok}{err}", file.display());
+    }
+    let (_, toml, _) = b.cli(&["import", &arg(&process)]);
+    assert!(
+        toml.contains("# pid_file = \"./logs/jackblog-api.pid\"  # not carried over"),
+        "{toml}"
+    );
+}

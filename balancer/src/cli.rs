@@ -177,6 +177,15 @@ pub enum Command {
         #[arg(default_value = "balancer.toml")]
         file: PathBuf,
     },
+    /// Print PM2's ecosystem file (ecosystem.config.js, process.json, *.yaml) as balancer.toml.
+    #[command(
+        after_help = "Examples:\n  balancer import ecosystem.config.js > balancer.toml\n  \
+                            balancer import process.json > balancer.toml && balancer check balancer.toml"
+    )]
+    Import {
+        /// The PM2 file (JavaScript is evaluated with `node`, as PM2 does).
+        file: PathBuf,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  balancer completions bash > /etc/bash_completion.d/balancer\n  \

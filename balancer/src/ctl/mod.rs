@@ -7,11 +7,14 @@
 //! other verb just says there is none.
 //!
 //! `start.rs` resolves what `start`'s argument is, `verbs.rs` holds the other verbs,
+//! `import.rs` reads PM2 ecosystem files for `start` and `import` (`ecosystem.rs` maps them),
 //! `reply.rs` what every verb does with the master's reply, `client.rs` is the socket client
 //! and `daemon.rs` launches the background master.
 
 pub mod client;
 pub mod daemon;
+pub mod ecosystem;
+mod import;
 mod reply;
 mod start;
 mod verbs;
@@ -66,6 +69,7 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
         }
         Command::Ecosystem { file } => verbs::ecosystem(&file),
         Command::Completions { shell } => verbs::completions(shell),
+        Command::Import { file } => verbs::import(&file),
         Command::Kill => verbs::kill(home, output),
         Command::Run { .. }
         | Command::Check { .. }

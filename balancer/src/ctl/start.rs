@@ -34,6 +34,9 @@ pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
         if is_toml(path) && path.is_file() {
             return start_file(home, args, output);
         }
+        if super::import::is_ecosystem(path) && path.is_file() {
+            return start_ecosystem(home, args, output);
+        }
         return start_program(home, args, Program::Script, output);
     }
     if is_toml(path) {
@@ -127,6 +130,57 @@ fn start_file(home: &Path, args: StartArgs, output: Output) -> Outcome {
         Err(e) => return failed(EXIT_FAILED, format!("{}: {e}", path.display())),
     };
     let request = Request::Start(Start::File { file, load });
+    start_on_master(home, master, &request, output)
+}
+
+/// `start ecosystem.config.js|process.json|ecosystem.yaml [--env NAME] [-f]`: PM2's file,
+/// mapped to balancer.toml here (every key it cannot carry named on stderr) and started as
+/// command-line apps, relative paths from the file's directory as PM2 resolves them. A name
+/// already running is refused without `-f`, as PM2 refuses a script already launched.
+fn start_ecosystem(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.describes_an_app() {
+        return failed(
+            EXIT_USAGE,
+            "-n, -i, -l, --policy, PM2's options and -- ARGS describe one app; with an ecosystem \
+             file, set them in the file",
+        );
+    }
+    let path = Path::new(&args.target);
+    let imported = match super::import::import(path) {
+        Ok(imported) => imported,
+        Err(e) => return failed(EXIT_USAGE, e),
+    };
+    for warning in &imported.warnings {
+        eprintln!("balancer: {}: warning: {warning}", path.display());
+    }
+    let dir = match std::path::absolute(path) {
+        Ok(file) => file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        Err(e) => return failed(EXIT_FAILED, format!("{}: {e}", path.display())),
+    };
+    let master = match master_unless_foreground(home, args.no_daemon) {
+        Ok(master) => master,
+        Err(outcome) => return outcome,
+    };
+    let (opts, load) = Load::options(args.env.clone(), master.as_ref());
+    let config = match balancer_config::parse(&imported.toml, &dir.join("balancer.toml"), &opts) {
+        Ok(config) => config,
+        Err(errors) => {
+            // Positions are in the mapped text; the messages name the keys.
+            for diagnostic in &errors.0 {
+                eprintln!("balancer: {}: {}", path.display(), diagnostic.message);
+            }
+            return Outcome::Exit(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    if args.no_daemon {
+        return Outcome::Foreground(config);
+    }
+    let request = Request::Start(Start::Toml {
+        toml: imported.toml,
+        cwd: Some(dir),
+        load,
+        force: args.force,
+    });
     start_on_master(home, master, &request, output)
 }
 

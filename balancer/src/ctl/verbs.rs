@@ -233,3 +233,22 @@ pub(super) fn completions(shell: clap_complete::Shell) -> Outcome {
     clap_complete::generate(shell, &mut command, "balancer", &mut std::io::stdout());
     ok()
 }
+
+/// `import FILE`: PM2's ecosystem file as balancer.toml on stdout, a comment in it and a
+/// warning on stderr for every key it could not carry.
+pub(super) fn import(file: &Path) -> Outcome {
+    let imported = match super::import::import(file) {
+        Ok(imported) => imported,
+        Err(e) => return failed(EXIT_USAGE, e),
+    };
+    for warning in &imported.warnings {
+        eprintln!("balancer: {}: warning: {warning}", file.display());
+    }
+    print(format!(
+        "# balancer.toml imported from {} by `balancer import`.\n\
+         # Relative paths are relative to this file's directory: keep it next to the original.\n\n{}",
+        file.display(),
+        imported.toml.trim_end()
+    ));
+    ok()
+}
