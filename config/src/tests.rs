@@ -434,17 +434,17 @@ fn address_clashes_name_the_holder() {
     assert_one(
         &two("tcp://0.0.0.0:8080", "tcp://127.0.0.1:8080"),
         "8:11",
-        "clashes with tcp://0.0.0.0:8080 of app `a` (line 4)",
+        "clashes with tcp://0.0.0.0:8080 of app `a`, at line 4",
     );
     assert_one(
         &two(":8080", "tcp://0.0.0.0:8080"),
         "8:11",
-        "tcp://0.0.0.0:8080 is already used by app `a` (line 4)",
+        "tcp://0.0.0.0:8080 is already used by app `a`, at line 4",
     );
     assert_one(
         &two("[::]:53", "tcp://[::1]:53"),
         "8:11",
-        "clashes with tcp://[::]:53 of app `a` (line 4)",
+        "clashes with tcp://[::]:53 of app `a`, at line 4",
     );
     // Different ports, addresses or families do not clash.
     assert!(
@@ -459,9 +459,8 @@ fn address_clashes_name_the_holder() {
         "[[app]]\nname = \"a\"\n{CMD}listen = [\":80\", \":80\"]\n"
     ));
     assert!(
-        errors
-            .iter()
-            .any(|e| e.starts_with("4:18: ") && e.contains("already used by app `a` (line 4)")),
+        errors.iter().any(|e| e.starts_with("4:18: ")
+            && e.contains("tcp://0.0.0.0:80 is listed twice (first at line 4)")),
         "{errors:#?}"
     );
     // HTTP shares TCP's ports, UDP does not.
@@ -565,6 +564,12 @@ fn script_and_cwd_must_exist() {
     let p = Project::new();
     let errors = p.errors("[[app]]\nname = \"web\"\nscript = \"server.js\"\n");
     assert_one(&errors, "3:10", "`script`: `server.js` not found in");
+    let errors = p.errors("[[app]]\nname = \"web\"\nscript = \"/nowhere/x.js\"\n");
+    assert_one(&errors, "3:10", "`script`: `/nowhere/x.js` not found");
+    assert!(
+        !errors[0].contains(" in "),
+        "an absolute path names no folder: {errors:?}"
+    );
     let errors = p.errors("[[app]]\nname = \"web\"\ncwd = \"nope\"\nscript = \"server.js\"\n");
     assert_one(&errors, "3:7", "`cwd`: `nope` not found");
     p.file("srv/server.js", false);
@@ -815,7 +820,7 @@ fn diagnostics_display_with_the_path() {
     let errors = p.parse("[[app]]\nname = \"web\"\n").unwrap_err();
     let path = p.path("balancer.toml");
     assert_eq!(
-        errors.to_string(),
+        errors.0[0].to_string(),
         format!(
             "{}:1:1: missing `script` or `command`: what should this app run?",
             path.display()
@@ -907,6 +912,14 @@ fn typical_mistakes_read_well() {
         (
             "missing_script",
             "[[app]]\nname = \"web\"\nscript = \"nowhere.js\"\n".to_string(),
+        ),
+        (
+            "listener_twice_in_one_app",
+            format!("[[app]]\nname = \"web\"\n{CMD}listen = [\":8080\", \":8080\"]\n"),
+        ),
+        (
+            "not_supported_yet",
+            format!("[[app]]\nname = \"web\"\n{CMD}watch = [\"src\"]\n"),
         ),
     ];
     let dir = p.dir.path().display().to_string();

@@ -522,10 +522,7 @@ fn program(
             let cwd = cwd?;
             let path = clean(&cwd.join(script));
             let problem = if !path.exists() {
-                Some(format!(
-                    "`script`: `{script}` not found in {}",
-                    cwd.display()
-                ))
+                Some(not_found("script", script, &cwd))
             } else if path.is_dir() {
                 Some(format!("`script`: `{script}` is a directory"))
             } else if interpreter.is_none() && !is_executable(&path) {
@@ -578,10 +575,7 @@ fn executable(
     }
     let path = clean(&cwd.join(program));
     if !path.is_file() {
-        r.error(
-            value.span(),
-            format!("`{label}`: `{program}` not found in {}", cwd.display()),
-        );
+        r.error(value.span(), not_found(label, program, cwd));
         return None;
     }
     if !is_executable(&path) {
@@ -592,6 +586,16 @@ fn executable(
         return None;
     }
     Some(path.to_string_lossy().into_owned())
+}
+
+/// "`script`: `x.js` not found in /srv/app": the directory only when the path was relative
+/// to it (an absolute path was looked for where it says).
+fn not_found(label: &str, given: &str, cwd: &Path) -> String {
+    if Path::new(given).is_absolute() {
+        format!("`{label}`: `{given}` not found")
+    } else {
+        format!("`{label}`: `{given}` not found in {}", cwd.display())
+    }
 }
 
 /// Whether any execute bit is set.
@@ -732,14 +736,18 @@ fn claim(
             format!("{}://{addr}", proto.scheme()),
             format!("{}://{}", other.proto.scheme(), other.addr),
         );
-        let message = if mine == theirs {
+        let message = if other.holder == holder && mine == theirs {
+            format!("`{label}`: {mine} is listed twice (first at line {line})")
+        } else if other.holder == holder {
+            format!("`{label}`: {mine} clashes with {theirs}, also listed (at line {line})")
+        } else if mine == theirs {
             format!(
-                "`{label}`: {mine} is already used by {} (line {line})",
+                "`{label}`: {mine} is already used by {}, at line {line}",
                 other.holder
             )
         } else {
             format!(
-                "`{label}`: {mine} clashes with {theirs} of {} (line {line})",
+                "`{label}`: {mine} clashes with {theirs} of {}, at line {line}",
                 other.holder
             )
         };
