@@ -522,7 +522,7 @@ fn program(
             let cwd = cwd?;
             let path = clean(&cwd.join(script));
             let problem = if !path.exists() {
-                Some(not_found("script", script, &cwd))
+                Some(not_found("script", script, cwd))
             } else if path.is_dir() {
                 Some(format!("`script`: `{script}` is a directory"))
             } else if interpreter.is_none() && !is_executable(&path) {
