@@ -193,6 +193,10 @@ fn reload_all_reports_each_app_and_keeps_stopped_and_deleted_workers_so() {
     let (code, out, err) = b.cli(&["reload", "all"]);
     assert_eq!(code, 1, "one app failed: {out}{err}");
     assert!(err.contains("1 of 3 apps failed"), "{err}");
+    // Progress as it goes, one line per batch, with what is draining and for how long at most.
+    assert!(out.contains("a: 1/2 ready, draining worker "), "{out}");
+    assert!(out.contains("a: 2/2 ready, draining worker "), "{out}");
+    assert!(out.contains("(0 live connections, up to 30s)"), "{out}");
     assert!(err.contains("ok: reloaded 2 worker(s) of a"), "{err}");
     assert!(
         err.contains("ok: reloaded 0 worker(s) of b (1 stopped, left stopped)"),

@@ -171,6 +171,8 @@ pub enum Reload {
     Target {
         /// What to reload.
         target: String,
+        /// Stream a [`Reply::Progress`] line after each batch before the final reply.
+        progress: bool,
     },
     /// The changes of a balancer.toml (absolute path).
     File {
@@ -269,6 +271,8 @@ pub enum Reply {
     Log(LogLine),
     /// `logs` without `follow`: the last reply.
     End,
+    /// `reload` with `progress`: how far it is, before the final reply.
+    Progress(String),
     /// The request failed.
     Failed {
         /// Why, in words.
@@ -405,6 +409,8 @@ pub mod wire {
         Reload {
             #[serde(default, skip_serializing_if = "Option::is_none")]
             target: Option<String>,
+            #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+            progress: bool,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             file: Option<PathBuf>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -505,12 +511,16 @@ pub mod wire {
                 Request::Restart { target } => Self::Restart { target },
                 Request::Reload {
                     target,
+                    progress,
                     file,
                     env,
                     policy,
                 } => Self::Reload(match (target, file) {
                     (Some(target), None) if env.is_none() && policy.is_none() => {
-                        Reload::Target { target }
+                        Reload::Target { target, progress }
+                    }
+                    (None, Some(_)) if progress => {
+                        return Err("`progress` goes with `target`".into());
                     }
                     (Some(_), None) => {
                         return Err("`env` and `policy` go with `file`, not `target`".into());
@@ -578,14 +588,16 @@ pub mod wire {
                 }
                 super::Request::Stop { target } => Request::Stop { target },
                 super::Request::Restart { target } => Request::Restart { target },
-                super::Request::Reload(Reload::Target { target }) => Request::Reload {
+                super::Request::Reload(Reload::Target { target, progress }) => Request::Reload {
                     target: Some(target),
+                    progress,
                     file: None,
                     env: None,
                     policy: None,
                 },
                 super::Request::Reload(Reload::File { file, load }) => Request::Reload {
                     target: None,
+                    progress: false,
                     file: Some(file),
                     env: load.env,
                     policy: load.policy.map(|p| p.as_str().to_owned()),
@@ -639,6 +651,8 @@ pub mod wire {
         pub log: Option<LogLine>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub done: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub progress: Option<String>,
     }
 
     impl From<super::Reply> for Reply {
@@ -676,6 +690,10 @@ pub mod wire {
                     done: Some(true),
                     ..ok
                 },
+                super::Reply::Progress(line) => Reply {
+                    progress: Some(line),
+                    ..ok
+                },
                 super::Reply::Failed { error, code } => Reply {
                     ok: false,
                     error: Some(error),
@@ -703,6 +721,8 @@ pub mod wire {
             }
             Ok(if let Some(line) = wire.log {
                 Self::Log(line)
+            } else if let Some(line) = wire.progress {
+                Self::Progress(line)
             } else if wire.done == Some(true) {
                 Self::End
             } else if let Some(app) = wire.app {
@@ -766,8 +786,21 @@ mod tests {
         assert_eq!(
             request(r#"{"cmd":"reload","target":"web"}"#),
             Ok(Request::Reload(Reload::Target {
-                target: "web".into()
+                target: "web".into(),
+                progress: false,
             }))
+        );
+        assert_eq!(
+            request(r#"{"cmd":"reload","target":"all","progress":true}"#),
+            Ok(Request::Reload(Reload::Target {
+                target: "all".into(),
+                progress: true,
+            }))
+        );
+        assert!(request(r#"{"cmd":"reload","file":"/a.toml","progress":true}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Reply>(r#"{"ok":true,"progress":"web: 1/2 ready"}"#).unwrap(),
+            Reply::Progress("web: 1/2 ready".into())
         );
         assert!(
             request(r#"{"cmd":"explode"}"#)

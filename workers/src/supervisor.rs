@@ -259,6 +259,18 @@ impl AppSupervisor {
     /// A replacement that never becomes ready is stopped, the old worker keeps serving, the
     /// previous configuration is restored, and the reload fails with the reason.
     pub async fn reload(&self, new: Option<App>, target: Target) -> Result<String, OpError> {
+        self.reload_reporting(new, target, &|_| {}).await
+    }
+
+    /// [`reload`](Self::reload), telling `progress` after each batch how far it is and what is
+    /// draining ("web: 1/4 ready, draining worker 3 (2 live connections, up to 30s)"), so a user
+    /// waiting on a long drain sees why.
+    pub async fn reload_reporting(
+        &self,
+        new: Option<App>,
+        target: Target,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<String, OpError> {
         let _op = self.ops.lock().await;
         let previous = self.app();
         if let Some(new) = new {
@@ -310,6 +322,9 @@ impl AppSupervisor {
                         slot.stop().await;
                     }
                 }
+            }
+            if !old.is_empty() {
+                progress(draining_line(&app, replaced, chosen.len(), &old));
             }
             draining.push(self.start_retiring(old));
             if !failures.is_empty() {
@@ -582,6 +597,30 @@ impl AppSupervisor {
             app,
         })
     }
+}
+
+/// "web: 1/4 ready, draining worker 3 (2 live connections, up to 30s)".
+fn draining_line(app: &App, ready: usize, total: usize, old: &[Slot]) -> String {
+    let ids: Vec<String> = old.iter().map(|s| s.id.to_string()).collect();
+    let live: usize = old
+        .iter()
+        .map(|s| s.status.borrow().live_connections())
+        .sum();
+    let plural = |n: usize, one: &str, many: &str| {
+        if n == 1 {
+            one.to_owned()
+        } else {
+            many.to_owned()
+        }
+    };
+    format!(
+        "{}: {ready}/{total} ready, draining {} {} ({live} live {}, up to {:?})",
+        app.name,
+        plural(ids.len(), "worker", "workers"),
+        ids.join(", "),
+        plural(live, "connection", "connections"),
+        app.drain_timeout
+    )
 }
 
 /// Resolves once the worker is ready (`Ok`) or its first start failed (`Err` with why).

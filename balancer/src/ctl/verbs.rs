@@ -45,9 +45,43 @@ pub(super) fn reload(home: &Path, target: String, env: Option<String>, output: O
             "--env goes with a balancer.toml: balancer reload FILE --env NAME",
         );
     } else {
-        Request::Reload(Reload::Target { target })
+        let request = Request::Reload(Reload::Target {
+            target,
+            progress: true,
+        });
+        return reload_showing_progress(home, &request, output);
     };
     act(home, &request, output)
+}
+
+/// A reload of workers, printing each progress line as the master sends it (a drain can take
+/// `drain_timeout`: the user sees what it waits for), then the outcome.
+fn reload_showing_progress(home: &Path, request: &Request, output: Output) -> Outcome {
+    let mut client = match Client::connect(home) {
+        Ok(client) => client,
+        Err(e) => return failed(EXIT_FAILED, Chain(&e)),
+    };
+    let mut outcome = None;
+    let streamed = client.stream(request, |reply| match reply {
+        Reply::Progress(line) => {
+            print(line);
+            ControlFlow::Continue(())
+        }
+        Reply::Failed { error, code } => {
+            outcome = Some(failed(code, error));
+            ControlFlow::Break(())
+        }
+        done => {
+            report(&done, output);
+            outcome = Some(ok());
+            ControlFlow::Break(())
+        }
+    });
+    match (outcome, streamed) {
+        (Some(outcome), _) => outcome,
+        (None, Err(e)) => failed(EXIT_FAILED, Chain(&e)),
+        (None, Ok(())) => failed(EXIT_FAILED, "the master hung up before the reload ended"),
+    }
 }
 
 /// The workers of a `list` reply.

@@ -124,6 +124,10 @@ async fn client(stream: UnixStream, master: &Master) {
                     _ = next_line(&mut requests), if follow => Ok(()),
                 }
             }
+            Request::Reload(Reload::Target {
+                target,
+                progress: true,
+            }) => reload_with_progress(master, &target, &mut out).await,
             Request::Kill => {
                 let _ = send(&mut out, &Reply::done("stopping every app and the master")).await;
                 master.request_shutdown();
@@ -135,6 +139,41 @@ async fn client(stream: UnixStream, master: &Master) {
             return;
         }
     }
+}
+
+/// `reload` with `progress`: a progress reply after each batch, then the outcome. A client
+/// that hangs up meanwhile stops getting lines; the reload carries on to its end.
+async fn reload_with_progress(
+    master: &Master,
+    target: &str,
+    out: &mut Out,
+) -> Result<(), LinesCodecError> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let report = move |line: String| {
+        let _ = tx.send(line);
+    };
+    let work = master.reload_reporting(target, &report);
+    tokio::pin!(work);
+    let mut listening = true;
+    let result = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            Some(line) = rx.recv() => {
+                if listening && send(out, &Reply::Progress(line)).await.is_err() {
+                    listening = false;
+                }
+            }
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        if listening && send(out, &Reply::Progress(line)).await.is_err() {
+            listening = false;
+        }
+    }
+    if !listening {
+        return Err(LinesCodecError::Io(io::ErrorKind::BrokenPipe.into()));
+    }
+    send(out, &outcome(result)).await
 }
 
 async fn next_line(lines: &mut Lines) {
@@ -192,7 +231,7 @@ async fn handle(master: &Master, request: Request) -> Reply {
         Request::Start(Start::Stopped { target }) => outcome(master.start_stopped(&target).await),
         Request::Stop { target } => outcome(master.stop(&target).await),
         Request::Restart { target } => outcome(master.restart(&target).await),
-        Request::Reload(Reload::Target { target }) => outcome(master.reload(&target).await),
+        Request::Reload(Reload::Target { target, .. }) => outcome(master.reload(&target).await),
         Request::Reload(Reload::File { file, load }) => outcome(match master.load(&file, &load) {
             Ok(config) => {
                 master

@@ -419,8 +419,28 @@ impl Master {
 
     /// Zero-downtime replacement of workers.
     pub async fn reload(&self, target: &str) -> OpResult {
-        self.each(target, async |sup, t| sup.reload(None, t).await)
-            .await
+        self.reload_reporting(target, &|_| {}).await
+    }
+
+    /// [`reload`](Self::reload), telling `progress` how each app's reload goes.
+    pub async fn reload_reporting(
+        &self,
+        target: &str,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> OpResult {
+        let resolved = self.resolve(target)?;
+        if resolved.is_empty() {
+            return Ok("no apps".into());
+        }
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for (sup, t) in resolved {
+            match sup.reload_reporting(None, t, progress).await {
+                Ok(message) => done.push(message),
+                Err(e) => failures.push(ControlError::app(&sup, e)),
+            }
+        }
+        gather(done, failures)
     }
 
     /// Restart counters back to zero.
