@@ -87,6 +87,16 @@ fn knows(home: &Path, target: &str) -> Result<bool, Outcome> {
 
 /// `start web`, `start 3`, `start all`: start stopped apps or workers again.
 fn start_known(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.force {
+        return failed(
+            EXIT_USAGE,
+            format!(
+                "-f replaces an app with a new script or command; to start `{}` again afresh: \
+                 balancer restart {} (or reload, without downtime)",
+                args.target, args.target
+            ),
+        );
+    }
     if args.describes_an_app() || args.env.is_some() {
         return failed(
             EXIT_USAGE,
@@ -105,6 +115,14 @@ fn start_known(home: &Path, args: StartArgs, output: Output) -> Outcome {
 
 /// `start balancer.toml [--env NAME]`.
 fn start_file(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.force {
+        return failed(
+            EXIT_USAGE,
+            "-f goes with a script, a command or an ecosystem file: a balancer.toml already \
+             applies its changes to the apps it names (to replace every worker: balancer reload \
+             FILE)",
+        );
+    }
     if args.describes_an_app() {
         return failed(
             EXIT_USAGE,
