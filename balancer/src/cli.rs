@@ -107,14 +107,14 @@ pub enum Command {
         to: ScaleTo,
     },
     /// List every worker of every app.
-    #[command(visible_aliases = ["list", "status"], after_help = "Example:\n  balancer ls")]
+    #[command(visible_aliases = ["list", "status", "ps", "l"], after_help = "Example:\n  balancer ls")]
     Ls,
     /// Print the workers as a JSON array (for scripts).
     #[command(after_help = "Example:\n  balancer jlist | jq '.[] | select(.status != \"ready\")'")]
     Jlist,
     /// Show one app (or the app of a worker id) in detail: config, log files, workers.
     #[command(
-        visible_alias = "describe",
+        visible_aliases = ["describe", "desc", "info"],
         after_help = "Examples:\n  balancer show web\n  balancer describe 3"
     )]
     Show {
@@ -611,7 +611,7 @@ mod tests {
 
     #[test]
     fn ls_has_pm2_aliases_and_logs_has_options() {
-        for verb in ["ls", "list", "status"] {
+        for verb in ["ls", "list", "status", "ps", "l"] {
             assert!(matches!(parse(&[verb]), Command::Ls), "{verb}");
         }
         match parse(&["logs", "web", "--lines", "50", "-f"]) {
