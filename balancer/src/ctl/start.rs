@@ -62,10 +62,14 @@ fn unsupported(args: &StartArgs) -> Option<String> {
         .iter()
         .map(|(flag, key)| format!("{flag} (balancer.toml `{key}`)"))
         .collect();
+    let watch = if found.iter().any(|(_, key)| key.contains("watch")) {
+        " (instead of watching, reload on deploy: `balancer reload NAME`)"
+    } else {
+        ""
+    };
     Some(format!(
-        "{} not supported yet: balancer does not build that behaviour, and a flag it would \
-         accept and ignore is worse than none; drop it (reload on deploy with `balancer reload \
-         NAME`)",
+        "{} not supported yet: balancer does not have that behaviour, and a flag accepted and \
+         ignored would be worse; drop it{watch}",
         named.join(", ")
     ))
 }
