@@ -49,8 +49,8 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
     },
-    /// Start the apps of a balancer.toml, a script, a command, or stopped apps again; starts
-    /// the background master if none is running.
+    /// Start the apps of a balancer.toml or PM2 ecosystem file, a script, a command, or stopped
+    /// apps again; starts the background master if none is running.
     #[command(
         after_help = "Examples:\n  balancer start server.js -i max -l :8080\n  \
                             balancer start app.py -n api -i 4 -l http://0.0.0.0:8000\n  \
@@ -212,8 +212,8 @@ pub enum Command {
 /// `balancer start`'s arguments.
 #[derive(Debug, Clone, Default, Args)]
 pub struct StartArgs {
-    /// A balancer.toml, a script, a command (program name), or a stopped app's name, worker id
-    /// or `all`.
+    /// A balancer.toml, PM2's ecosystem file (`*.config.js`, `*.json`, `*.yaml`), a script, a
+    /// command (program name), or a stopped app's name, worker id or `all`.
     #[arg(value_name = "FILE|SCRIPT|COMMAND|NAME")]
     pub target: String,
     /// The app's name (default: the script's or program's file name, without extension).
