@@ -77,6 +77,8 @@ impl Master {
     /// "Script already launched" without `-f`; with `force` the app is replaced by a reload
     /// with the new configuration (zero downtime), and the command line owns it from then on.
     pub async fn start_from_command_line(&self, config: Config, force: bool) -> OpResult {
+        // Checked and applied under one lock: two starts of one name cannot both pass.
+        let _change = self.changes.lock().await;
         if !force {
             let entries = self.entries();
             for app in &config.apps {
@@ -97,7 +99,7 @@ impl Master {
             let source = Source::CommandLine(app.name.clone());
             // Forced: PM2's "re-execution", so even an unchanged app gets new workers.
             let mode = if force { Apply::Reload } else { Apply::Start };
-            done.push(self.apply(one, source, mode).await?);
+            done.push(self.apply_locked(one, source, mode).await?);
         }
         Ok(done.join("; "))
     }
@@ -108,6 +110,11 @@ impl Master {
     /// bound before anything changes, so a taken port changes nothing.
     pub async fn apply(&self, config: Config, source: Source, mode: Apply) -> OpResult {
         let _change = self.changes.lock().await;
+        self.apply_locked(config, source, mode).await
+    }
+
+    /// [`apply`](Self::apply), for a caller that holds `changes`.
+    async fn apply_locked(&self, config: Config, source: Source, mode: Apply) -> OpResult {
         // Bind first: every listener that no current app already holds.
         let mut fresh = Vec::new();
         for app in &config.apps {
@@ -370,6 +377,46 @@ mod tests {
         let done = m.apply(fourth, file, Apply::Reload).await.unwrap();
         assert_eq!(done, "reloaded 2 worker(s) of a; deleted c");
         assert_eq!(names(&m), [("a".into(), 2), ("d".into(), 1)]);
+        m.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn command_line_apps_are_each_their_own_and_a_taken_name_needs_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master(dir.path());
+        let file = Source::File(dir.path().join("balancer.toml"));
+        m.apply(config(dir.path(), &sleeper("f", 1, "")), file, Apply::Start)
+            .await
+            .unwrap();
+        for name in ["a", "b"] {
+            let one = config(dir.path(), &sleeper(name, 1, ""));
+            let done = m.start_from_command_line(one, false).await.unwrap();
+            assert_eq!(done, format!("started {name}"));
+        }
+        assert_eq!(
+            names(&m),
+            [("f".into(), 1), ("a".into(), 1), ("b".into(), 1)]
+        );
+        for name in ["a", "f"] {
+            let again = config(dir.path(), &sleeper(name, 2, ""));
+            let err = m.start_from_command_line(again, false).await.unwrap_err();
+            assert!(matches!(err, ControlError::AlreadyRunning { .. }), "{err}");
+        }
+        let err = m
+            .start_from_command_line(config(dir.path(), &sleeper("f", 1, "")), false)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("balancer.toml"),
+            "names the source: {err}"
+        );
+        let forced = config(dir.path(), &sleeper("f", 2, ""));
+        let done = m.start_from_command_line(forced, true).await.unwrap();
+        assert!(done.starts_with("reloaded"), "{done}");
+        assert_eq!(
+            names(&m),
+            [("f".into(), 2), ("a".into(), 1), ("b".into(), 1)]
+        );
         m.shutdown().await;
     }
 
