@@ -642,6 +642,9 @@ fn the_seeds_pm2_ecosystem_files_start_and_import() {
         let (code, ok, err) = b.cli(&["check", &arg(&out)]);
         assert_eq!(code, 0, "{}: {toml}\n{ok}{err}", file.display());
     }
+    let app_js = eco.with_file_name("app.js");
+    let (code, _, err) = b.cli(&["import", &arg(&app_js)]);
+    assert_eq!(code, 2, "a script is not evaluated as a config: {err}");
     let (_, toml, _) = b.cli(&["import", &arg(&process)]);
     assert!(
         toml.contains("# pid_file = \"./logs/jackblog-api.pid\"  # not carried over"),

@@ -271,6 +271,17 @@ pub(super) fn completions(shell: clap_complete::Shell) -> Outcome {
 /// `import FILE`: PM2's ecosystem file as balancer.toml on stdout, a comment in it and a
 /// warning on stderr for every key it could not carry.
 pub(super) fn import(file: &Path) -> Outcome {
+    // Evaluating any other JavaScript file would run it: an app, not a config.
+    if !super::import::is_ecosystem(file) {
+        return failed(
+            EXIT_USAGE,
+            format!(
+                "{}: not a PM2 ecosystem file; expected *.config.js (.cjs, .mjs), *.json, *.yaml \
+                 or *.yml",
+                file.display()
+            ),
+        );
+    }
     let imported = match super::import::import(file) {
         Ok(imported) => imported,
         Err(e) => return failed(EXIT_USAGE, e),
