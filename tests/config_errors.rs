@@ -83,3 +83,24 @@ fn check_accepts_the_example() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 apps, 4 workers)"));
 }
+
+#[test]
+fn errors_show_the_source_line_with_a_caret_under_the_mistake() {
+    let (code, stderr, _, file) = run_bad("check", &app("instnces = 2\nkill_timeout = \"soon\"\n"));
+    assert_eq!(code, Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("{file}:4:1: unknown key `instnces`")),
+        "{stderr}"
+    );
+    assert_eq!(lines[2], "4 | instnces = 2", "{stderr}");
+    assert_eq!(lines[3], "  | ^^^^^^^^", "{stderr}");
+    assert!(
+        stderr.contains(&format!("\n{file}:5:16: `kill_timeout`")),
+        "the next error starts its own greppable line: {stderr}"
+    );
+    assert!(
+        stderr.contains("5 | kill_timeout = \"soon\"\n  |                ^^^^^^"),
+        "{stderr}"
+    );
+}

@@ -28,6 +28,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the apps of a balancer.toml in the foreground until SIGTERM or Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  balancer run balancer.toml\n  balancer run balancer.toml --env production"
+    )]
     Run {
         /// The balancer.toml to run.
         file: PathBuf,
@@ -36,6 +39,9 @@ pub enum Command {
         env: Option<String>,
     },
     /// Validate a balancer.toml and exit, starting nothing (like `nginx -t`).
+    #[command(
+        after_help = "Example:\n  balancer check balancer.toml && balancer reload balancer.toml"
+    )]
     Check {
         /// The balancer.toml to check.
         file: PathBuf,
@@ -43,20 +49,36 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
     },
-    /// Start the apps of a balancer.toml, a script, a command, or stopped apps again; starts
-    /// the background master if none is running.
+    /// Start the apps of a balancer.toml or PM2 ecosystem file, a script, a command, or stopped
+    /// apps again; starts the background master if none is running.
+    #[command(
+        after_help = "Examples:\n  balancer start server.js -i max -l :8080\n  \
+                            balancer start app.py -n api -i 4 -l http://0.0.0.0:8000\n  \
+                            balancer start npm -n web -- run start\n  \
+                            balancer start balancer.toml --env production\n  \
+                            balancer start ecosystem.config.js\n  \
+                            balancer start worker.py -x --restart-delay 2s -o out.log\n  \
+                            balancer start web"
+    )]
     Start(StartArgs),
     /// Drain and stop apps or workers (they stay listed, their listeners stay open).
+    #[command(
+        after_help = "Examples:\n  balancer stop web\n  balancer stop 3\n  balancer stop all"
+    )]
     Stop {
         /// App name, worker id or `all`.
         target: String,
     },
     /// Stop, then start again (may drop connections; `reload` does not).
+    #[command(after_help = "Examples:\n  balancer restart web\n  balancer restart 3")]
     Restart {
         /// App name, worker id or `all`.
         target: String,
     },
     /// Replace workers without downtime, or apply a changed balancer.toml.
+    #[command(
+        after_help = "Examples:\n  balancer reload web\n  balancer reload all\n  balancer reload balancer.toml --env production"
+    )]
     Reload {
         /// App name, worker id, `all`, or a balancer.toml whose changes to apply.
         target: String,
@@ -65,12 +87,18 @@ pub enum Command {
         env: Option<String>,
     },
     /// Stop apps or workers and forget them (their listeners close).
-    #[command(visible_alias = "del")]
+    #[command(
+        visible_alias = "del",
+        after_help = "Examples:\n  balancer delete web\n  balancer delete 3   (one worker, like scale -1)"
+    )]
     Delete {
         /// App name, worker id or `all`.
         target: String,
     },
     /// Change an app's worker count: `N`, `+N`, `-N` or `max`.
+    #[command(
+        after_help = "Examples:\n  balancer scale web 4\n  balancer scale web +2\n  balancer scale web max"
+    )]
     Scale {
         /// App name.
         app: String,
@@ -79,17 +107,24 @@ pub enum Command {
         to: ScaleTo,
     },
     /// List every worker of every app.
-    #[command(visible_aliases = ["list", "status"])]
+    #[command(visible_aliases = ["list", "status", "ps", "l"], after_help = "Example:\n  balancer ls")]
     Ls,
     /// Print the workers as a JSON array (for scripts).
+    #[command(after_help = "Example:\n  balancer jlist | jq '.[] | select(.status != \"ready\")'")]
     Jlist,
     /// Show one app (or the app of a worker id) in detail: config, log files, workers.
-    #[command(visible_alias = "describe")]
+    #[command(
+        visible_aliases = ["describe", "desc", "info"],
+        after_help = "Examples:\n  balancer show web\n  balancer describe 3"
+    )]
     Show {
         /// App name or worker id.
         target: String,
     },
     /// Print the last lines of the workers' logs, and with --follow new ones as they come.
+    #[command(
+        after_help = "Examples:\n  balancer logs\n  balancer logs web --lines 100\n  balancer logs 3 -f --json"
+    )]
     Logs {
         /// Only this app (or worker id).
         target: Option<String>,
@@ -104,14 +139,63 @@ pub enum Command {
         json: bool,
     },
     /// Empty the log files (of one app or worker id, or all).
+    #[command(after_help = "Examples:\n  balancer flush\n  balancer flush web")]
     Flush {
         /// Only this app (or worker id).
         target: Option<String>,
     },
     /// Say whether a master is running, and its pid and version.
+    #[command(after_help = "Example:\n  balancer ping || balancer start balancer.toml")]
     Ping,
     /// Stop every app, then the master.
+    #[command(after_help = "Example:\n  balancer kill")]
     Kill,
+    /// Set restart counters (the ↺ column) back to zero.
+    #[command(after_help = "Examples:\n  balancer reset web\n  balancer reset all")]
+    Reset {
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Send a signal to workers' processes (e.g. SIGUSR2 for a worker that reopens its logs).
+    #[command(
+        visible_alias = "sendSignal",
+        after_help = "Examples:\n  balancer send-signal SIGUSR2 web\n  balancer send-signal HUP 3"
+    )]
+    SendSignal {
+        /// `SIGUSR2`, `USR2` or `usr2`.
+        signal: String,
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Write a commented sample balancer.toml (PM2's `ecosystem`).
+    #[command(
+        visible_alias = "init",
+        after_help = "Examples:\n  balancer ecosystem\n  balancer init deploy/balancer.toml"
+    )]
+    Ecosystem {
+        /// Where to write it (an existing file is never overwritten).
+        #[arg(default_value = "balancer.toml")]
+        file: PathBuf,
+    },
+    /// Print PM2's ecosystem file (ecosystem.config.js, process.json, *.yaml) as balancer.toml.
+    #[command(
+        after_help = "Examples:\n  balancer import ecosystem.config.js > balancer.toml\n  \
+                            balancer import process.json > balancer.toml && balancer check balancer.toml"
+    )]
+    Import {
+        /// The PM2 file (JavaScript is evaluated with `node`, as PM2 does).
+        file: PathBuf,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  balancer completions bash > /etc/bash_completion.d/balancer\n  \
+                            balancer completions zsh > \"${fpath[1]}/_balancer\"\n  \
+                            balancer completions fish > ~/.config/fish/completions/balancer.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// The background master itself (what `start` launches).
     #[command(hide = true)]
     Daemon,
@@ -128,8 +212,8 @@ pub enum Command {
 /// `balancer start`'s arguments.
 #[derive(Debug, Clone, Default, Args)]
 pub struct StartArgs {
-    /// A balancer.toml, a script, a command (program name), or a stopped app's name, worker id
-    /// or `all`.
+    /// A balancer.toml, PM2's ecosystem file (`*.config.js`, `*.json`, `*.yaml`), a script, a
+    /// command (program name), or a stopped app's name, worker id or `all`.
     #[arg(value_name = "FILE|SCRIPT|COMMAND|NAME")]
     pub target: String,
     /// The app's name (default: the script's or program's file name, without extension).
@@ -150,6 +234,12 @@ pub struct StartArgs {
     /// Run in the foreground, as `run` does, instead of handing the apps to a master.
     #[arg(long)]
     pub no_daemon: bool,
+    /// Replace a running app of the same name (without it, the name is refused, as in PM2).
+    #[arg(short, long)]
+    pub force: bool,
+    /// PM2's options, each the balancer.toml key of the same name.
+    #[command(flatten)]
+    pub pm2: Box<Pm2Args>,
     /// Arguments for the script or command.
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
@@ -163,7 +253,229 @@ impl StartArgs {
             || !self.listen.is_empty()
             || self.policy.is_some()
             || !self.args.is_empty()
+            || *self.pm2 != Pm2Args::default()
     }
+}
+
+/// PM2's `start` options. Each one is the `balancer.toml` key named in its help (PM2's own key
+/// names), written into the one-app config `start` builds, so a flag and a key can never mean
+/// two things. The flags whose behaviour is not built yet parse, so that the refusal can name
+/// the key instead of clap suggesting to pass them to the script.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+#[command(next_help_heading = "PM2 options (each sets the balancer.toml key of its name)")]
+pub struct Pm2Args {
+    /// `interpreter`: the program that runs the script (`node`, `python3`, `none`, …).
+    #[arg(long, value_name = "PROG")]
+    pub interpreter: Option<String>,
+    /// `interpreter_args`: options for the interpreter, before the script (split like a shell).
+    #[arg(
+        long,
+        visible_alias = "node-args",
+        value_name = "ARGS",
+        allow_hyphen_values = true
+    )]
+    pub interpreter_args: Option<String>,
+    /// PM2's fork mode: one worker, no balancing, no listener; the app binds its own ports.
+    #[arg(short = 'x', long, conflicts_with_all = ["instances", "listen"])]
+    pub fork: bool,
+    /// `restart_delay`: wait this long before restarting a crashed worker (`500ms`, `2s`; a
+    /// bare number is milliseconds, as in PM2).
+    #[arg(long, value_name = "DURATION")]
+    pub restart_delay: Option<String>,
+    /// `autorestart = false`: leave a worker that exits down.
+    #[arg(long)]
+    pub no_autorestart: bool,
+    /// `max_restarts`: unstable exits in a row before the worker is `errored`.
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// `min_uptime`: a run shorter than this is unstable (a bare number is milliseconds).
+    #[arg(long, value_name = "DURATION")]
+    pub min_uptime: Option<String>,
+    /// `kill_timeout`: from the stop signal to SIGKILL (a bare number is milliseconds).
+    #[arg(long, value_name = "DURATION")]
+    pub kill_timeout: Option<String>,
+    /// `max_memory_restart`: replace a worker whose memory passes this (`300M`, `1G`; a bare
+    /// number is bytes, as in PM2).
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory_restart: Option<String>,
+    /// `cwd`: the workers' working directory (default: the current directory).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// `error_file`: the workers' stderr file.
+    #[arg(short = 'e', long = "error", value_name = "FILE")]
+    pub error_file: Option<String>,
+    /// `out_file`: the workers' stdout file.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub out_file: Option<String>,
+    /// `log_file`: one file for both stdout and stderr (PM2's `-l`; here `-l` is --listen).
+    #[arg(long = "log", value_name = "FILE")]
+    pub log_file: Option<String>,
+    /// `merge_logs`: not supported yet.
+    #[arg(long)]
+    pub merge_logs: bool,
+    /// `time`: not supported yet.
+    #[arg(long)]
+    pub time: bool,
+    /// `log_date_format`: not supported yet.
+    #[arg(long, value_name = "FORMAT")]
+    pub log_date_format: Option<String>,
+    /// `watch`: not supported yet.
+    #[arg(long, value_name = "PATHS", num_args = 0.., value_delimiter = ',')]
+    pub watch: Option<Vec<String>>,
+    /// `ignore_watch`: not supported yet.
+    #[arg(long, value_name = "PATHS", num_args = 1.., value_delimiter = ',')]
+    pub ignore_watch: Option<Vec<String>>,
+    /// `watch_delay`: not supported yet.
+    #[arg(long, value_name = "DURATION")]
+    pub watch_delay: Option<String>,
+    /// `cron_restart`: not supported yet.
+    #[arg(long, visible_alias = "cron", value_name = "CRON")]
+    pub cron_restart: Option<String>,
+}
+
+impl Pm2Args {
+    /// The flags given whose balancer.toml key has no behaviour yet: `(flag, key)`.
+    pub fn unsupported(&self) -> Vec<(&'static str, &'static str)> {
+        let mut found = Vec::new();
+        let mut check = |given: bool, flag, key| {
+            if given {
+                found.push((flag, key));
+            }
+        };
+        check(self.merge_logs, "--merge-logs", "merge_logs");
+        check(self.time, "--time", "time");
+        check(
+            self.log_date_format.is_some(),
+            "--log-date-format",
+            "log_date_format",
+        );
+        check(self.watch.is_some(), "--watch", "watch");
+        check(
+            self.ignore_watch.is_some(),
+            "--ignore-watch",
+            "ignore_watch",
+        );
+        check(self.watch_delay.is_some(), "--watch-delay", "watch_delay");
+        check(
+            self.cron_restart.is_some(),
+            "--cron-restart",
+            "cron_restart",
+        );
+        found
+    }
+}
+
+/// PM2 `start` flags balancer has no flag for, with the balancer.toml key that does the same
+/// (or `None`: nothing does), so `balancer start app.js --no-vizion` says what to do instead
+/// of clap's tip to pass the flag to the script.
+pub const PM2_ONLY_FLAGS: &[(&str, Option<&str>, &str)] = &[
+    (
+        "--namespace",
+        None,
+        "balancer has no namespaces; name apps apart with -n",
+    ),
+    (
+        "--wait-ready",
+        Some("health"),
+        "a worker is ready when its `health` check passes",
+    ),
+    (
+        "--listen-timeout",
+        Some("listen_timeout"),
+        "set `listen_timeout` in balancer.toml",
+    ),
+    (
+        "--shutdown-with-message",
+        None,
+        "workers are stopped with `kill_signal`",
+    ),
+    (
+        "--kill-signal",
+        Some("kill_signal"),
+        "set `kill_signal` in balancer.toml",
+    ),
+    (
+        "--exp-backoff-restart-delay",
+        Some("exp_backoff_restart_delay"),
+        "set `exp_backoff_restart_delay` in balancer.toml",
+    ),
+    (
+        "--instance-var",
+        None,
+        "the instance is always in BALANCER_INSTANCE and NODE_APP_INSTANCE",
+    ),
+    (
+        "--no-vizion",
+        None,
+        "balancer reads no version control metadata; drop the flag",
+    ),
+    (
+        "--no-pmx",
+        None,
+        "balancer injects nothing into workers; drop the flag",
+    ),
+    (
+        "--no-automation",
+        None,
+        "balancer injects nothing into workers; drop the flag",
+    ),
+    (
+        "--disable-trace",
+        None,
+        "balancer injects nothing into workers; drop the flag",
+    ),
+    ("--trace", None, "balancer injects nothing into workers"),
+    (
+        "--deep-monitoring",
+        None,
+        "balancer injects nothing into workers",
+    ),
+    (
+        "--source-map-support",
+        None,
+        "pass `--enable-source-maps` with --node-args",
+    ),
+    (
+        "--log-type",
+        None,
+        "logs are plain lines (`balancer logs --json` prints JSON)",
+    ),
+    ("--attach", None, "follow the logs with `balancer logs -f`"),
+    (
+        "--env-file",
+        None,
+        "put the variables in `env` in balancer.toml",
+    ),
+    (
+        "--max-memory",
+        Some("max_memory_restart"),
+        "use --max-memory-restart",
+    ),
+    ("--user", None, "run balancer as that user instead"),
+    ("--uid", None, "run balancer as that user instead"),
+    ("--gid", None, "run balancer as that group instead"),
+];
+
+/// What to say about `flag`, an argument clap did not know: PM2's flag and what balancer has
+/// for it, or that balancer has no such flag (and where arguments for the script go).
+pub fn unknown_flag_hint(flag: &str) -> String {
+    let name = flag.split('=').next().unwrap_or(flag);
+    if let Some((_, key, advice)) = PM2_ONLY_FLAGS.iter().find(|(f, _, _)| *f == name) {
+        return match key {
+            Some(key) => format!(
+                "`{name}` is a PM2 flag balancer does not take; its balancer.toml key is \
+                 `{key}`: {advice}"
+            ),
+            None => format!(
+                "`{name}` is a PM2 flag with no balancer equivalent (no balancer.toml key): \
+                 {advice}"
+            ),
+        };
+    }
+    format!(
+        "balancer has no flag `{name}` (see `balancer start --help`); arguments meant for the \
+         script go after `--`, as in `balancer start app.js -- {name}`"
+    )
 }
 
 /// `-i`: a count (negative: CPUs minus that many) or `max`.
@@ -299,7 +611,7 @@ mod tests {
 
     #[test]
     fn ls_has_pm2_aliases_and_logs_has_options() {
-        for verb in ["ls", "list", "status"] {
+        for verb in ["ls", "list", "status", "ps", "l"] {
             assert!(matches!(parse(&[verb]), Command::Ls), "{verb}");
         }
         match parse(&["logs", "web", "--lines", "50", "-f"]) {
@@ -323,6 +635,50 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn every_visible_verb_has_an_example() {
+        for sub in Cli::command()
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+        {
+            let help = sub
+                .get_after_help()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                help.contains(&format!("balancer {}", sub.get_name())),
+                "`{}` has no example: {help:?}",
+                sub.get_name()
+            );
+        }
+    }
+
+    #[test]
+    fn pm2_verbs_and_aliases_parse() {
+        assert!(matches!(
+            parse(&["sendSignal", "SIGUSR2", "web"]),
+            Command::SendSignal { .. }
+        ));
+        assert!(matches!(parse(&["init"]), Command::Ecosystem { .. }));
+        assert!(matches!(
+            parse(&["completions", "zsh"]),
+            Command::Completions { .. }
+        ));
+        let Command::Start(args) =
+            parse(&["start", "a.js", "--node-args", "--inspect", "-x", "-f"])
+        else {
+            panic!("not start");
+        };
+        assert_eq!(args.pm2.interpreter_args.as_deref(), Some("--inspect"));
+        assert!(args.pm2.fork && args.force);
+        let Command::Start(args) = parse(&["start", "a.js", "--watch", "--log", "all.log"]) else {
+            panic!("not start");
+        };
+        assert_eq!(args.pm2.watch, Some(vec![]));
+        assert_eq!(args.pm2.unsupported(), [("--watch", "watch")]);
+        assert_eq!(args.pm2.log_file.as_deref(), Some("all.log"));
     }
 
     #[test]

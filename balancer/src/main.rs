@@ -13,7 +13,10 @@ use balancer_workers::Chain;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     if let Command::Shim { argv } = cli.command {
         // Before anything else: the shim must fork with one thread and no runtime.
         balancer_workers::shim::run(&argv);
@@ -43,6 +46,24 @@ fn main() -> ExitCode {
             Outcome::Exit(code) => code,
             Outcome::Foreground(config) => exit(master_run::foreground(config)),
         },
+    }
+}
+
+/// clap's own message, except for an unknown flag: clap's tip would pass it to the script,
+/// which is never what a PM2 user typing `--no-vizion` meant. Ours names what to do instead.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() == ErrorKind::UnknownArgument
+        && let Some(ContextValue::String(flag)) = e.get(ContextKind::InvalidArg)
+        && flag.starts_with('-')
+    {
+        eprintln!("balancer: {}", balancer::cli::unknown_flag_hint(flag));
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let _ = e.print();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_USAGE),
     }
 }
 

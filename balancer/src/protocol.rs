@@ -78,6 +78,18 @@ pub enum Request {
     },
     /// Stop every app, then the master itself.
     Kill,
+    /// Set the restart counters back to zero (`reset`).
+    Reset {
+        /// App name, worker id or `all`.
+        target: String,
+    },
+    /// Send a signal to workers' processes (`send-signal`), e.g. `SIGUSR2` to reopen logs.
+    Signal {
+        /// App name, worker id or `all`.
+        target: String,
+        /// `SIGUSR2`, `USR2` or `usr2`.
+        signal: String,
+    },
 }
 
 /// How a balancer.toml is read: the `--env` selection, and the default policy the client
@@ -141,6 +153,9 @@ pub enum Start {
         cwd: Option<PathBuf>,
         /// How to read it.
         load: Load,
+        /// `-f`: replace a running app of the same name (PM2's "add -f to force
+        /// re-execution"); without it, a name already in use is refused.
+        force: bool,
     },
     /// Stopped apps or workers, again: an app name, a worker id or `all`.
     Stopped {
@@ -156,6 +171,8 @@ pub enum Reload {
     Target {
         /// What to reload.
         target: String,
+        /// Stream a [`Reply::Progress`] line after each batch before the final reply.
+        progress: bool,
     },
     /// The changes of a balancer.toml (absolute path).
     File {
@@ -254,6 +271,8 @@ pub enum Reply {
     Log(LogLine),
     /// `logs` without `follow`: the last reply.
     End,
+    /// `reload` with `progress`: how far it is, before the final reply.
+    Progress(String),
     /// The request failed.
     Failed {
         /// Why, in words.
@@ -432,6 +451,8 @@ pub mod wire {
             cwd: Option<PathBuf>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             target: Option<String>,
+            #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+            force: bool,
         },
         Stop {
             target: String,
@@ -442,6 +463,8 @@ pub mod wire {
         Reload {
             #[serde(default, skip_serializing_if = "Option::is_none")]
             target: Option<String>,
+            #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+            progress: bool,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             file: Option<PathBuf>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -469,6 +492,13 @@ pub mod wire {
             target: Option<String>,
         },
         Kill {},
+        Reset {
+            target: String,
+        },
+        SendSignal {
+            target: String,
+            signal: String,
+        },
     }
 
     fn default_lines() -> usize {
@@ -507,7 +537,11 @@ pub mod wire {
                     toml,
                     cwd,
                     target,
+                    force,
                 } => {
+                    if force && toml.is_none() {
+                        return Err("`force` goes with `toml`".into());
+                    }
                     let load = Load {
                         env,
                         policy: policy.as_deref().map(parse_policy).transpose()?,
@@ -516,7 +550,12 @@ pub mod wire {
                     absolute("cwd", cwd.as_deref())?;
                     Self::Start(match (file, toml, target) {
                         (Some(file), None, None) if cwd.is_none() => Start::File { file, load },
-                        (None, Some(toml), None) => Start::Toml { toml, cwd, load },
+                        (None, Some(toml), None) => Start::Toml {
+                            toml,
+                            cwd,
+                            load,
+                            force,
+                        },
                         (None, None, Some(target)) if load == Load::default() && cwd.is_none() => {
                             Start::Stopped { target }
                         }
@@ -539,12 +578,16 @@ pub mod wire {
                 Request::Restart { target } => Self::Restart { target },
                 Request::Reload {
                     target,
+                    progress,
                     file,
                     env,
                     policy,
                 } => Self::Reload(match (target, file) {
                     (Some(target), None) if env.is_none() && policy.is_none() => {
-                        Reload::Target { target }
+                        Reload::Target { target, progress }
+                    }
+                    (None, Some(_)) if progress => {
+                        return Err("`progress` goes with `target`".into());
                     }
                     (Some(_), None) => {
                         return Err("`env` and `policy` go with `file`, not `target`".into());
@@ -580,6 +623,8 @@ pub mod wire {
                 },
                 Request::Flush { target } => Self::Flush { target },
                 Request::Kill {} => Self::Kill,
+                Request::Reset { target } => Self::Reset { target },
+                Request::SendSignal { target, signal } => Self::Signal { target, signal },
             })
         }
     }
@@ -592,11 +637,16 @@ pub mod wire {
                 super::Request::List => Request::List {},
                 super::Request::Show { target } => Request::Show { target },
                 super::Request::Start(start) => {
-                    let (file, toml, cwd, target, load) = match start {
-                        Start::File { file, load } => (Some(file), None, None, None, load),
-                        Start::Toml { toml, cwd, load } => (None, Some(toml), cwd, None, load),
+                    let (file, toml, cwd, target, load, force) = match start {
+                        Start::File { file, load } => (Some(file), None, None, None, load, false),
+                        Start::Toml {
+                            toml,
+                            cwd,
+                            load,
+                            force,
+                        } => (None, Some(toml), cwd, None, load, force),
                         Start::Stopped { target } => {
-                            (None, None, None, Some(target), Load::default())
+                            (None, None, None, Some(target), Load::default(), false)
                         }
                     };
                     Request::Start {
@@ -606,18 +656,21 @@ pub mod wire {
                         toml,
                         cwd,
                         target,
+                        force,
                     }
                 }
                 super::Request::Stop { target } => Request::Stop { target },
                 super::Request::Restart { target } => Request::Restart { target },
-                super::Request::Reload(Reload::Target { target }) => Request::Reload {
+                super::Request::Reload(Reload::Target { target, progress }) => Request::Reload {
                     target: Some(target),
+                    progress,
                     file: None,
                     env: None,
                     policy: None,
                 },
                 super::Request::Reload(Reload::File { file, load }) => Request::Reload {
                     target: None,
+                    progress: false,
                     file: Some(file),
                     env: load.env,
                     policy: load.policy.map(|p| p.as_str().to_owned()),
@@ -638,6 +691,8 @@ pub mod wire {
                 },
                 super::Request::Flush { target } => Request::Flush { target },
                 super::Request::Kill => Request::Kill {},
+                super::Request::Reset { target } => Request::Reset { target },
+                super::Request::Signal { target, signal } => Request::SendSignal { target, signal },
             }
         }
     }
@@ -669,6 +724,8 @@ pub mod wire {
         pub log: Option<LogLine>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub done: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub progress: Option<String>,
     }
 
     impl From<super::Reply> for Reply {
@@ -706,6 +763,10 @@ pub mod wire {
                     done: Some(true),
                     ..ok
                 },
+                super::Reply::Progress(line) => Reply {
+                    progress: Some(line),
+                    ..ok
+                },
                 super::Reply::Failed { error, code } => Reply {
                     ok: false,
                     error: Some(error),
@@ -733,6 +794,8 @@ pub mod wire {
             }
             Ok(if let Some(line) = wire.log {
                 Self::Log(line)
+            } else if let Some(line) = wire.progress {
+                Self::Progress(line)
             } else if wire.done == Some(true) {
                 Self::End
             } else if let Some(app) = wire.app {
@@ -796,8 +859,21 @@ mod tests {
         assert_eq!(
             request(r#"{"cmd":"reload","target":"web"}"#),
             Ok(Request::Reload(Reload::Target {
-                target: "web".into()
+                target: "web".into(),
+                progress: false,
             }))
+        );
+        assert_eq!(
+            request(r#"{"cmd":"reload","target":"all","progress":true}"#),
+            Ok(Request::Reload(Reload::Target {
+                target: "all".into(),
+                progress: true,
+            }))
+        );
+        assert!(request(r#"{"cmd":"reload","file":"/a.toml","progress":true}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Reply>(r#"{"ok":true,"progress":"web: 1/2 ready"}"#).unwrap(),
+            Reply::Progress("web: 1/2 ready".into())
         );
         assert!(
             request(r#"{"cmd":"explode"}"#)
@@ -871,6 +947,7 @@ mod tests {
                     env: None,
                     policy: Some(Policy::ReusePort),
                 },
+                force: true,
             }),
             Request::Start(Start::Stopped { target: "3".into() }),
             Request::Reload(Reload::File {
@@ -880,6 +957,13 @@ mod tests {
             Request::Scale {
                 app: "web".into(),
                 to: ScaleTo::Down(2),
+            },
+            Request::Reset {
+                target: "all".into(),
+            },
+            Request::Signal {
+                target: "3".into(),
+                signal: "SIGUSR2".into(),
             },
         ];
         for r in all {

@@ -1,8 +1,13 @@
 //! Positioned configuration errors: every problem found in a file, each at `PATH:LINE:COL`.
 //!
 //! Validation never stops at the first problem: it pushes each one into a [`Sink`] with the byte
-//! offset TOML gave it, and the sink turns offsets into 1-based lines and columns (in characters,
+//! span TOML gave it, and the sink turns spans into 1-based lines and columns (in characters,
 //! as editors count them) once, at the end, sorted in file order.
+//!
+//! [`ConfigErrors`] prints like rustc: each problem's first line stays greppable as
+//! `PATH:LINE:COL: message`, and under it the source line with a caret under the span, drawn by
+//! annotate-snippets (the renderer rustc's own is built on). A [`Diagnostic`] alone prints the
+//! first line only, for one-line contexts.
 
 use std::fmt;
 use std::ops::Range;
@@ -20,6 +25,17 @@ pub struct Diagnostic {
     pub col: Option<usize>,
     /// What is wrong, and what was expected.
     pub message: String,
+    /// The source line the problem is on, and where in it, for the caret.
+    pub excerpt: Option<Excerpt>,
+}
+
+/// One line of the file and the byte range in it that a diagnostic points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Excerpt {
+    /// The line, without its newline.
+    pub text: String,
+    /// The bytes of `text` under the caret (at least one, so a caret always shows).
+    pub span: Range<usize>,
 }
 
 impl Diagnostic {
@@ -30,19 +46,83 @@ impl Diagnostic {
             line: None,
             col: None,
             message: message.into(),
+            excerpt: None,
         }
     }
 
     /// A problem at byte `offset` of `source`.
     pub fn at(path: &Path, source: &str, offset: usize, message: impl Into<String>) -> Self {
-        let (line, col) = line_col(source, offset);
+        Self::spanning(path, source, offset..offset, message)
+    }
+
+    /// A problem about bytes `span` of `source` (the caret covers the part on its first line).
+    pub fn spanning(
+        path: &Path,
+        source: &str,
+        span: Range<usize>,
+        message: impl Into<String>,
+    ) -> Self {
+        let start = floor_char_boundary(source, span.start);
+        let (line, col) = line_col(source, start);
+        let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = source[start..]
+            .find('\n')
+            .map_or(source.len(), |i| start + i);
+        let text = source[line_start..line_end].trim_end_matches('\r');
+        let from = (start - line_start).min(text.len());
+        let end = floor_char_boundary(source, span.end.min(line_end).max(start)) - line_start;
+        let mut to = end.min(text.len());
+        if to <= from {
+            // An empty span still gets one caret: under the character there, or just past
+            // the end of the line.
+            to = text[from..]
+                .chars()
+                .next()
+                .map_or(from + 1, |c| from + c.len_utf8());
+        }
         Diagnostic {
             path: path.to_path_buf(),
             line: Some(line),
             col: Some(col),
             message: message.into(),
+            excerpt: Some(Excerpt {
+                text: text.to_owned(),
+                span: from..to,
+            }),
         }
     }
+
+    /// The first line, then the source line with a caret under the span (rustc's layout).
+    pub fn render(&self) -> String {
+        use annotate_snippets::{AnnotationKind, Group, Level, Renderer, Snippet};
+        let first = self.to_string();
+        let (Some(excerpt), Some(line)) = (&self.excerpt, self.line) else {
+            return first;
+        };
+        // One past the end of the line is where a missing value or quote would go: give the
+        // renderer a space to point at.
+        let text = if excerpt.span.end > excerpt.text.len() {
+            format!("{} ", excerpt.text)
+        } else {
+            excerpt.text.clone()
+        };
+        let report = [Group::with_level(Level::ERROR).element(
+            Snippet::source(text.as_str())
+                .line_start(line)
+                .annotation(AnnotationKind::Primary.span(excerpt.span.clone())),
+        )];
+        let drawn = Renderer::plain().render(&report);
+        format!("{first}\n{}", drawn.trim_end())
+    }
+}
+
+/// The largest char boundary of `s` at or before `i`.
+fn floor_char_boundary(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 impl fmt::Display for Diagnostic {
@@ -58,7 +138,8 @@ impl fmt::Display for Diagnostic {
 
 impl std::error::Error for Diagnostic {}
 
-/// Every problem found in one file, in file order. Displayed one diagnostic per line.
+/// Every problem found in one file, in file order. Displayed as rustc would: each diagnostic's
+/// `PATH:LINE:COL: message` line, its source line and a caret, a blank line between two.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<Diagnostic>);
 
@@ -67,8 +148,11 @@ impl fmt::Display for ConfigErrors {
         for (i, diagnostic) in self.0.iter().enumerate() {
             if i > 0 {
                 f.write_str("\n")?;
+                if diagnostic.excerpt.is_some() || self.0[i - 1].excerpt.is_some() {
+                    f.write_str("\n")?;
+                }
             }
-            write!(f, "{diagnostic}")?;
+            f.write_str(&diagnostic.render())?;
         }
         Ok(())
     }
@@ -100,8 +184,8 @@ fn line_col(source: &str, offset: usize) -> (usize, usize) {
 pub(crate) struct Sink<'s> {
     path: &'s Path,
     source: &'s str,
-    /// (byte offset, message); `None` sorts after every position.
-    found: Vec<(Option<usize>, String)>,
+    /// (byte span, message); `None` sorts after every position.
+    found: Vec<(Option<Range<usize>>, String)>,
 }
 
 impl<'s> Sink<'s> {
@@ -116,7 +200,7 @@ impl<'s> Sink<'s> {
 
     /// Records a problem at the start of `span`.
     pub(crate) fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
-        self.found.push((Some(span.start), message.into()));
+        self.found.push((Some(span), message.into()));
     }
 
     /// Records a problem with the file as a whole.
@@ -140,12 +224,12 @@ impl<'s> Sink<'s> {
             return Ok(());
         }
         let mut found = self.found;
-        found.sort_by_key(|(offset, _)| offset.unwrap_or(usize::MAX));
+        found.sort_by_key(|(span, _)| span.as_ref().map_or(usize::MAX, |s| s.start));
         Err(ConfigErrors(
             found
                 .into_iter()
-                .map(|(offset, message)| match offset {
-                    Some(offset) => Diagnostic::at(self.path, self.source, offset, message),
+                .map(|(span, message)| match span {
+                    Some(span) => Diagnostic::spanning(self.path, self.source, span, message),
                     None => Diagnostic::whole_file(self.path, message),
                 })
                 .collect(),
@@ -176,7 +260,7 @@ mod tests {
         assert_eq!(whole.to_string(), "balancer.toml: cannot read");
         assert_eq!(
             ConfigErrors(vec![at, whole]).to_string(),
-            "balancer.toml:2:1: bad\nbalancer.toml: cannot read"
+            "balancer.toml:2:1: bad\n  |\n2 | y\n  | ^\n\nbalancer.toml: cannot read"
         );
     }
 

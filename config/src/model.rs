@@ -92,6 +92,11 @@ pub struct App {
     pub http: HttpSettings,
     /// Resident memory above which a worker is replaced gracefully (bytes).
     pub max_memory_restart: Option<u64>,
+    /// The workers' stdout file (`out_file`, or `log_file`), absolute; `None`: the home's
+    /// `logs/<app>-<instance>-out.log`. Instance N > 0 writes `<stem>-N.<ext>` next to it.
+    pub out_file: Option<PathBuf>,
+    /// The workers' stderr file (`error_file`, or `log_file`), absolute; like `out_file`.
+    pub error_file: Option<PathBuf>,
 }
 
 /// Limits of the UDP flow table.

@@ -56,10 +56,38 @@ const APP_KEYS: &[&str] = &[
     "http_header_timeout",
     "http_max_header_size",
     "http_idle_timeout",
+    "out_file",
+    "error_file",
+    "log_file",
 ];
 const BALANCER_KEYS: &[&str] = &["metrics", "sample_interval"];
 /// The shortest `sample_interval`.
 const MIN_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// PM2 keys of `[[app]]` whose behaviour is not built yet: refused where they are written,
+/// never accepted and ignored, with what to do meanwhile.
+const NOT_YET_APP_KEYS: &[(&str, &str)] = &[
+    (
+        "watch",
+        "reload on deploy with `balancer reload NAME` or `balancer reload balancer.toml`",
+    ),
+    ("ignore_watch", "it goes with `watch`"),
+    ("watch_delay", "it goes with `watch`"),
+    (
+        "cron_restart",
+        "run `balancer reload NAME` from cron or a systemd timer",
+    ),
+    (
+        "merge_logs",
+        "set `out_file`/`error_file` (or `log_file`) and every instance past the first writes its own copy next to it",
+    ),
+    ("time", "workers can print their own timestamps"),
+    ("log_date_format", "it goes with `time`"),
+];
+/// Keys of `[balancer]` whose behaviour is not built yet.
+const NOT_YET_BALANCER_KEYS: &[(&str, &str)] = &[(
+    "metrics",
+    "nothing would listen there; `balancer jlist` gives the workers as JSON",
+)];
 const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
 const LISTENER_KEYS: &[&str] = &["url", "port_env"];
 
@@ -181,7 +209,14 @@ fn top_level_keys(doc: &Table<'_>, sink: &mut Sink<'_>) {
 
 /// The `[balancer]` table.
 fn global(r: &mut Reader<'_, '_, '_, '_>, taken: &mut Taken) -> Global {
-    r.unknown_keys("[balancer]", BALANCER_KEYS, |_| false);
+    not_yet(r, NOT_YET_BALANCER_KEYS);
+    r.unknown_keys("[balancer]", BALANCER_KEYS, |key| {
+        NOT_YET_BALANCER_KEYS.iter().any(|(k, _)| *k == key)
+    });
+    if r.value("metrics").is_some() {
+        // Refused above; binding-clash checks on it would only add noise.
+        return Global::default();
+    }
     let metrics = r.parsed("metrics", parse_host_port);
     if let (Some(addr), Some(value)) = (metrics, r.value("metrics"))
         && addr.port() != 0
@@ -233,7 +268,10 @@ fn app(
     let place = name
         .as_ref()
         .map_or("[[app]]".to_owned(), |n| format!("app `{n}`"));
-    r.unknown_keys(&place, APP_KEYS, |key| env_suffix(key).is_some());
+    not_yet(&mut r, NOT_YET_APP_KEYS);
+    r.unknown_keys(&place, APP_KEYS, |key| {
+        env_suffix(key).is_some() || NOT_YET_APP_KEYS.iter().any(|(k, _)| *k == key)
+    });
 
     let cwd = cwd(&mut r, ctx);
     let program = program(&mut r, header.clone(), cwd.as_deref());
@@ -294,6 +332,8 @@ fn app(
             .unwrap_or(defaults::HTTP_IDLE_TIMEOUT),
     };
 
+    let (out_file, error_file) = log_files(&mut r, cwd.as_deref());
+
     let (program, args) = program?;
     let total: usize = args.iter().map(|a| a.len() + 1).sum::<usize>()
         + env
@@ -338,7 +378,66 @@ fn app(
         reload_batch,
         udp,
         http,
+        out_file,
+        error_file,
     })
+}
+
+/// Refuses each key of `keys` the table has: its behaviour is not built yet.
+fn not_yet(r: &mut Reader<'_, '_, '_, '_>, keys: &[(&str, &str)]) {
+    for (key, instead) in keys {
+        if let Some(span) = r.key_span(key) {
+            let label = r.label(key);
+            r.error(
+                span,
+                format!(
+                    "`{label}` is not supported yet (it would be ignored); remove it: {instead}"
+                ),
+            );
+        }
+    }
+}
+
+/// `out_file`, `error_file` and `log_file` (both streams in one file), resolved against the
+/// app's `cwd` as PM2 does. `log_file` with either of the others is refused: writing a line
+/// to two files would need the master to copy every line, which workers writing straight into
+/// their files is there to avoid.
+fn log_files(
+    r: &mut Reader<'_, '_, '_, '_>,
+    cwd: Option<&Path>,
+) -> (Option<PathBuf>, Option<PathBuf>) {
+    let path = |r: &mut Reader<'_, '_, '_, '_>, key: &str| -> Option<PathBuf> {
+        let value = r.value(key)?;
+        let given = r.string(key)?;
+        if given.is_empty() {
+            r.error(value.span(), format!("`{key}`: must not be empty"));
+            return None;
+        }
+        let path = clean(&cwd?.join(given));
+        if path.is_dir() {
+            r.error(
+                value.span(),
+                format!("`{key}`: `{given}` is a directory; name a file in it"),
+            );
+            return None;
+        }
+        Some(path)
+    };
+    let out = path(r, "out_file");
+    let err = path(r, "error_file");
+    let Some(both) = path(r, "log_file") else {
+        return (out, err);
+    };
+    if let Some(span) = r.key_span("log_file")
+        && (r.value("out_file").is_some() || r.value("error_file").is_some())
+    {
+        r.error(
+            span,
+            "`log_file` sends stdout and stderr to one file, so it replaces `out_file` and \
+             `error_file`; keep either `log_file` or those two",
+        );
+    }
+    (Some(both.clone()), Some(both))
 }
 
 /// `name`: required, unique, and usable on the command line.
@@ -486,10 +585,7 @@ fn program(
             let cwd = cwd?;
             let path = clean(&cwd.join(script));
             let problem = if !path.exists() {
-                Some(format!(
-                    "`script`: `{script}` not found in {}",
-                    cwd.display()
-                ))
+                Some(not_found("script", script, cwd))
             } else if path.is_dir() {
                 Some(format!("`script`: `{script}` is a directory"))
             } else if interpreter.is_none() && !is_executable(&path) {
@@ -551,10 +647,7 @@ fn executable(
     }
     let path = clean(&cwd.join(program));
     if !path.is_file() {
-        r.error(
-            value.span(),
-            format!("`{label}`: `{program}` not found in {}", cwd.display()),
-        );
+        r.error(value.span(), not_found(label, program, cwd));
         return None;
     }
     if !is_executable(&path) {
@@ -577,6 +670,16 @@ fn in_path(program: &str) -> bool {
         let candidate = dir.join(program);
         candidate.is_file() && is_executable(&candidate)
     })
+}
+
+/// "`script`: `x.js` not found in /srv/app": the directory only when the path was relative
+/// to it (an absolute path was looked for where it says).
+fn not_found(label: &str, given: &str, cwd: &Path) -> String {
+    if Path::new(given).is_absolute() {
+        format!("`{label}`: `{given}` not found")
+    } else {
+        format!("`{label}`: `{given}` not found in {}", cwd.display())
+    }
 }
 
 /// Whether any execute bit is set.
@@ -729,14 +832,18 @@ fn claim(
             format!("{}://{addr}", proto.scheme()),
             format!("{}://{}", other.proto.scheme(), other.addr),
         );
-        let message = if mine == theirs {
+        let message = if other.holder == holder && mine == theirs {
+            format!("`{label}`: {mine} is listed twice (first at line {line})")
+        } else if other.holder == holder {
+            format!("`{label}`: {mine} clashes with {theirs}, also listed (at line {line})")
+        } else if mine == theirs {
             format!(
-                "`{label}`: {mine} is already used by {} (line {line})",
+                "`{label}`: {mine} is already used by {}, at line {line}",
                 other.holder
             )
         } else {
             format!(
-                "`{label}`: {mine} clashes with {theirs} of {} (line {line})",
+                "`{label}`: {mine} clashes with {theirs} of {}, at line {line}",
                 other.holder
             )
         };

@@ -38,10 +38,64 @@ impl LogPaths {
         }
     }
 
+    /// The log files of `app`'s instance `instance`: its `out_file`/`error_file` when set
+    /// (instance N > 0 writes `<stem>-N.<ext>` beside it, so the first instance, and an app of
+    /// one worker, writes exactly the file named), else the home's [`new`](Self::new) files.
+    pub fn for_app(home: &Path, app: &balancer_config::App, instance: u32) -> Self {
+        let default = Self::new(home, &app.name, instance);
+        let pick = |given: &Option<PathBuf>, default: PathBuf| match given {
+            Some(path) => numbered(path, instance),
+            None => default,
+        };
+        LogPaths {
+            out: pick(&app.out_file, default.out),
+            err: pick(&app.error_file, default.err),
+        }
+    }
+
+    /// Whether stdout and stderr go to one file (`log_file`).
+    pub fn combined(&self) -> bool {
+        self.out == self.err
+    }
+
     /// Opens both files for appending, creating the directory and the files as needed.
     pub fn open(&self) -> io::Result<(File, File)> {
         Ok((open_append(&self.out)?, open_append(&self.err)?))
     }
+}
+
+/// `path` for instance `instance`: itself for 0, else `<stem>-N<.ext>` in the same directory.
+fn numbered(path: &Path, instance: u32) -> PathBuf {
+    if instance == 0 {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let name = match (stem, path.extension()) {
+        (Some(stem), Some(ext)) => format!("{stem}-{instance}.{}", ext.to_string_lossy()),
+        (Some(stem), None) => format!("{stem}-{instance}"),
+        (None, _) => format!("{instance}.log"),
+    };
+    path.with_file_name(name)
+}
+
+/// Every `*.log` file in the home's log directory (the default files of every app, current or
+/// deleted), for `flush` of everything.
+pub fn home_files(home: &Path) -> io::Result<Vec<PathBuf>> {
+    let dir = home.join("logs");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "log") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// Opens a log for appending: created 0640 (logs may hold secrets), never through a symlink

@@ -68,6 +68,8 @@ pub(crate) struct Slot {
     pub instance: u32,
     /// What its task publishes.
     pub status: watch::Receiver<WorkerStatus>,
+    /// The task's own sender, kept for [`reset_restarts`](Self::reset_restarts) alone.
+    status_tx: watch::Sender<WorkerStatus>,
     control: watch::Sender<Control>,
     task: JoinHandle<()>,
 }
@@ -97,10 +99,12 @@ impl Slot {
             control: control_rx,
             probation: spec.probation,
         };
+        let status_tx = task.status.clone();
         Slot {
             id: spec.id,
             instance: spec.instance,
             status,
+            status_tx,
             control,
             task: tokio::spawn(task.run()),
         }
@@ -127,6 +131,12 @@ impl Slot {
     /// Its state now.
     pub fn state(&self) -> WorkerState {
         self.status.borrow().state
+    }
+
+    /// `balancer reset`: the restart count back to zero (PM2's ↺ column). The restart
+    /// policy's own count of unstable exits is not touched: a crash loop stays one.
+    pub fn reset_restarts(&self) {
+        self.status_tx.send_modify(|s| s.restarts = 0);
     }
 
     /// Asks the task to drain and stop its worker, without waiting (the slot stays usable).
@@ -397,11 +407,15 @@ impl SlotTask {
             .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
         let probe_proto = app.listen.first().map_or(Proto::Tcp, |l| l.proto);
         let mut control = self.control.clone();
+        // Nothing to probe: a worker without listeners is ready once it has stayed up a moment
+        // (a process that exits at once must not pass a reload's probation).
+        let settled =
+            tokio::time::Instant::from_std(process.started()) + app.min_uptime.min(SETTLE_MAX);
         loop {
             let this = &*self;
             let next_transition = monitor.next_transition(move || async move {
                 if this.app.listen.is_empty() {
-                    // Nothing to probe: a worker without listeners is ready once it runs.
+                    tokio::time::sleep_until(settled).await;
                     return Ok(());
                 }
                 this.probe_once(probe_proto, probe_addr).await
@@ -517,6 +531,10 @@ impl SlotTask {
         self.stopped(exit);
     }
 }
+
+/// The longest a worker without listeners waits, running, before it counts as ready
+/// (`min_uptime` if shorter).
+const SETTLE_MAX: Duration = Duration::from_millis(500);
 
 /// How often a draining reuseport worker's connections are looked at.
 const CONNECTIONS_POLL: Duration = Duration::from_millis(100);

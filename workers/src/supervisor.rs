@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use balancer_config::{App, Policy};
+use balancer_config::{App, Policy, Signal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -187,13 +187,13 @@ impl AppSupervisor {
 
     /// The log files of each instance.
     pub fn log_paths(&self) -> Vec<(u32, LogPaths)> {
-        let name = self.app().name.clone();
+        let app = self.app();
         let mut instances: Vec<u32> = self.slots().iter().map(|s| s.instance).collect();
         instances.sort_unstable();
         instances.dedup();
         instances
             .into_iter()
-            .map(|i| (i, LogPaths::new(&self.env.home, &name, i)))
+            .map(|i| (i, LogPaths::for_app(&self.env.home, &app, i)))
             .collect()
     }
 
@@ -265,9 +265,21 @@ impl AppSupervisor {
     /// A replacement that never becomes ready is stopped, the old worker keeps serving, the
     /// previous configuration is restored, and the reload fails with the reason.
     pub async fn reload(&self, new: Option<App>, target: Target) -> Result<String, OpError> {
+        self.reload_reporting(new, target, &|_| {}).await
+    }
+
+    /// [`reload`](Self::reload), telling `progress` after each batch how far it is and what is
+    /// draining ("web: 1/4 ready, draining worker 3 (2 live connections, up to 30s)"), so a user
+    /// waiting on a long drain sees why.
+    pub async fn reload_reporting(
+        &self,
+        new: Option<App>,
+        target: Target,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<String, OpError> {
         let _op = self.ops.lock().await;
         let cause = (RestartReason::Reload, "reload".to_owned());
-        self.reload_locked(new, target, cause).await
+        self.reload_locked(new, target, cause, progress).await
     }
 
     /// `max_memory_restart`: replaces worker `id` the way [`reload`](Self::reload) does, counted
@@ -283,7 +295,7 @@ impl AppSupervisor {
             return Ok(false);
         }
         let cause = (RestartReason::Memory, format!("memory: {why}"));
-        self.reload_locked(None, Target::Worker(id), cause)
+        self.reload_locked(None, Target::Worker(id), cause, &|_| {})
             .await
             .map(|_| true)
     }
@@ -293,17 +305,25 @@ impl AppSupervisor {
         new: Option<App>,
         target: Target,
         (reason, why): (RestartReason, String),
+        progress: &(dyn Fn(String) + Send + Sync),
     ) -> Result<String, OpError> {
         let previous = self.app();
         if let Some(new) = new {
             self.app.store(Arc::new(new));
         }
         let app = self.app();
-        let chosen: Vec<(u32, u32, RestartCounts, bool)> = self
+        // `reload all` (or of the app) leaves workers someone stopped stopped, as PM2 does;
+        // only a worker named by its id is reloaded whatever its state.
+        let stopped = |s: &Slot| s.status.borrow().state == WorkerState::Stopped;
+        let (chosen, left_stopped): (Vec<_>, Vec<_>) = self
             .slots()
             .iter()
             .filter(|s| target.matches(s.id))
-            .map(|s| (s.id, s.instance, s.restarts(), s.finished()))
+            .map(|s| (s.id, s.instance, s.restarts(), s.finished(), stopped(s)))
+            .partition(|c| target != Target::All || !c.4);
+        let chosen: Vec<(u32, u32, RestartCounts, bool)> = chosen
+            .into_iter()
+            .map(|(id, instance, restarts, finished, _)| (id, instance, restarts, finished))
             .collect();
         if let Target::Worker(id) = target
             && chosen.is_empty()
@@ -339,6 +359,9 @@ impl AppSupervisor {
                     }
                 }
             }
+            if !old.is_empty() {
+                progress(draining_line(&app, replaced, chosen.len(), &old));
+            }
             draining.push(self.start_retiring(old));
             if !failures.is_empty() {
                 for batch in draining {
@@ -355,7 +378,11 @@ impl AppSupervisor {
         if target == Target::All && self.slots().len() as u32 != app.instances {
             self.scale_locked(app.instances).await?;
         }
-        Ok(format!("reloaded {replaced} worker(s) of {}", app.name))
+        let mut message = format!("reloaded {replaced} worker(s) of {}", app.name);
+        if !left_stopped.is_empty() {
+            message += &format!(" ({} stopped, left stopped)", left_stopped.len());
+        }
+        Ok(message)
     }
 
     /// Drains and stops the targeted workers; they stay listed as `stopped`.
@@ -437,7 +464,54 @@ impl AppSupervisor {
         let _op = self.ops.lock().await;
         self.stop_locked(target).await?;
         self.start_locked(target, true).await?;
-        Ok(format!("restarted {}", self.app().name))
+        Ok(match target {
+            Target::Worker(id) => format!("restarted worker {id} of {}", self.app().name),
+            Target::All => format!("restarted {}", self.app().name),
+        })
+    }
+
+    /// Sets the targeted workers' restart counts back to zero.
+    pub fn reset(&self, target: Target) -> Result<String, OpError> {
+        let slots = self.slots();
+        let chosen: Vec<&Slot> = slots.iter().filter(|s| target.matches(s.id)).collect();
+        if let Target::Worker(id) = target
+            && chosen.is_empty()
+        {
+            return Err(self.no_such_worker(id));
+        }
+        chosen.iter().for_each(|s| s.reset_restarts());
+        Ok(format!(
+            "reset the restart count of {} worker(s) of {}",
+            chosen.len(),
+            self.app().name
+        ))
+    }
+
+    /// Sends `signal` to the process of each targeted worker that is running (not its group:
+    /// as PM2's `sendSignal`, the worker decides what its children get).
+    pub fn signal(&self, target: Target, signal: Signal) -> Result<String, OpError> {
+        let slots = self.slots();
+        let chosen: Vec<&Slot> = slots.iter().filter(|s| target.matches(s.id)).collect();
+        if let Target::Worker(id) = target
+            && chosen.is_empty()
+        {
+            return Err(self.no_such_worker(id));
+        }
+        let mut sent = 0;
+        for slot in chosen {
+            let Some(pid) = slot.status.borrow().pid else {
+                continue;
+            };
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            if nix::sys::signal::kill(pid, signal).is_ok() {
+                sent += 1;
+            }
+        }
+        Ok(format!(
+            "sent {} to {sent} worker(s) of {}",
+            signal.as_str(),
+            self.app().name
+        ))
     }
 
     /// Drains, stops and forgets one worker.
@@ -454,6 +528,11 @@ impl AppSupervisor {
         if victims.is_empty() {
             return Err(self.no_such_worker(id));
         }
+        // Sticky, like a scale down by one: a later reload or rescale must not bring it back.
+        let mut app = App::clone(&self.app());
+        app.instances = app.instances.saturating_sub(1);
+        app.instances_spec = balancer_config::Instances::Count(app.instances);
+        self.app.store(Arc::new(app));
         self.retire(victims).await;
         Ok(format!("deleted worker {id} of {}", self.app().name))
     }
@@ -563,7 +642,7 @@ impl AppSupervisor {
             last_restart,
             sampler: Arc::clone(&self.env.sampler),
             probation,
-            logs: LogPaths::new(&self.env.home, &app.name, instance),
+            logs: LogPaths::for_app(&self.env.home, &app, instance),
             groups: self.groups_for(&app),
             shim: self.env.shim.clone(),
             pool: Arc::clone(&self.pool),
@@ -619,6 +698,30 @@ async fn guard_memory(sup: std::sync::Weak<AppSupervisor>, mut ticks: watch::Rec
 /// Bytes as MiB with one decimal, for messages.
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// "web: 1/4 ready, draining worker 3 (2 live connections, up to 30s)".
+fn draining_line(app: &App, ready: usize, total: usize, old: &[Slot]) -> String {
+    let ids: Vec<String> = old.iter().map(|s| s.id.to_string()).collect();
+    let live: usize = old
+        .iter()
+        .map(|s| s.status.borrow().live_connections())
+        .sum();
+    let plural = |n: usize, one: &str, many: &str| {
+        if n == 1 {
+            one.to_owned()
+        } else {
+            many.to_owned()
+        }
+    };
+    format!(
+        "{}: {ready}/{total} ready, draining {} {} ({live} live {}, up to {:?})",
+        app.name,
+        plural(ids.len(), "worker", "workers"),
+        ids.join(", "),
+        plural(live, "connection", "connections"),
+        app.drain_timeout
+    )
 }
 
 /// Resolves once the worker is ready (`Ok`) or its first start failed (`Err` with why).

@@ -7,11 +7,14 @@
 //! other verb just says there is none.
 //!
 //! `start.rs` resolves what `start`'s argument is, `verbs.rs` holds the other verbs,
+//! `import.rs` reads PM2 ecosystem files for `start` and `import` (`ecosystem.rs` maps them),
 //! `reply.rs` what every verb does with the master's reply, `client.rs` is the socket client
 //! and `daemon.rs` launches the background master.
 
 pub mod client;
 pub mod daemon;
+pub mod ecosystem;
+mod import;
 mod reply;
 mod start;
 mod verbs;
@@ -60,6 +63,13 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
         ),
         Command::Flush { target } => act(home, &Request::Flush { target }, output),
         Command::Ping => verbs::ping(home),
+        Command::Reset { target } => act(home, &Request::Reset { target }, output),
+        Command::SendSignal { signal, target } => {
+            act(home, &Request::Signal { target, signal }, output)
+        }
+        Command::Ecosystem { file } => verbs::ecosystem(&file),
+        Command::Completions { shell } => verbs::completions(shell),
+        Command::Import { file } => verbs::import(&file),
         Command::Kill => verbs::kill(home, output),
         Command::Run { .. } | Command::Check { .. } | Command::Daemon | Command::Shim { .. } => {
             failed(EXIT_USAGE, "this command does not talk to a master")
@@ -257,7 +267,11 @@ mod tests {
         let run = |command| code(run_outcome(command, home.path()));
         let web = || "web".to_owned();
         assert_eq!(run(Command::Stop { target: web() }), ExitCode::from(1));
-        assert_eq!(run(Command::Ls), ExitCode::from(1));
+        assert_eq!(
+            run(Command::Ls),
+            ExitCode::SUCCESS,
+            "no master: an empty table"
+        );
         assert_eq!(run(Command::Ping), ExitCode::from(1));
         assert_eq!(run(Command::Kill), ExitCode::SUCCESS);
         let all = StartArgs {
@@ -378,6 +392,7 @@ mod tests {
                 toml: text,
                 cwd: Some(cwd),
                 load,
+                force: false,
             }) => {
                 assert_eq!(load.env, None);
                 assert!(text.contains("command = [\"sleep\"]"), "{text}");

@@ -26,10 +26,16 @@ pub(super) enum Program {
 /// app or worker the master already knows (or `all`), or else a command. The order is fixed so
 /// the same words always mean the same thing.
 pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if let Some(refusal) = unsupported(&args) {
+        return failed(EXIT_USAGE, refusal);
+    }
     let path = Path::new(&args.target);
     if path.exists() {
         if is_toml(path) && path.is_file() {
             return start_file(home, args, output);
+        }
+        if super::import::is_ecosystem(path) && path.is_file() {
+            return start_ecosystem(home, args, output);
         }
         return start_program(home, args, Program::Script, output);
     }
@@ -44,6 +50,28 @@ pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
         }
     }
     start_program(home, args, Program::Command, output)
+}
+
+/// The refusal of PM2 flags whose behaviour balancer does not have yet, naming the key.
+fn unsupported(args: &StartArgs) -> Option<String> {
+    let found = args.pm2.unsupported();
+    if found.is_empty() {
+        return None;
+    }
+    let named: Vec<String> = found
+        .iter()
+        .map(|(flag, key)| format!("{flag} (balancer.toml `{key}`)"))
+        .collect();
+    let watch = if found.iter().any(|(_, key)| key.contains("watch")) {
+        " (instead of watching, reload on deploy: `balancer reload NAME`)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "{} not supported yet: balancer does not have that behaviour, and a flag accepted and \
+         ignored would be worse; drop it{watch}",
+        named.join(", ")
+    ))
 }
 
 /// Whether the master knows `target` as an app name, a worker id, or `all`. No master: no.
@@ -63,6 +91,16 @@ fn knows(home: &Path, target: &str) -> Result<bool, Outcome> {
 
 /// `start web`, `start 3`, `start all`: start stopped apps or workers again.
 fn start_known(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.force {
+        return failed(
+            EXIT_USAGE,
+            format!(
+                "-f replaces an app with a new script or command; to start `{}` again afresh: \
+                 balancer restart {} (or reload, without downtime)",
+                args.target, args.target
+            ),
+        );
+    }
     if args.describes_an_app() || args.env.is_some() {
         return failed(
             EXIT_USAGE,
@@ -81,6 +119,14 @@ fn start_known(home: &Path, args: StartArgs, output: Output) -> Outcome {
 
 /// `start balancer.toml [--env NAME]`.
 fn start_file(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.force {
+        return failed(
+            EXIT_USAGE,
+            "-f goes with a script, a command or an ecosystem file: a balancer.toml already \
+             applies its changes to the apps it names (to replace every worker: balancer reload \
+             FILE)",
+        );
+    }
     if args.describes_an_app() {
         return failed(
             EXIT_USAGE,
@@ -106,6 +152,57 @@ fn start_file(home: &Path, args: StartArgs, output: Output) -> Outcome {
         Err(e) => return failed(EXIT_FAILED, format!("{}: {e}", path.display())),
     };
     let request = Request::Start(Start::File { file, load });
+    start_on_master(home, master, &request, output)
+}
+
+/// `start ecosystem.config.js|process.json|ecosystem.yaml [--env NAME] [-f]`: PM2's file,
+/// mapped to balancer.toml here (every key it cannot carry named on stderr) and started as
+/// command-line apps, relative paths from the file's directory as PM2 resolves them. A name
+/// already running is refused without `-f`, as PM2 refuses a script already launched.
+fn start_ecosystem(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.describes_an_app() {
+        return failed(
+            EXIT_USAGE,
+            "-n, -i, -l, --policy, PM2's options and -- ARGS describe one app; with an ecosystem \
+             file, set them in the file",
+        );
+    }
+    let path = Path::new(&args.target);
+    let imported = match super::import::import(path) {
+        Ok(imported) => imported,
+        Err(e) => return failed(EXIT_USAGE, e),
+    };
+    for warning in &imported.warnings {
+        eprintln!("balancer: {}: warning: {warning}", path.display());
+    }
+    let dir = match std::path::absolute(path) {
+        Ok(file) => file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        Err(e) => return failed(EXIT_FAILED, format!("{}: {e}", path.display())),
+    };
+    let master = match master_unless_foreground(home, args.no_daemon) {
+        Ok(master) => master,
+        Err(outcome) => return outcome,
+    };
+    let (opts, load) = Load::options(args.env.clone(), master.as_ref());
+    let config = match balancer_config::parse(&imported.toml, &dir.join("balancer.toml"), &opts) {
+        Ok(config) => config,
+        Err(errors) => {
+            // Positions are in the mapped text; the messages name the keys.
+            for diagnostic in &errors.0 {
+                eprintln!("balancer: {}: {}", path.display(), diagnostic.message);
+            }
+            return Outcome::Exit(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    if args.no_daemon {
+        return Outcome::Foreground(config);
+    }
+    let request = Request::Start(Start::Toml {
+        toml: imported.toml,
+        cwd: Some(dir),
+        load,
+        force: args.force,
+    });
     start_on_master(home, master, &request, output)
 }
 
@@ -181,6 +278,7 @@ fn start_program(home: &Path, args: StartArgs, program: Program, output: Output)
         toml: text,
         cwd: Some(cwd),
         load,
+        force: args.force,
     });
     start_on_master(home, master, &request, output)
 }
@@ -232,9 +330,54 @@ pub(super) fn app_toml(args: &StartArgs, program: Program) -> Result<String, Str
     if let Some(policy) = &args.policy {
         app.insert("policy".into(), Value::String(policy.clone()));
     }
+    pm2_keys(&mut app, &args.pm2);
     let mut doc = toml::Table::new();
     doc.insert("app".into(), Value::Array(vec![Value::Table(app)]));
     toml::to_string(&doc).map_err(|e| format!("cannot describe the app as TOML: {e}"))
+}
+
+/// PM2's start options as their balancer.toml keys. A duration given as a bare number is
+/// milliseconds (a TOML integer), as PM2 reads it; anything else is passed as written and
+/// checked by the config's own parser, so a flag and its key accept exactly the same values.
+fn pm2_keys(app: &mut toml::Table, pm2: &crate::cli::Pm2Args) {
+    use toml::Value;
+    let text = |v: &str| Value::String(v.to_owned());
+    let duration = |v: &str| match v.parse::<i64>() {
+        Ok(ms) => Value::Integer(ms),
+        Err(_) => text(v),
+    };
+    let mut set = |key: &str, value: Option<Value>| {
+        if let Some(value) = value {
+            app.insert(key.into(), value);
+        }
+    };
+    set("interpreter", pm2.interpreter.as_deref().map(text));
+    set(
+        "interpreter_args",
+        pm2.interpreter_args.as_deref().map(text),
+    );
+    set("restart_delay", pm2.restart_delay.as_deref().map(duration));
+    set("min_uptime", pm2.min_uptime.as_deref().map(duration));
+    set("kill_timeout", pm2.kill_timeout.as_deref().map(duration));
+    set(
+        "max_restarts",
+        pm2.max_restarts.map(|n| Value::Integer(n.into())),
+    );
+    set(
+        "max_memory_restart",
+        pm2.max_memory_restart.as_deref().map(text),
+    );
+    set("cwd", pm2.cwd.as_deref().map(text));
+    set("error_file", pm2.error_file.as_deref().map(text));
+    set("out_file", pm2.out_file.as_deref().map(text));
+    set("log_file", pm2.log_file.as_deref().map(text));
+    if pm2.no_autorestart {
+        set("autorestart", Some(Value::Boolean(false)));
+    }
+    if pm2.fork {
+        // One worker and no listener: the app binds its own ports, as in PM2's fork mode.
+        set("instances", Some(Value::Integer(1)));
+    }
 }
 
 /// PM2's default name: the script's file name without its extension, or the program's name.

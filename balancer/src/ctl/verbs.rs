@@ -1,5 +1,6 @@
-//! The verbs other than `start`: `reload`, `ls`, `jlist`, `show`, `logs`, `ping`, `kill`. The
-//! one-line ones (`stop`, `delete`, `scale`, …) are dispatched straight from `mod.rs`.
+//! The verbs other than `start`: `reload`, `ls`, `jlist`, `show`, `logs`, `ping`, `kill`, and
+//! the two that need no master, `ecosystem` and `completions`. The one-line ones (`stop`,
+//! `delete`, `scale`, `reset`, `send-signal`, …) are dispatched straight from `mod.rs`.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -44,9 +45,43 @@ pub(super) fn reload(home: &Path, target: String, env: Option<String>, output: O
             "--env goes with a balancer.toml: balancer reload FILE --env NAME",
         );
     } else {
-        Request::Reload(Reload::Target { target })
+        let request = Request::Reload(Reload::Target {
+            target,
+            progress: true,
+        });
+        return reload_showing_progress(home, &request, output);
     };
     act(home, &request, output)
+}
+
+/// A reload of workers, printing each progress line as the master sends it (a drain can take
+/// `drain_timeout`: the user sees what it waits for), then the outcome.
+fn reload_showing_progress(home: &Path, request: &Request, output: Output) -> Outcome {
+    let mut client = match Client::connect(home) {
+        Ok(client) => client,
+        Err(e) => return failed(EXIT_FAILED, Chain(&e)),
+    };
+    let mut outcome = None;
+    let streamed = client.stream(request, |reply| match reply {
+        Reply::Progress(line) => {
+            print(line);
+            ControlFlow::Continue(())
+        }
+        Reply::Failed { error, code } => {
+            outcome = Some(failed(code, error));
+            ControlFlow::Break(())
+        }
+        done => {
+            report(&done, output);
+            outcome = Some(ok());
+            ControlFlow::Break(())
+        }
+    });
+    match (outcome, streamed) {
+        (Some(outcome), _) => outcome,
+        (None, Err(e)) => failed(EXIT_FAILED, Chain(&e)),
+        (None, Ok(())) => failed(EXIT_FAILED, "the master hung up before the reload ended"),
+    }
 }
 
 /// The workers of a `list` reply.
@@ -57,14 +92,22 @@ fn workers(home: &Path) -> Result<Vec<crate::protocol::WorkerInfo>, Outcome> {
     }
 }
 
-/// `ls`: the workers table.
+/// `ls`: the workers table. No master is no workers, as in PM2: an empty table, a hint on
+/// stderr, exit 0 (scripts that want to know whether one runs have `ping`).
 pub(super) fn ls(home: &Path, output: Output) -> Outcome {
-    match workers(home) {
-        Ok(workers) => {
+    match client::request(home, &Request::List) {
+        Err(e) if e.is_no_master() => {
+            print(ui::table::workers(&[], output));
+            eprintln!("balancer: no master is running; `balancer start APP` starts one");
+            ok()
+        }
+        Ok(Reply::Workers(workers)) => {
             print(ui::table::workers(&workers, output));
             ok()
         }
-        Err(outcome) => outcome,
+        Ok(Reply::Failed { error, code }) => failed(code, error),
+        Ok(other) => unexpected(&other),
+        Err(e) => failed(EXIT_FAILED, Chain(&e)),
     }
 }
 
@@ -186,4 +229,71 @@ pub(super) fn kill(home: &Path, output: Output) -> Outcome {
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// The commented sample `ecosystem` writes.
+pub(super) const SAMPLE_TOML: &str = include_str!("sample.toml");
+
+/// `ecosystem [FILE]` (alias `init`): writes the sample balancer.toml, never over a file.
+pub(super) fn ecosystem(file: &Path) -> Outcome {
+    use std::io::Write as _;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .and_then(|mut f| f.write_all(SAMPLE_TOML.as_bytes()));
+    match created {
+        Ok(()) => {
+            print(format!(
+                "wrote {}; edit it, then `balancer check {}` and `balancer start {}`",
+                file.display(),
+                file.display(),
+                file.display()
+            ));
+            ok()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => failed(
+            EXIT_USAGE,
+            format!("{} exists; not overwriting it", file.display()),
+        ),
+        Err(e) => failed(EXIT_FAILED, format!("cannot write {}: {e}", file.display())),
+    }
+}
+
+/// `completions SHELL`: clap_complete's script for the whole command line.
+pub(super) fn completions(shell: clap_complete::Shell) -> Outcome {
+    use clap::CommandFactory;
+    let mut command = crate::cli::Cli::command();
+    clap_complete::generate(shell, &mut command, "balancer", &mut std::io::stdout());
+    ok()
+}
+
+/// `import FILE`: PM2's ecosystem file as balancer.toml on stdout, a comment in it and a
+/// warning on stderr for every key it could not carry.
+pub(super) fn import(file: &Path) -> Outcome {
+    // Evaluating any other JavaScript file would run it: an app, not a config.
+    if !super::import::is_ecosystem(file) {
+        return failed(
+            EXIT_USAGE,
+            format!(
+                "{}: not a PM2 ecosystem file; expected *.config.js (.cjs, .mjs), *.json, *.yaml \
+                 or *.yml",
+                file.display()
+            ),
+        );
+    }
+    let imported = match super::import::import(file) {
+        Ok(imported) => imported,
+        Err(e) => return failed(EXIT_USAGE, e),
+    };
+    for warning in &imported.warnings {
+        eprintln!("balancer: {}: warning: {warning}", file.display());
+    }
+    print(format!(
+        "# balancer.toml imported from {} by `balancer import`.\n\
+         # Relative paths are relative to this file's directory: keep it next to the original.\n\n{}",
+        file.display(),
+        imported.toml.trim_end()
+    ));
+    ok()
 }

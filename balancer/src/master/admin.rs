@@ -172,6 +172,10 @@ async fn client(stream: UnixStream, master: &Master) {
                     _ = next_line(&mut requests), if follow => Ok(()),
                 }
             }
+            Request::Reload(Reload::Target {
+                target,
+                progress: true,
+            }) => reload_with_progress(master, &target, &mut out).await,
             Request::Kill => {
                 let _ = send(&mut out, &Reply::done("stopping every app and the master")).await;
                 master.request_shutdown();
@@ -183,6 +187,41 @@ async fn client(stream: UnixStream, master: &Master) {
             return;
         }
     }
+}
+
+/// `reload` with `progress`: a progress reply after each batch, then the outcome. A client
+/// that hangs up meanwhile stops getting lines; the reload carries on to its end.
+async fn reload_with_progress(
+    master: &Master,
+    target: &str,
+    out: &mut Out,
+) -> Result<(), LinesCodecError> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let report = move |line: String| {
+        let _ = tx.send(line);
+    };
+    let work = master.reload_reporting(target, &report);
+    tokio::pin!(work);
+    let mut listening = true;
+    let result = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            Some(line) = rx.recv() => {
+                if listening && send(out, &Reply::Progress(line)).await.is_err() {
+                    listening = false;
+                }
+            }
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        if listening && send(out, &Reply::Progress(line)).await.is_err() {
+            listening = false;
+        }
+    }
+    if !listening {
+        return Err(LinesCodecError::Io(io::ErrorKind::BrokenPipe.into()));
+    }
+    send(out, &outcome(result)).await
 }
 
 async fn next_line(lines: &mut Lines) {
@@ -227,21 +266,22 @@ async fn handle(master: &Master, request: Request) -> Reply {
                 Err(e) => Err(e),
             })
         }
-        Request::Start(Start::Toml { toml, cwd, load }) => {
+        Request::Start(Start::Toml {
+            toml,
+            cwd,
+            load,
+            force,
+        }) => {
             let cwd = cwd.unwrap_or_else(|| master.home().to_path_buf());
             outcome(match master.parse(&toml, &cwd, &load) {
-                Ok(config) => {
-                    master
-                        .apply(config, Source::CommandLine, Apply::Start)
-                        .await
-                }
+                Ok(config) => master.start_from_command_line(config, force).await,
                 Err(e) => Err(e),
             })
         }
         Request::Start(Start::Stopped { target }) => outcome(master.start_stopped(&target).await),
         Request::Stop { target } => outcome(master.stop(&target).await),
         Request::Restart { target } => outcome(master.restart(&target).await),
-        Request::Reload(Reload::Target { target }) => outcome(master.reload(&target).await),
+        Request::Reload(Reload::Target { target, .. }) => outcome(master.reload(&target).await),
         Request::Reload(Reload::File { file, load }) => {
             outcome(match master.load(&file, &load).await {
                 Ok(config) => {
@@ -255,6 +295,8 @@ async fn handle(master: &Master, request: Request) -> Reply {
         Request::Delete { target } => outcome(master.delete(&target).await),
         Request::Scale { app, to } => outcome(master.scale(&app, to).await),
         Request::Flush { target } => outcome(flush(master, target.as_deref()).await),
+        Request::Reset { target } => outcome(master.reset(&target)),
+        Request::Signal { target, signal } => outcome(master.signal(&target, &signal)),
         Request::Logs { .. } | Request::Kill => bad_request("not a single-reply request".into()),
     }
 }
@@ -284,7 +326,13 @@ fn log_files(master: &Master, target: Option<&str>) -> Result<Vec<LogFile>, Cont
             if wanted.is_some_and(|w| w != instance) {
                 continue;
             }
-            for (stream, path) in [("out", paths.out), ("err", paths.err)] {
+            // One file for both streams (`log_file`) is read once.
+            let streams = if paths.combined() {
+                vec![("out", paths.out)]
+            } else {
+                vec![("out", paths.out), ("err", paths.err)]
+            };
+            for (stream, path) in streams {
                 files.push(LogFile {
                     app: name.clone(),
                     instance,
@@ -307,8 +355,21 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 
 async fn flush(master: &Master, target: Option<&str>) -> OpResult {
     let files = log_files(master, target)?;
-    let count = files.len();
-    let paths: Vec<PathBuf> = files.into_iter().map(|f| f.path).collect();
+    let mut paths: Vec<PathBuf> = files.into_iter().map(|f| f.path).collect();
+    if target.is_none() {
+        // Everything: the default files of apps deleted since are in the home's logs too.
+        let home = master.home().to_path_buf();
+        let left = blocking(move || logs::home_files(&home))
+            .await
+            .map_err(|source| ControlError::Flush {
+                path: master.home().join("logs"),
+                source,
+            })?;
+        paths.extend(left);
+        paths.sort();
+        paths.dedup();
+    }
+    let count = paths.len();
     blocking(move || {
         paths.into_iter().try_for_each(|path| {
             logs::flush(&path).map_err(|source| ControlError::Flush { path, source })

@@ -71,12 +71,50 @@ pub(super) fn route_settings(app: &App, listener_index: usize) -> RouteSettings 
 }
 
 impl Master {
+    /// `start SCRIPT|COMMAND`: the apps of a config the CLI built, each its own
+    /// [`Source::CommandLine`], so one CLI start never deletes another's app. A name already
+    /// running (from the command line or a file) is refused unless `force`, as PM2 refuses
+    /// "Script already launched" without `-f`; with `force` the app is replaced by a reload
+    /// with the new configuration (zero downtime), and the command line owns it from then on.
+    pub async fn start_from_command_line(&self, config: Config, force: bool) -> OpResult {
+        // Checked and applied under one lock: two starts of one name cannot both pass.
+        let _change = self.changes.lock().await;
+        if !force {
+            let entries = self.entries();
+            for app in &config.apps {
+                if let Some(e) = entries.iter().find(|e| e.sup.app().name == app.name) {
+                    return Err(ControlError::AlreadyRunning {
+                        app: app.name.clone(),
+                        from: e.source.to_string(),
+                    });
+                }
+            }
+        }
+        let mut done = Vec::new();
+        for app in &config.apps {
+            let one = Config {
+                apps: vec![app.clone()],
+                ..config.clone()
+            };
+            let source = Source::CommandLine(app.name.clone());
+            // Forced: PM2's "re-execution", so even an unchanged app gets new workers.
+            let mode = if force { Apply::Reload } else { Apply::Start };
+            done.push(self.apply_locked(one, source, mode).await?);
+        }
+        Ok(done.join("; "))
+    }
+
     /// Applies a configuration: new apps start, changed apps reload with their new config (and
     /// new worker count), apps that `source` brought earlier but the config no longer has are
     /// deleted. With [`Apply::Reload`], unchanged apps are reloaded too. New listeners are all
     /// bound before anything changes, so a taken port changes nothing.
     pub async fn apply(&self, config: Config, source: Source, mode: Apply) -> OpResult {
         let _change = self.changes.lock().await;
+        self.apply_locked(config, source, mode).await
+    }
+
+    /// [`apply`](Self::apply), for a caller that holds `changes`.
+    async fn apply_locked(&self, config: Config, source: Source, mode: Apply) -> OpResult {
         // Bind first: every listener that no current app already holds.
         let mut fresh = Vec::new();
         for app in &config.apps {
@@ -343,6 +381,46 @@ mod tests {
         let done = m.apply(fourth, file, Apply::Reload).await.unwrap();
         assert_eq!(done, "reloaded 2 worker(s) of a; deleted c");
         assert_eq!(names(&m), [("a".into(), 2), ("d".into(), 1)]);
+        m.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn command_line_apps_are_each_their_own_and_a_taken_name_needs_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master(dir.path());
+        let file = Source::File(dir.path().join("balancer.toml"));
+        m.apply(config(dir.path(), &sleeper("f", 1, "")), file, Apply::Start)
+            .await
+            .unwrap();
+        for name in ["a", "b"] {
+            let one = config(dir.path(), &sleeper(name, 1, ""));
+            let done = m.start_from_command_line(one, false).await.unwrap();
+            assert_eq!(done, format!("started {name}"));
+        }
+        assert_eq!(
+            names(&m),
+            [("f".into(), 1), ("a".into(), 1), ("b".into(), 1)]
+        );
+        for name in ["a", "f"] {
+            let again = config(dir.path(), &sleeper(name, 2, ""));
+            let err = m.start_from_command_line(again, false).await.unwrap_err();
+            assert!(matches!(err, ControlError::AlreadyRunning { .. }), "{err}");
+        }
+        let err = m
+            .start_from_command_line(config(dir.path(), &sleeper("f", 1, "")), false)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("balancer.toml"),
+            "names the source: {err}"
+        );
+        let forced = config(dir.path(), &sleeper("f", 2, ""));
+        let done = m.start_from_command_line(forced, true).await.unwrap();
+        assert!(done.starts_with("reloaded"), "{done}");
+        assert_eq!(
+            names(&m),
+            [("f".into(), 2), ("a".into(), 1), ("b".into(), 1)]
+        );
         m.shutdown().await;
     }
 

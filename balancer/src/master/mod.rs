@@ -97,6 +97,34 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    /// `start SCRIPT -n NAME` where an app of that name runs already (PM2 refuses too).
+    #[error(
+        "app {app:?} is already running (started from {from}); add -f (--force) to replace it, \
+         or pick another name with -n"
+    )]
+    AlreadyRunning {
+        /// The app.
+        app: String,
+        /// Where the running app came from.
+        from: String,
+    },
+    /// Some apps of an `all` (or several-app) operation succeeded and some failed: the reply
+    /// says which, app by app.
+    #[error(
+        "{} of {} apps failed:\n{}",
+        failed.len(),
+        failed.len() + done.len(),
+        done.iter().map(|d| format!("  ok: {d}")).chain(failed.iter().map(|e| format!("  failed: {e}"))).collect::<Vec<_>>().join("\n")
+    )]
+    Partial {
+        /// What succeeded, one message per app.
+        done: Vec<String>,
+        /// What failed, one error per app.
+        failed: Vec<ControlError>,
+    },
+    /// `send-signal` named no signal we know.
+    #[error("{0}")]
+    BadSignal(String),
     /// The count asked for cannot be had.
     #[error("{0}")]
     BadScale(String),
@@ -126,8 +154,10 @@ impl ControlError {
     /// 2 for a request or configuration that is wrong in itself, 1 for an operation that failed.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ControlError::BadConfig(_) => 2,
-            ControlError::Several(all) => all.iter().map(Self::exit_code).max().unwrap_or(1),
+            ControlError::BadConfig(_) | ControlError::BadSignal(_) => 2,
+            ControlError::Several(all) | ControlError::Partial { failed: all, .. } => {
+                all.iter().map(Self::exit_code).max().unwrap_or(1)
+            }
             _ => 1,
         }
     }
@@ -161,6 +191,21 @@ impl From<ControlError> for Reply {
 /// The outcome of an operation: what was done, in words, or why not.
 pub type OpResult = Result<String, ControlError>;
 
+/// The outcome of an operation on several apps: every success, or what failed and (when
+/// some succeeded) what did not, app by app.
+fn gather(done: Vec<String>, failures: Vec<ControlError>) -> OpResult {
+    if failures.is_empty() {
+        Ok(done.join("; "))
+    } else if done.is_empty() {
+        Err(ControlError::all(failures).unwrap_or(ControlError::Several(Vec::new())))
+    } else {
+        Err(ControlError::Partial {
+            done,
+            failed: failures,
+        })
+    }
+}
+
 /// Whether `apply` replaces workers of apps that did not change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Apply {
@@ -175,8 +220,18 @@ pub enum Apply {
 pub enum Source {
     /// A balancer.toml (absolute path).
     File(PathBuf),
-    /// Built from command-line arguments.
-    CommandLine,
+    /// `balancer start SCRIPT|COMMAND`: one app built from command-line arguments. Each such
+    /// app is its own source (named after it), so starting another one never deletes it.
+    CommandLine(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::CommandLine(_) => f.write_str("the command line"),
+        }
+    }
 }
 
 /// One public listener of an app.
@@ -333,10 +388,27 @@ impl Master {
                 Err(e) => failures.push(ControlError::app(&sup, e)),
             }
         }
-        match ControlError::all(failures) {
-            None => Ok(done.join("; ")),
-            Some(error) => Err(error),
+        gather(done, failures)
+    }
+
+    /// Like [`each`](Self::each), for an operation that does not wait.
+    fn each_now(
+        &self,
+        target: &str,
+        op: impl Fn(&AppSupervisor, Target) -> Result<String, OpError>,
+    ) -> OpResult {
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for (sup, t) in self.resolve(target)? {
+            match op(&sup, t) {
+                Ok(message) => done.push(message),
+                Err(e) => failures.push(ControlError::app(&sup, e)),
+            }
         }
+        if done.is_empty() && failures.is_empty() {
+            return Ok("no apps".into());
+        }
+        gather(done, failures)
     }
 
     /// Drain and stop (the app stays listed, its listeners keep holding connections).
@@ -357,8 +429,39 @@ impl Master {
 
     /// Zero-downtime replacement of workers.
     pub async fn reload(&self, target: &str) -> OpResult {
-        self.each(target, async |sup, t| sup.reload(None, t).await)
-            .await
+        self.reload_reporting(target, &|_| {}).await
+    }
+
+    /// [`reload`](Self::reload), telling `progress` how each app's reload goes.
+    pub async fn reload_reporting(
+        &self,
+        target: &str,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> OpResult {
+        let resolved = self.resolve(target)?;
+        if resolved.is_empty() {
+            return Ok("no apps".into());
+        }
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for (sup, t) in resolved {
+            match sup.reload_reporting(None, t, progress).await {
+                Ok(message) => done.push(message),
+                Err(e) => failures.push(ControlError::app(&sup, e)),
+            }
+        }
+        gather(done, failures)
+    }
+
+    /// Restart counters back to zero.
+    pub fn reset(&self, target: &str) -> OpResult {
+        self.each_now(target, |sup, t| sup.reset(t))
+    }
+
+    /// `send-signal SIGNAL TARGET`: the signal to each targeted worker's process.
+    pub fn signal(&self, target: &str, signal: &str) -> OpResult {
+        let signal = balancer_config::parse_signal(signal).map_err(ControlError::BadSignal)?;
+        self.each_now(target, |sup, t| sup.signal(t, signal))
     }
 
     /// Delete apps (or one worker).

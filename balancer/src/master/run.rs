@@ -174,7 +174,9 @@ pub fn run_daemon() -> Result<(), MasterError> {
         balancer: Default::default(),
         apps: Vec::new(),
     };
-    block_on(config, Source::CommandLine)
+    // No apps yet: the source only names where this empty config came from.
+    let source = Source::File(config.source.clone());
+    block_on(config, source)
 }
 
 /// Builds the runtime and runs the master on it, with the process's signals wired in.

@@ -147,5 +147,7 @@ pub fn app_json(app: &App) -> serde_json::Value {
         "exp_backoff_restart_delay": app.exp_backoff_restart_delay.map(secs),
         "max_memory_restart": app.max_memory_restart,
         "reload_batch": app.reload_batch,
+        "out_file": app.out_file,
+        "error_file": app.error_file,
     })
 }
