@@ -458,3 +458,40 @@ fn clients_that_hang_up_while_queued_free_their_descriptors_at_once() {
     assert_eq!(code, 0, "{err}");
     assert!(greeting(loopback(port)).is_ok());
 }
+
+#[test]
+fn memory_comes_back_after_rounds_of_idle_connections() {
+    const CONNECTIONS: usize = 2000;
+    let port = free_port();
+    let b = Balancer::start(&pid_app("web", port, 2, ""));
+    b.wait_ready("web", 2);
+    b.wait_running();
+    let mut held = Vec::new();
+    for round in 0..5 {
+        let clients: Vec<std::net::TcpStream> = (0..CONNECTIONS)
+            .map(|_| std::net::TcpStream::connect(loopback(port)).unwrap())
+            .collect();
+        for c in &clients {
+            // The greeting: each connection is proxied end to end, then left idle.
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            let mut line = String::new();
+            BufReader::new(c).read_line(&mut line).unwrap();
+        }
+        held.push(crate::udp::rss_kib(b.pid()));
+        drop(clients);
+        let deadline = Instant::now() + PATIENCE;
+        while crate::udp::fd_count(b.pid()) > 40 {
+            assert!(
+                Instant::now() < deadline,
+                "connections not closed (round {round})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    eprintln!("master RSS with {CONNECTIONS} idle connections, rounds 1–5: {held:?} KiB");
+    let (first, last) = (held[0], held[4]);
+    assert!(
+        last * 5 <= first * 6,
+        "RSS grew from {first} to {last} KiB over 5 rounds: {held:?}"
+    );
+}
