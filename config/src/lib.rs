@@ -38,6 +38,7 @@ use std::path::Path;
 
 pub use error::{ConfigErrors, Diagnostic};
 pub use model::*;
+pub use validate::in_path;
 pub use values::{parse_duration, parse_listen_url, parse_signal, parse_size};
 
 /// The env var that sets the policy of apps that do not choose one.

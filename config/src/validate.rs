@@ -662,7 +662,7 @@ fn executable(
 
 /// Whether `program` names an executable file in one of `PATH`'s directories, as exec will
 /// look it up (the master spawns with the environment it was started with).
-fn in_path(program: &str) -> bool {
+pub fn in_path(program: &str) -> bool {
     let Some(path) = std::env::var_os("PATH") else {
         return false;
     };

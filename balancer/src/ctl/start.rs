@@ -242,7 +242,7 @@ fn start_program(home: &Path, args: StartArgs, program: Program, output: Output)
         Ok(text) => text,
         Err(e) => return failed(EXIT_USAGE, e),
     };
-    if program == Program::Command && !args.target.contains('/') && !in_path(&args.target) {
+    if program == Program::Command && !args.target.contains('/') && !balancer_config::in_path(&args.target) {
         let known = if args.no_daemon {
             ""
         } else {
@@ -390,18 +390,6 @@ pub(super) fn default_name(target: &str, program: Program) -> Option<String> {
     Some(name.to_str()?.to_owned()).filter(|n| !n.is_empty())
 }
 
-/// Whether `program` names an executable file in one of `PATH`'s directories. Checked here
-/// because the master would only find out by crash-looping the app.
-fn in_path(program: &str) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let Some(path) = std::env::var_os("PATH") else {
-        return false;
-    };
-    std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join(program))
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
-}
 
 /// The running master (`None`: none), unless the apps are to run in the foreground, which
 /// needs none.
