@@ -18,7 +18,7 @@ pub mod status;
 pub mod supervisor;
 
 pub use error::Chain;
-pub use pool::{ConnGuard, Pool, PoolSnapshot, WorkerHandle};
+pub use pool::{ConnGuard, Pool, PoolSnapshot, Queue, QueueStats, WorkerHandle};
 pub use process::Exit;
 pub use status::{Target, WorkerState, WorkerStatus};
 pub use supervisor::{AppSupervisor, NotReady, OpError, SpawnContext};
