@@ -79,9 +79,6 @@ impl WorkerHandle {
         if self.live.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
             self.idle.notify_one();
         }
-        if let Some(queue) = self.queue.get() {
-            queue.place_freed();
-        }
     }
 
     /// Connections currently counted against this worker.
@@ -142,6 +139,13 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.release();
+        // Only a connection that really ends frees a place. A refused `acquire` undoes its
+        // count without waking the queue: the waiter that was refused would wake itself and
+        // spin. (A place is never lost that way: of walkers racing for it, the first to raise
+        // the count sees it free.)
+        if let Some(queue) = self.0.queue.get() {
+            queue.place_freed();
+        }
     }
 }
 
@@ -344,6 +348,36 @@ mod tests {
         drop(b);
         assert_eq!(w.live(), 0);
         assert_eq!(w.total(), 2);
+    }
+
+    #[tokio::test]
+    async fn max_conns_refuses_a_full_worker_and_only_an_ending_connection_wakes_the_queue() {
+        let pool = Pool::new();
+        let w = worker(1);
+        pool.insert(Arc::clone(&w));
+        let held = w.acquire_within(Some(1)).unwrap();
+        pool.queue().enter();
+        let mut woken = std::pin::pin!(pool.queue().freed().notified());
+        woken.as_mut().enable();
+        assert!(w.acquire_within(Some(1)).is_none(), "full");
+        assert_eq!(w.live(), 1);
+        assert!(
+            futures_poll(woken.as_mut()).is_pending(),
+            "a refusal must not wake the queue (the refused waiter would spin)"
+        );
+        drop(held);
+        assert!(futures_poll(woken.as_mut()).is_ready());
+        pool.queue().leave(std::time::Duration::from_millis(3));
+        let stats = pool.queue().stats();
+        assert_eq!((stats.waiting, stats.queued), (0, 1));
+        assert!(w.acquire_within(Some(1)).is_some());
+    }
+
+    fn futures_poll<F: std::future::Future>(
+        f: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        let waker = std::task::Waker::noop();
+        f.poll(&mut std::task::Context::from_waker(waker))
     }
 
     #[tokio::test]
