@@ -19,6 +19,14 @@ pub fn first(workers: &[Arc<WorkerHandle>], client: IpAddr) -> usize {
     let key = hash_ip(client);
     let buckets = workers.iter().map(|w| w.instance).max().unwrap_or(0) + 1;
     let bucket = jump(key, buckets);
+    // The snapshot is ordered by id, which follows the instance number until workers are
+    // replaced: look where the bucket's worker usually is before searching.
+    if workers
+        .get(bucket as usize)
+        .is_some_and(|w| w.instance == bucket)
+    {
+        return bucket as usize;
+    }
     workers
         .iter()
         .position(|w| w.instance == bucket)

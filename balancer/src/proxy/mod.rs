@@ -415,6 +415,44 @@ mod tests {
             prop_assert_eq!(picked.iter().sum::<usize>(), n * turns);
         }
 
+        /// Under every algorithm, a walk never picks a draining worker nor one at `max_conns`,
+        /// and finds a worker whenever one is neither.
+        #[test]
+        fn no_algorithm_picks_a_draining_or_full_worker(
+            workers in proptest::collection::vec((any::<bool>(), 0usize..4), 1..10),
+            limit in 1usize..4,
+            balance in proptest::sample::select(vec![
+                Balance::RoundRobin, Balance::LeastConn, Balance::P2c, Balance::Source,
+            ]),
+            client in any::<[u8; 4]>(),
+        ) {
+            let (pool, handles) = pool_of(workers.len());
+            let mut guards = Vec::new();
+            for (w, &(draining, load)) in handles.iter().zip(&workers) {
+                for _ in 0..load {
+                    guards.push(w.acquire().unwrap());
+                }
+                if draining {
+                    w.start_draining();
+                }
+            }
+            let mut settings = settings(Duration::from_secs(1));
+            settings.balance = balance;
+            settings.max_conns = Some(limit);
+            let open = |i: usize| !workers[i].0 && workers[i].1 < limit;
+            match Walk::new(&pool, &settings, IpAddr::from(client)).next() {
+                Some(pick) => {
+                    let i = pick.worker().id as usize;
+                    prop_assert!(open(i), "picked worker {} {:?}", i, workers[i]);
+                    prop_assert_eq!(pick.worker().live(), workers[i].1 + 1);
+                }
+                None => prop_assert!((0..workers.len()).all(|i| !open(i))),
+            }
+            for (w, &(_, load)) in handles.iter().zip(&workers) {
+                prop_assert!(w.live() <= load + 1);
+            }
+        }
+
         /// UDP's walk: never a draining or gone worker, and the worker a flow just left only
         /// when no other one takes the flow.
         #[test]
