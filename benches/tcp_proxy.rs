@@ -60,11 +60,11 @@ fn reuseport_worker() -> SocketAddr {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let listener = balancer_config::Listener {
-        proto: balancer_config::Proto::Tcp,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        port_env: "PORT".into(),
-    };
+    let listener = balancer_config::Listener::new(
+        balancer_config::Proto::Tcp,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        "PORT",
+    );
     let group = Group::new(listener.clone(), Arc::new(balancer::proxy::tcp::rescue));
     let (key, fd) = group.join().expect("a reuseport socket");
     group.set_ready(key, true);
@@ -114,6 +114,10 @@ fn setup() -> Setup {
                 max_header_size: 64 * 1024,
                 idle_timeout: Duration::from_secs(60),
             },
+            balance: balancer_config::Balance::RoundRobin,
+            max_conns: None,
+            proxy_protocol: None,
+            accept_proxy: false,
         };
         let route = Arc::new(Route::new("bench", pool, settings));
         tokio::spawn(listener::tcp::serve(

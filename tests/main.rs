@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `balancer` binary, real Node and Python workers, real sockets on
 //! loopback. Every test picks free ports, bounds its waits, and kills what it started.
 
+mod balance;
 mod cli;
 mod config_errors;
 mod hardening;

@@ -401,6 +401,22 @@ pub struct AppInfo {
     pub logs: Vec<(u32, PathBuf, PathBuf)>,
     /// Its workers.
     pub workers: Vec<WorkerInfo>,
+    /// Its queue of connections waiting for a worker (none ready, or all at `max_conns`).
+    #[serde(default)]
+    pub queue: QueueInfo,
+}
+
+/// An app's queue in `show`: HAProxy's `qcur`/`qtime`, as counts and milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    /// Connections (requests, on `http://`) waiting now.
+    pub waiting: usize,
+    /// Connections that ever had to wait.
+    pub queued: u64,
+    /// Their mean wait, in milliseconds.
+    pub wait_mean_ms: u64,
+    /// The longest wait, in milliseconds.
+    pub wait_max_ms: u64,
 }
 
 /// One line of a worker's log.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::model::{Check, Health, Signal};
+use crate::model::{Balance, Check, Health, Signal};
 
 /// `instances`: one worker.
 pub const INSTANCES: u32 = 1;
@@ -77,6 +77,10 @@ pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HTTP_MAX_HEADER_SIZE: usize = 64 * 1024;
 /// `http_idle_timeout`: an idle keep-alive client connection is closed after this long.
 pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `balance`: round robin, the only algorithm that needs no per-connection scan.
+pub const BALANCE: Balance = Balance::RoundRobin;
+/// `max_conns`: no per-worker limit.
+pub const MAX_CONNS: Option<u32> = None;
 /// `reload_batch`: workers replaced at a time by a reload.
 pub const RELOAD_BATCH: u32 = 1;
 /// `max_restarts`: unstable exits in a row before `errored` (PM2's value).

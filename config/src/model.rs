@@ -58,6 +58,12 @@ pub struct App {
     pub listen: Vec<Listener>,
     /// How connections reach the workers.
     pub policy: Policy,
+    /// Which ready worker the master picks for each connection (rr policy only).
+    pub balance: Balance,
+    /// The most connections (requests in flight, on `http://`) one worker is given at a time;
+    /// past it the worker is skipped, and when every worker is full the connection waits in
+    /// the master's queue (up to `queue_timeout`). `None`: no limit.
+    pub max_conns: Option<u32>,
     /// Environment given to every worker: `env`, then `env_<name>` selected by `--env name` on top.
     pub env: BTreeMap<String, String>,
     /// How readiness is decided.
@@ -150,6 +156,43 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// The env var carrying this listener's private port to workers (`PORT`, `PORT_1`, … unless set).
     pub port_env: String,
+    /// Send a PROXY protocol header to the worker before any client byte (`tcp://` only).
+    pub proxy_protocol: Option<ProxyVersion>,
+    /// Expect a PROXY protocol header (v1 or v2) from the client, as sent by a load balancer in
+    /// front, and take the client's address from it.
+    pub accept_proxy: bool,
+}
+
+impl Listener {
+    /// A listener on `proto://addr` with no per-listener options.
+    pub fn new(proto: Proto, addr: SocketAddr, port_env: impl Into<String>) -> Self {
+        Listener {
+            proto,
+            addr,
+            port_env: port_env.into(),
+            proxy_protocol: None,
+            accept_proxy: false,
+        }
+    }
+}
+
+/// The PROXY protocol version sent to workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyVersion {
+    /// The text header (`PROXY TCP4 … \r\n`), what most servers parse.
+    V1,
+    /// The binary header.
+    V2,
+}
+
+impl ProxyVersion {
+    /// The name used in `balancer.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyVersion::V1 => "v1",
+            ProxyVersion::V2 => "v2",
+        }
+    }
 }
 
 /// The protocol of a listener.
@@ -196,6 +239,33 @@ impl Policy {
         match self {
             Policy::RoundRobin => "rr",
             Policy::ReusePort => "reuseport",
+        }
+    }
+}
+
+/// The balancing algorithm of an rr app: how the master picks among the ready workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Balance {
+    /// Each connection to the next ready worker in turn.
+    #[default]
+    RoundRobin,
+    /// The worker with the fewest live connections (requests in flight on `http://`), ties
+    /// broken round-robin.
+    LeastConn,
+    /// The less loaded of two workers drawn at random ("power of two choices").
+    P2c,
+    /// A consistent hash of the client's IP address: a client keeps its worker.
+    Source,
+}
+
+impl Balance {
+    /// The name used in `balancer.toml` and `show`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConn => "least_conn",
+            Balance::P2c => "p2c",
+            Balance::Source => "source",
         }
     }
 }

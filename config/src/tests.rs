@@ -1043,3 +1043,97 @@ fn only_a_bounded_regular_file_is_read() {
     assert!(message(&big).contains("too large"));
     assert!(message(&p.path("missing.toml")).contains("cannot read the file"));
 }
+
+#[test]
+fn balancing_keys_are_read_with_their_defaults() {
+    let p = Project::new();
+    let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}"));
+    assert_eq!((app.balance, app.max_conns), (Balance::RoundRobin, None));
+    let app = p.app(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}balance = \"least_conn\"\nmax_conns = 3\n\
+         listen = [\"tcp://127.0.0.1:7001\", {{ url = \"tcp://127.0.0.1:7002\", \
+         proxy_protocol = \"v2\", accept_proxy = true }}, \
+         {{ url = \"http://127.0.0.1:7003\", accept_proxy = true }}]\n"
+    ));
+    assert_eq!((app.balance, app.max_conns), (Balance::LeastConn, Some(3)));
+    let options: Vec<_> = app
+        .listen
+        .iter()
+        .map(|l| (l.proxy_protocol, l.accept_proxy))
+        .collect();
+    assert_eq!(
+        options,
+        [(None, false), (Some(ProxyVersion::V2), true), (None, true)]
+    );
+    for (word, balance) in [
+        ("round_robin", Balance::RoundRobin),
+        ("p2c", Balance::P2c),
+        ("source", Balance::Source),
+    ] {
+        let app = p.app(&format!(
+            "[[app]]\nname = \"web\"\n{CMD}balance = \"{word}\"\n"
+        ));
+        assert_eq!(app.balance, balance);
+    }
+}
+
+#[test]
+fn bad_balancing_keys_name_their_position() {
+    let p = Project::new();
+    let head = format!("[[app]]\nname = \"web\"\n{CMD}");
+    assert_one(
+        &p.errors(&format!("{head}balance = \"leastconns\"\n")),
+        "4:11",
+        "unknown balance \"leastconns\"; expected \"round_robin\", \"least_conn\"",
+    );
+    assert_one(
+        &p.errors(&format!("{head}max_conns = 0\n")),
+        "4:13",
+        "`max_conns`: must be at least 1",
+    );
+    assert_one(
+        &p.errors(&format!(
+            "{head}listen = [{{ url = \"tcp://127.0.0.1:7001\", proxy_protocol = \"v3\" }}]\n"
+        )),
+        "4:60",
+        "unknown PROXY protocol version \"v3\"",
+    );
+    assert_one(
+        &p.errors(&format!(
+            "{head}listen = [{{ url = \"tcp://127.0.0.1:7001\", proxy_protocl = \"v1\" }}]\n"
+        )),
+        "4:43",
+        "did you mean `listen.proxy_protocol`?",
+    );
+    assert_one(
+        &p.errors(&format!(
+            "{head}listen = [{{ url = \"http://127.0.0.1:7001\", proxy_protocol = \"v1\" }}]\n"
+        )),
+        "4:61",
+        "not supported yet on http:// listeners",
+    );
+    assert_one(
+        &p.errors(&format!(
+            "{head}listen = [{{ url = \"udp://127.0.0.1:7001\", accept_proxy = true }}]\n"
+        )),
+        "4:58",
+        "`listen.accept_proxy`: not supported yet on udp:// listeners",
+    );
+}
+
+#[test]
+fn reuseport_refuses_what_only_the_master_can_do() {
+    let p = Project::new();
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}policy = \"reuseport\"\nbalance = \"source\"\n\
+         max_conns = 2\nlisten = [{{ url = \"tcp://127.0.0.1:7001\", proxy_protocol = \"v1\" }}]\n"
+    ));
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(errors[0].starts_with("5:11: `balance`: not possible with policy = \"reuseport\""));
+    assert!(errors[1].starts_with("6:13: `max_conns`: not possible with policy = \"reuseport\""));
+    assert!(
+        errors[2]
+            .starts_with("7:60: `listen.proxy_protocol`: not possible with policy = \"reuseport\"")
+    );
+    assert!(errors[2].contains("use policy = \"rr\""));
+}

@@ -18,8 +18,8 @@ use crate::LoadOptions;
 use crate::defaults;
 use crate::error::Sink;
 use crate::model::{
-    App, Check, Config, Global, Health, HttpSettings, Instances, Listener, Policy, Proto, Signal,
-    UdpSettings,
+    App, Check, Config, Global, Health, HttpSettings, Instances, Listener, Policy, Proto,
+    ProxyVersion, Signal, UdpSettings,
 };
 use crate::raw::{self, Reader, Table, Value};
 use crate::values::{parse_host_port, parse_listen_url, parse_signal, parse_size};
@@ -59,6 +59,8 @@ const APP_KEYS: &[&str] = &[
     "out_file",
     "error_file",
     "log_file",
+    "balance",
+    "max_conns",
 ];
 const BALANCER_KEYS: &[&str] = &["metrics", "sample_interval"];
 /// The shortest `sample_interval`.
@@ -89,7 +91,7 @@ const NOT_YET_BALANCER_KEYS: &[(&str, &str)] = &[(
     "nothing would listen there; `balancer jlist` gives the workers as JSON",
 )];
 const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
-const LISTENER_KEYS: &[&str] = &["url", "port_env"];
+const LISTENER_KEYS: &[&str] = &["url", "port_env", "proxy_protocol", "accept_proxy"];
 
 /// What validation needs besides the document.
 pub(crate) struct Context<'o> {
@@ -283,8 +285,11 @@ fn app(
         || format!("the [[app]] at line {}", r.sink.line_of(&header)),
         |_| place.clone(),
     );
-    let listen = listeners(&mut r, &place, &holder, taken);
     let policy = policy(&mut r, ctx.opts.default_policy);
+    let listen = listeners(&mut r, &place, &holder, taken, policy);
+    let balance = r.parsed("balance", str::parse).unwrap_or(defaults::BALANCE);
+    let max_conns = r.count("max_conns", 1).or(defaults::MAX_CONNS);
+    master_only(&mut r, policy, &["balance", "max_conns"]);
     let env = env(&mut r, ctx.opts.env.as_deref());
     let health = match r.table("health") {
         Some(table) => health(&mut Reader::new(r.sink, table, "health."), &place),
@@ -361,6 +366,8 @@ fn app(
         instances_spec,
         listen,
         policy,
+        balance,
+        max_conns,
         env,
         health,
         kill_signal,
@@ -730,6 +737,7 @@ fn listeners(
     place: &str,
     holder: &str,
     taken: &mut Taken,
+    policy: Policy,
 ) -> Vec<Listener> {
     let Some(value) = r.value("listen") else {
         return Vec::new();
@@ -749,12 +757,14 @@ fn listeners(
     };
     let mut listeners: Vec<(Listener, Range<usize>)> = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
+        let mut options = ListenerOptions::default();
         let (url, port_env) = match item.get_ref() {
             DeValue::String(_) => (item, None),
             DeValue::Table(table) => {
                 let mut lr = Reader::new(r.sink, table, "listen.");
                 lr.unknown_keys(place, LISTENER_KEYS, |_| false);
                 let port_env = lr.value("port_env").zip(lr.parsed("port_env", env_name));
+                options = listener_options(&mut lr, policy);
                 let Some(url) = lr.value("url") else {
                     lr.error(item.span(), "`listen`: this table needs a `url`");
                     continue;
@@ -790,6 +800,7 @@ fn listeners(
             url.span(),
             "listen",
         );
+        options.check_proto(r.sink, proto);
         let (port_env, env_span) = match port_env {
             Some((value, name)) => (name, value.span()),
             None => (defaults::port_env(index), url.span()),
@@ -808,11 +819,102 @@ fn listeners(
                 proto,
                 addr,
                 port_env,
+                proxy_protocol: options.proxy_protocol.map(|(v, _)| v),
+                accept_proxy: options.accept_proxy.is_some_and(|(on, _)| on),
             },
             env_span,
         ));
     }
     listeners.into_iter().map(|(l, _)| l).collect()
+}
+
+/// A listener table's PROXY protocol options, with where each was written (for errors that
+/// only the URL's scheme can reveal).
+#[derive(Default)]
+struct ListenerOptions {
+    proxy_protocol: Option<(ProxyVersion, Range<usize>)>,
+    accept_proxy: Option<(bool, Range<usize>)>,
+}
+
+/// `proxy_protocol` and `accept_proxy` of one listener table. Both need the master in the data
+/// path, so under reuseport (where workers accept from the kernel and see the client's address
+/// themselves) they are refused rather than silently ignored.
+fn listener_options(lr: &mut Reader<'_, '_, '_, '_>, policy: Policy) -> ListenerOptions {
+    let span = |lr: &Reader<'_, '_, '_, '_>, key: &str| lr.value(key).map(|v| v.span());
+    let proxy_protocol = lr
+        .parsed("proxy_protocol", str::parse)
+        .zip(span(lr, "proxy_protocol"));
+    let accept_proxy = lr.boolean("accept_proxy").zip(span(lr, "accept_proxy"));
+    if policy == Policy::ReusePort {
+        if let Some((_, at)) = &proxy_protocol {
+            lr.error(
+                at.clone(),
+                "`listen.proxy_protocol`: not possible with policy = \"reuseport\": workers accept \
+                 from the kernel and see the client's address themselves; use policy = \"rr\" \
+                 to have the master send a PROXY header",
+            );
+        }
+        if let Some((true, at)) = &accept_proxy {
+            lr.error(
+                at.clone(),
+                "`listen.accept_proxy`: not possible with policy = \"reuseport\": the master is \
+                 not in the data path to read the header; use policy = \"rr\"",
+            );
+        }
+    }
+    ListenerOptions {
+        proxy_protocol,
+        accept_proxy,
+    }
+}
+
+impl ListenerOptions {
+    /// Refuses what a listener's protocol cannot do yet, at the option's position.
+    fn check_proto(&self, sink: &mut Sink<'_>, proto: Proto) {
+        if let (Some((_, at)), Proto::Http | Proto::Udp) = (&self.proxy_protocol, proto) {
+            let instead = match proto {
+                Proto::Http => {
+                    "http:// listeners already tell workers the client's address in \
+                     X-Forwarded-For and Forwarded; use a tcp:// listener for a PROXY header"
+                }
+                _ => "use a tcp:// listener for a PROXY header",
+            };
+            sink.error(
+                at.clone(),
+                format!(
+                    "`listen.proxy_protocol`: not supported yet on {}:// listeners; {instead}",
+                    proto.scheme()
+                ),
+            );
+        }
+        if let (Some((true, at)), Proto::Udp) = (&self.accept_proxy, proto) {
+            sink.error(
+                at.clone(),
+                "`listen.accept_proxy`: not supported yet on udp:// listeners; use it on tcp:// \
+                 or http:// listeners",
+            );
+        }
+    }
+}
+
+/// Refuses `keys` of an app whose policy leaves the master out of the data path (reuseport):
+/// the kernel, not the master, picks the worker there, so they could only be ignored.
+fn master_only(r: &mut Reader<'_, '_, '_, '_>, policy: Policy, keys: &[&str]) {
+    if policy != Policy::ReusePort {
+        return;
+    }
+    for key in keys {
+        if let Some(value) = r.value(key) {
+            r.error(
+                value.span(),
+                format!(
+                    "`{key}`: not possible with policy = \"reuseport\": the kernel spreads \
+                     connections over the workers' sockets; use policy = \"rr\" to have the \
+                     master balance them"
+                ),
+            );
+        }
+    }
 }
 
 /// Records that `holder` binds `proto://addr` (written at `span`), reporting the first earlier

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::model::{Instances, Policy, Proto, Signal};
+use crate::model::{Balance, Instances, Policy, Proto, ProxyVersion, Signal};
 
 /// Parses a duration: `"1s"`, `"500ms"`, `"2m"`, `"1h30m"` (humantime), or a bare integer meaning
 /// milliseconds, as PM2's ecosystem files write them.
@@ -184,6 +184,38 @@ impl FromStr for Policy {
             "reuseport" => Ok(Policy::ReusePort),
             _ => Err(format!(
                 "unknown policy \"{}\"; expected \"rr\" or \"reuseport\"",
+                s.trim()
+            )),
+        }
+    }
+}
+
+impl FromStr for Balance {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "round_robin" | "roundrobin" | "rr" => Ok(Balance::RoundRobin),
+            "least_conn" | "leastconn" => Ok(Balance::LeastConn),
+            "p2c" => Ok(Balance::P2c),
+            "source" => Ok(Balance::Source),
+            _ => Err(format!(
+                "unknown balance \"{}\"; expected \"round_robin\", \"least_conn\", \"p2c\" or \"source\"",
+                s.trim()
+            )),
+        }
+    }
+}
+
+impl FromStr for ProxyVersion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "v1" | "1" => Ok(ProxyVersion::V1),
+            "v2" | "2" => Ok(ProxyVersion::V2),
+            _ => Err(format!(
+                "unknown PROXY protocol version \"{}\"; expected \"v1\" or \"v2\"",
                 s.trim()
             )),
         }

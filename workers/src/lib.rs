@@ -21,7 +21,7 @@ pub mod status;
 pub mod supervisor;
 
 pub use error::Chain;
-pub use pool::{ConnGuard, Pool, PoolSnapshot, WorkerHandle};
+pub use pool::{ConnGuard, Pool, PoolSnapshot, Queue, QueueStats, WorkerHandle};
 pub use process::Exit;
 pub use stats::{Sampler, Usage, UsageSnapshot};
 pub use status::{RestartCounts, RestartReason, Target, WorkerState, WorkerStatus};

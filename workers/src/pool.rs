@@ -7,8 +7,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
@@ -29,6 +30,9 @@ pub struct WorkerHandle {
     draining: AtomicBool,
     gone: AtomicBool,
     idle: Notify,
+    /// The queue of the pool this worker joined: told when a connection ends, so a connection
+    /// waiting for a worker under its `max_conns` tries again.
+    queue: OnceLock<Arc<Queue>>,
 }
 
 impl WorkerHandle {
@@ -44,6 +48,7 @@ impl WorkerHandle {
             draining: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             idle: Notify::new(),
+            queue: OnceLock::new(),
         }
     }
 
@@ -53,8 +58,16 @@ impl WorkerHandle {
     /// *before* it reads the count (both `SeqCst`), so at least one side sees the other: either
     /// this returns `None`, or the supervisor's drain waits for the connection.
     pub fn acquire(self: &Arc<Self>) -> Option<ConnGuard> {
-        self.live.fetch_add(1, Ordering::SeqCst);
-        if self.draining.load(Ordering::SeqCst) {
+        self.acquire_within(None)
+    }
+
+    /// [`acquire`](Self::acquire), also refusing when the worker already carries `limit`
+    /// connections (`max_conns`). The count is raised first and the limit checked against the
+    /// value it had, so two proxies racing for the last place never both get it; the loser's
+    /// undo wakes the queue, so it is not left waiting for a place that is free.
+    pub fn acquire_within(self: &Arc<Self>, limit: Option<usize>) -> Option<ConnGuard> {
+        let before = self.live.fetch_add(1, Ordering::SeqCst);
+        if self.draining.load(Ordering::SeqCst) || limit.is_some_and(|l| before >= l) {
             self.release();
             return None;
         }
@@ -126,6 +139,79 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.release();
+        // Only a connection that really ends frees a place. A refused `acquire` undoes its
+        // count without waking the queue: the waiter that was refused would wake itself and
+        // spin. (A place is never lost that way: of walkers racing for it, the first to raise
+        // the count sees it free.)
+        if let Some(queue) = self.0.queue.get() {
+            queue.place_freed();
+        }
+    }
+}
+
+/// The connections of one app waiting for a worker (none ready, or all at `max_conns`):
+/// HAProxy's per-backend queue. The proxies wait here; the pool's workers wake them when a
+/// connection ends; `show` reads the figures.
+#[derive(Debug, Default)]
+pub struct Queue {
+    waiting: AtomicUsize,
+    freed: Notify,
+    queued: AtomicU64,
+    wait_us_total: AtomicU64,
+    wait_us_max: AtomicU64,
+}
+
+/// What [`Queue::stats`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Connections waiting now.
+    pub waiting: usize,
+    /// Connections that ever had to wait.
+    pub queued: u64,
+    /// Their total wait.
+    pub wait_total: Duration,
+    /// The longest wait so far.
+    pub wait_max: Duration,
+}
+
+impl Queue {
+    /// Enters the queue: from now on every connection that ends wakes [`freed`](Self::freed)
+    /// waiters. Call [`leave`](Self::leave) with the time waited when done.
+    pub fn enter(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Leaves the queue after waiting `waited`.
+    pub fn leave(&self, waited: Duration) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.wait_us_total.fetch_add(us, Ordering::Relaxed);
+        self.wait_us_max.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// The notification a queued connection waits on. Create (and `enable`) it *before* the
+    /// walk that may find every worker full: a connection ending after that wakes it.
+    pub fn freed(&self) -> &Notify {
+        &self.freed
+    }
+
+    /// A connection ended. Only a queue with waiters pays for the wake-up, so the hot path of
+    /// an app without a queue is one atomic load.
+    fn place_freed(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// The queue's figures.
+    pub fn stats(&self) -> QueueStats {
+        QueueStats {
+            waiting: self.waiting.load(Ordering::SeqCst),
+            queued: self.queued.load(Ordering::Relaxed),
+            wait_total: Duration::from_micros(self.wait_us_total.load(Ordering::Relaxed)),
+            wait_max: Duration::from_micros(self.wait_us_max.load(Ordering::Relaxed)),
+        }
     }
 }
 
@@ -143,6 +229,7 @@ pub struct Pool {
     next: AtomicUsize,
     version: watch::Sender<u64>,
     writer: Mutex<()>,
+    queue: Arc<Queue>,
 }
 
 impl Default for Pool {
@@ -159,6 +246,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             version: watch::Sender::new(0),
             writer: Mutex::new(()),
+            queue: Arc::new(Queue::default()),
         }
     }
 
@@ -177,6 +265,11 @@ impl Pool {
     /// listener of the app shares one rotation.
     pub fn next_index(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The app's queue of connections waiting for a worker.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
     }
 
     /// A receiver that sees a new value whenever the membership changes.
@@ -200,6 +293,8 @@ impl Pool {
 
     /// Adds a ready worker (the supervisor's call). Adding one twice is a no-op.
     pub fn insert(&self, worker: Arc<WorkerHandle>) {
+        // A handle belongs to one app's pool for its whole life.
+        let _ = worker.queue.set(Arc::clone(&self.queue));
         self.update(|workers| {
             if !workers.iter().any(|w| Arc::ptr_eq(w, &worker)) {
                 workers.push(worker);
@@ -253,6 +348,36 @@ mod tests {
         drop(b);
         assert_eq!(w.live(), 0);
         assert_eq!(w.total(), 2);
+    }
+
+    #[tokio::test]
+    async fn max_conns_refuses_a_full_worker_and_only_an_ending_connection_wakes_the_queue() {
+        let pool = Pool::new();
+        let w = worker(1);
+        pool.insert(Arc::clone(&w));
+        let held = w.acquire_within(Some(1)).unwrap();
+        pool.queue().enter();
+        let mut woken = std::pin::pin!(pool.queue().freed().notified());
+        woken.as_mut().enable();
+        assert!(w.acquire_within(Some(1)).is_none(), "full");
+        assert_eq!(w.live(), 1);
+        assert!(
+            futures_poll(woken.as_mut()).is_pending(),
+            "a refusal must not wake the queue (the refused waiter would spin)"
+        );
+        drop(held);
+        assert!(futures_poll(woken.as_mut()).is_ready());
+        pool.queue().leave(std::time::Duration::from_millis(3));
+        let stats = pool.queue().stats();
+        assert_eq!((stats.waiting, stats.queued), (0, 1));
+        assert!(w.acquire_within(Some(1)).is_some());
+    }
+
+    fn futures_poll<F: std::future::Future>(
+        f: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        let waker = std::task::Waker::noop();
+        f.poll(&mut std::task::Context::from_waker(waker))
     }
 
     #[tokio::test]

@@ -242,7 +242,10 @@ fn start_program(home: &Path, args: StartArgs, program: Program, output: Output)
         Ok(text) => text,
         Err(e) => return failed(EXIT_USAGE, e),
     };
-    if program == Program::Command && !args.target.contains('/') && !balancer_config::in_path(&args.target) {
+    if program == Program::Command
+        && !args.target.contains('/')
+        && !balancer_config::in_path(&args.target)
+    {
         let known = if args.no_daemon {
             ""
         } else {
@@ -389,7 +392,6 @@ pub(super) fn default_name(target: &str, program: Program) -> Option<String> {
     }?;
     Some(name.to_str()?.to_owned()).filter(|n| !n.is_empty())
 }
-
 
 /// The running master (`None`: none), unless the apps are to run in the foreground, which
 /// needs none.

@@ -4,9 +4,13 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::proxy::http::{HttpProxy, serve_connection};
+use crate::proxy::proxy_protocol::read_header;
 
 /// Accepts connections until `stop`, serving each on a task tracked by `tracker`; connections
 /// then finish their requests in flight and close, or end at once when `abort` is cancelled.
@@ -16,7 +20,7 @@ pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
         route,
         stop,
         tracker,
-        ..
+        abort,
     } = ctx;
     let mut changes = route.pool.subscribe();
     loop {
@@ -29,10 +33,45 @@ pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
             accepted = listener.accept() => accepted,
         };
         match accepted {
+            Ok((stream, peer)) if route.settings().accept_proxy => {
+                tracker.spawn(behind_proxy(
+                    stream,
+                    peer,
+                    Arc::clone(&proxy),
+                    abort.clone(),
+                ));
+            }
             Ok((stream, peer)) => {
                 tracker.spawn(serve_connection(stream, peer, Arc::clone(&proxy)));
             }
             Err(e) => super::accept_failed(e).await,
+        }
+    }
+}
+
+/// `accept_proxy`: reads the client's PROXY header (within `connect_timeout`) and serves the
+/// connection as coming from the client it names, so `X-Forwarded-For` and `Forwarded` carry
+/// the real client. A refused header closes the connection before hyper ever sees it.
+async fn behind_proxy(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<HttpProxy>,
+    abort: CancellationToken,
+) {
+    let route = Arc::clone(proxy.route());
+    let within = route.settings().connect_timeout;
+    let client = tokio::select! {
+        read = read_header(&mut stream, within) => read,
+        _ = abort.cancelled() => return,
+    };
+    match client {
+        Ok(addrs) => {
+            let client = addrs.map_or(peer, |a| a.source);
+            serve_connection(stream, client, proxy).await;
+        }
+        Err(e) => {
+            let refused = route.header_refused();
+            tracing::debug!(app = %route.app, %peer, refused, "connection closed: {}", balancer_workers::Chain(&e));
         }
     }
 }

@@ -45,10 +45,14 @@ pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
                     tokio::select! {
                         // `stop` ends only the wait for a worker: once shutdown starts, no new
                         // worker will become ready. Established copies go on until `abort`.
-                        result = proxy(client, &route, &stop) => match result {
+                        result = proxy(client, peer, &route, &stop) => match result {
                             Ok(_) | Err(TcpProxyError::Shutdown) => {}
                             Err(e @ TcpProxyError::NoWorker(_)) => {
                                 tracing::warn!(app = %route.app, %peer, "connection closed: {e}");
+                            }
+                            Err(TcpProxyError::Header(e)) => {
+                                let refused = route.header_refused();
+                                tracing::debug!(app = %route.app, %peer, refused, "connection closed: {}", balancer_workers::Chain(&e));
                             }
                             Err(e) => tracing::debug!(app = %route.app, %peer, "{e}"),
                         },

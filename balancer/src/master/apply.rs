@@ -67,6 +67,16 @@ pub(super) fn route_settings(app: &App, listener_index: usize) -> RouteSettings 
         queue_timeout: app.queue_timeout,
         udp: app.udp,
         http: app.http,
+        balance: app.balance,
+        max_conns: app.max_conns.map(|n| n as usize),
+        proxy_protocol: app
+            .listen
+            .get(listener_index)
+            .and_then(|l| l.proxy_protocol),
+        accept_proxy: app
+            .listen
+            .get(listener_index)
+            .is_some_and(|l| l.accept_proxy),
     }
 }
 

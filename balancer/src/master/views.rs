@@ -7,7 +7,7 @@ use balancer_config::{App, Check};
 use balancer_workers::WorkerStatus;
 
 use super::{ControlError, Master};
-use crate::protocol::{AppInfo, RestartsBy, UsageHistory, WorkerInfo};
+use crate::protocol::{AppInfo, QueueInfo, RestartsBy, UsageHistory, WorkerInfo};
 
 /// Every worker of every app, in start order (`ls`/`jlist`).
 pub(super) fn all_workers(master: &Master) -> Vec<WorkerInfo> {
@@ -106,7 +106,22 @@ pub(super) fn show(master: &Master, target: &str) -> Result<AppInfo, ControlErro
             .map(|(i, p)| (i, p.out, p.err))
             .collect(),
         workers,
+        queue: queue_info(sup.pool().queue().stats()),
     })
+}
+
+/// The queue's figures in `show`'s units.
+fn queue_info(stats: balancer_workers::QueueStats) -> QueueInfo {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    QueueInfo {
+        waiting: stats.waiting,
+        queued: stats.queued,
+        wait_mean_ms: ms(stats
+            .wait_total
+            .checked_div(u32::try_from(stats.queued).unwrap_or(u32::MAX))
+            .unwrap_or_default()),
+        wait_max_ms: ms(stats.wait_max),
+    }
 }
 
 /// The resolved configuration of an app, every default applied, as `show` prints it.
@@ -130,8 +145,12 @@ pub fn app_json(app: &App) -> serde_json::Value {
         "instances": app.instances,
         "listen": app.listen.iter().map(|l| serde_json::json!({
             "url": l.to_string(), "port_env": l.port_env,
+            "proxy_protocol": l.proxy_protocol.map(|v| v.as_str()),
+            "accept_proxy": l.accept_proxy,
         })).collect::<Vec<_>>(),
         "policy": app.policy.as_str(),
+        "balance": app.balance.as_str(),
+        "max_conns": app.max_conns,
         "env": app.env,
         "health": health,
         "kill_signal": app.kill_signal.as_str(),

@@ -4,22 +4,26 @@
 //! that took the connection — or a wait in the queue, or a give-up.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use balancer_config::{HttpSettings, UdpSettings};
-use balancer_workers::{ConnGuard, Pool, WorkerHandle};
+use balancer_config::{Balance, HttpSettings, ProxyVersion, UdpSettings};
+use balancer_workers::{ConnGuard, Pool, Queue, WorkerHandle};
+use tokio::sync::futures::Notified;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::policy::round_robin;
+use crate::policy::{self, Candidates};
 
 pub mod copy;
 pub mod http;
+pub mod proxy_protocol;
 pub mod tcp;
 pub mod udp;
 
@@ -36,10 +40,12 @@ pub enum QueueEnd {
 }
 
 /// Waits after a pass over the pool found no worker to take a connection: for the pool to
-/// change, or — when some worker was tried and failed (it is probably dying and about to
-/// leave the pool) — a short pause, so the caller neither spins nor gives up early.
+/// change, for a connection to end (`freed`: a worker at its `max_conns` has a place again),
+/// or — when some worker was tried and failed (it is probably dying and about to leave the
+/// pool) — a short pause, so the caller neither spins nor gives up early.
 pub async fn wait_in_queue(
     changes: &mut watch::Receiver<u64>,
+    freed: Pin<&mut Notified<'_>>,
     tried_some: bool,
     deadline: Instant,
     stop: &CancellationToken,
@@ -53,6 +59,7 @@ pub async fn wait_in_queue(
     };
     tokio::select! {
         _ = changes.changed() => Ok(()),
+        _ = freed => Ok(()),
         _ = pause => Ok(()),
         _ = sleep_until(deadline) => Err(QueueEnd::TimedOut),
         _ = stop.cancelled() => Err(QueueEnd::Stopped),
@@ -86,20 +93,23 @@ impl Pick {
 /// flow just left only after every other one, so a flow that moves does not land back on it.
 #[derive(Debug)]
 pub struct Walk<'a> {
-    candidates: round_robin::Candidates,
+    candidates: Candidates,
     listener_index: usize,
+    max_conns: Option<usize>,
     skip_gone: bool,
     avoid: Option<&'a Arc<WorkerHandle>>,
     fallback: Option<(Arc<WorkerHandle>, SocketAddr)>,
 }
 
 impl<'a> Walk<'a> {
-    /// A pass over `pool` from its round-robin cursor, for the listener at `listener_index`
-    /// in the app's `listen` list (one `fetch_add` and one snapshot `Arc` clone).
-    pub fn new(pool: &Pool, listener_index: usize) -> Self {
+    /// A pass over `pool` in the order of the route's `balance` (the algorithm's choice first,
+    /// then the rest of the snapshot), for the listener `settings` describe and a connection
+    /// from `client`. Workers at the route's `max_conns` are passed over.
+    pub fn new(pool: &Pool, settings: &RouteSettings, client: IpAddr) -> Self {
         Walk {
-            candidates: round_robin::candidates(pool),
-            listener_index,
+            candidates: policy::candidates(pool, settings.balance, client),
+            listener_index: settings.listener_index,
+            max_conns: settings.max_conns,
             skip_gone: false,
             avoid: None,
             fallback: None,
@@ -134,12 +144,14 @@ impl Iterator for Walk<'_> {
                 self.fallback = Some((worker, addr));
                 continue;
             }
-            if let Some(guard) = worker.acquire() {
+            if let Some(guard) = worker.acquire_within(self.max_conns) {
                 return Some(Pick { guard, addr });
             }
         }
         let (worker, addr) = self.fallback.take()?;
-        worker.acquire().map(|guard| Pick { guard, addr })
+        worker
+            .acquire_within(self.max_conns)
+            .map(|guard| Pick { guard, addr })
     }
 }
 
@@ -166,10 +178,11 @@ pub enum PickError<E> {
     GaveUp(E),
 }
 
-/// THE pick-and-connect loop of the TCP and HTTP proxies: walks the pool once from the
-/// round-robin cursor, handing each worker that takes the connection to `attempt` (with the
-/// state the previous attempt handed back); when a pass ends with no worker, waits in the
-/// queue (a pool change, or a short pause if some worker failed) and walks again, until
+/// THE pick-and-connect loop of the TCP and HTTP proxies: walks the pool once in the order of
+/// the app's `balance` for `client`, handing each worker that takes the connection to
+/// `attempt` (with the state the previous attempt handed back); when a pass ends with no
+/// worker (none ready, or all at `max_conns`), waits in the app's queue (a pool change, a
+/// connection ending, or a short pause if some worker failed) and walks again, until
 /// `settings.queue_timeout` or `stop`.
 ///
 /// The state is threaded through by value rather than borrowed by the closure, so an attempt
@@ -179,6 +192,7 @@ pub async fn pick_and_connect<S, T, E, F, Fut>(
     route: &Route,
     settings: &RouteSettings,
     stop: &CancellationToken,
+    client: IpAddr,
     mut state: S,
     mut attempt: F,
 ) -> Result<T, PickError<E>>
@@ -188,10 +202,16 @@ where
 {
     let deadline = Instant::now() + settings.queue_timeout;
     let mut changes = route.pool.subscribe();
+    let queue = route.pool.queue();
+    let mut queued: Option<Queued<'_>> = None;
     loop {
         changes.borrow_and_update();
+        // Armed before the walk: a connection that ends after a full worker refused us wakes
+        // this wait (see `Queue::freed`).
+        let mut freed = pin!(queue.freed().notified());
+        freed.as_mut().enable();
         let mut tried = 0;
-        for pick in Walk::new(&route.pool, settings.listener_index) {
+        for pick in Walk::new(&route.pool, settings, client) {
             tried += 1;
             match attempt(pick, state).await {
                 Attempt::Connected(done) => return Ok(done),
@@ -199,12 +219,43 @@ where
                 Attempt::GiveUp(e) => return Err(PickError::GaveUp(e)),
             }
         }
-        wait_in_queue(&mut changes, tried > 0, deadline, stop)
+        if queued.is_none() {
+            queued = Some(Queued::enter(queue));
+            if tried == 0 {
+                // Only now do ending connections wake waiters: walk once more, so a place
+                // freed between the walk and `enter` is not missed.
+                continue;
+            }
+        }
+        wait_in_queue(&mut changes, freed, tried > 0, deadline, stop)
             .await
             .map_err(|end| match end {
                 QueueEnd::TimedOut => PickError::NoWorker(settings.queue_timeout),
                 QueueEnd::Stopped => PickError::Stopped,
             })?;
+    }
+}
+
+/// A connection's place in its app's [`Queue`], from its first fruitless walk until it gets
+/// a worker or gives up (dropping it leaves, and records the wait).
+struct Queued<'q> {
+    queue: &'q Queue,
+    since: Instant,
+}
+
+impl<'q> Queued<'q> {
+    fn enter(queue: &'q Queue) -> Self {
+        queue.enter();
+        Queued {
+            queue,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.queue.leave(self.since.elapsed());
     }
 }
 
@@ -231,6 +282,7 @@ pub struct Route {
     /// The app's ready workers.
     pub pool: Arc<Pool>,
     settings: ArcSwap<RouteSettings>,
+    headers_refused: AtomicU64,
 }
 
 /// The parts of a route a reload may change; read wait-free once per connection.
@@ -246,6 +298,14 @@ pub struct RouteSettings {
     pub udp: UdpSettings,
     /// Front-end limits (HTTP listeners).
     pub http: HttpSettings,
+    /// How a worker is picked.
+    pub balance: Balance,
+    /// Connections (requests, on HTTP) one worker is given at a time; `None`: no limit.
+    pub max_conns: Option<usize>,
+    /// The PROXY header sent to workers before any client byte (TCP listeners).
+    pub proxy_protocol: Option<ProxyVersion>,
+    /// Whether clients (a load balancer in front) start with a PROXY header.
+    pub accept_proxy: bool,
 }
 
 impl Route {
@@ -255,7 +315,14 @@ impl Route {
             app: app.into(),
             pool,
             settings: ArcSwap::from_pointee(settings),
+            headers_refused: AtomicU64::new(0),
         }
+    }
+
+    /// Counts a client whose PROXY header was refused (`accept_proxy`), returning the count so
+    /// far: the master's debug log carries it.
+    pub fn header_refused(&self) -> u64 {
+        self.headers_refused.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// The current settings.
@@ -302,8 +369,14 @@ mod tests {
                 max_header_size: 1024,
                 idle_timeout: Duration::from_secs(1),
             },
+            balance: Balance::RoundRobin,
+            max_conns: None,
+            proxy_protocol: None,
+            accept_proxy: false,
         }
     }
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     proptest! {
         /// The policy production runs — round-robin candidates, then `acquire` — through the
@@ -325,7 +398,7 @@ mod tests {
             }
             let mut picked = vec![0usize; n];
             for _ in 0..n * turns {
-                match Walk::new(&pool, 0).next() {
+                match Walk::new(&pool, &settings(Duration::from_secs(1)), CLIENT).next() {
                     Some(pick) => {
                         prop_assert!(!pick.worker().is_draining());
                         picked[pick.worker().id as usize] += 1;
@@ -341,6 +414,44 @@ mod tests {
                 prop_assert_eq!(picked[i], turns * (1 + skipped_before), "worker {}", i);
             }
             prop_assert_eq!(picked.iter().sum::<usize>(), n * turns);
+        }
+
+        /// Under every algorithm, a walk never picks a draining worker nor one at `max_conns`,
+        /// and finds a worker whenever one is neither.
+        #[test]
+        fn no_algorithm_picks_a_draining_or_full_worker(
+            workers in proptest::collection::vec((any::<bool>(), 0usize..4), 1..10),
+            limit in 1usize..4,
+            balance in proptest::sample::select(vec![
+                Balance::RoundRobin, Balance::LeastConn, Balance::P2c, Balance::Source,
+            ]),
+            client in any::<[u8; 4]>(),
+        ) {
+            let (pool, handles) = pool_of(workers.len());
+            let mut guards = Vec::new();
+            for (w, &(draining, load)) in handles.iter().zip(&workers) {
+                for _ in 0..load {
+                    guards.push(w.acquire().unwrap());
+                }
+                if draining {
+                    w.start_draining();
+                }
+            }
+            let mut settings = settings(Duration::from_secs(1));
+            settings.balance = balance;
+            settings.max_conns = Some(limit);
+            let open = |i: usize| !workers[i].0 && workers[i].1 < limit;
+            match Walk::new(&pool, &settings, IpAddr::from(client)).next() {
+                Some(pick) => {
+                    let i = pick.worker().id as usize;
+                    prop_assert!(open(i), "picked worker {} {:?}", i, workers[i]);
+                    prop_assert_eq!(pick.worker().live(), workers[i].1 + 1);
+                }
+                None => prop_assert!((0..workers.len()).all(|i| !open(i))),
+            }
+            for (w, &(_, load)) in handles.iter().zip(&workers) {
+                prop_assert!(w.live() <= load + 1);
+            }
         }
 
         /// UDP's walk: never a draining or gone worker, and the worker a flow just left only
@@ -361,7 +472,7 @@ mod tests {
             let left = &workers[left % workers.len()];
             let takes = |w: &WorkerHandle| !w.is_draining() && !w.is_gone();
             let others = workers.iter().any(|w| !Arc::ptr_eq(w, left) && takes(w));
-            let pick = Walk::new(&pool, 0).skip_gone().avoiding(Some(left)).next();
+            let pick = Walk::new(&pool, &settings(Duration::from_secs(1)), CLIENT).skip_gone().avoiding(Some(left)).next();
             match pick {
                 Some(pick) => {
                     prop_assert!(takes(pick.worker()));
@@ -378,8 +489,13 @@ mod tests {
         let route = Route::new("t", Arc::new(pool), settings(Duration::from_secs(1)));
         let stop = CancellationToken::new();
         let mut tried = Vec::new();
-        let got: Result<u32, PickError<()>> =
-            pick_and_connect(&route, &route.settings(), &stop, 0u32, |pick, failures| {
+        let got: Result<u32, PickError<()>> = pick_and_connect(
+            &route,
+            &route.settings(),
+            &stop,
+            CLIENT,
+            0u32,
+            |pick, failures| {
                 tried.push(pick.worker().id);
                 async move {
                     if failures < 2 {
@@ -388,8 +504,9 @@ mod tests {
                         Attempt::Connected(pick.worker().id)
                     }
                 }
-            })
-            .await;
+            },
+        )
+        .await;
         assert_eq!(got.ok(), Some(2));
         assert_eq!(tried, [0, 1, 2]);
     }
@@ -399,9 +516,14 @@ mod tests {
         let (pool, workers) = pool_of(2);
         let route = Route::new("t", Arc::new(pool), settings(Duration::from_millis(50)));
         let stop = CancellationToken::new();
-        let got = pick_and_connect(&route, &route.settings(), &stop, (), |_, ()| async {
-            Attempt::<(), (), _>::GiveUp("no")
-        })
+        let got = pick_and_connect(
+            &route,
+            &route.settings(),
+            &stop,
+            CLIENT,
+            (),
+            |_, ()| async { Attempt::<(), (), _>::GiveUp("no") },
+        )
         .await;
         assert!(matches!(got, Err(PickError::GaveUp("no"))));
 
@@ -409,9 +531,14 @@ mod tests {
             route.pool.remove(w);
         }
         let started = Instant::now();
-        let got = pick_and_connect(&route, &route.settings(), &stop, (), |_, ()| async {
-            Attempt::<(), (), ()>::Connected(())
-        })
+        let got = pick_and_connect(
+            &route,
+            &route.settings(),
+            &stop,
+            CLIENT,
+            (),
+            |_, ()| async { Attempt::<(), (), ()>::Connected(()) },
+        )
         .await;
         assert!(matches!(got, Err(PickError::NoWorker(d)) if d == Duration::from_millis(50)));
         assert!(started.elapsed() >= Duration::from_millis(50));
@@ -421,6 +548,7 @@ mod tests {
             &route,
             &settings(Duration::from_secs(30)),
             &stop,
+            CLIENT,
             (),
             |_, ()| async { Attempt::<(), (), ()>::Connected(()) },
         )

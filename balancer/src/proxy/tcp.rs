@@ -3,13 +3,16 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use balancer_workers::ConnGuard;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use super::proxy_protocol::{self, HeaderError};
 use super::{Attempt, PickError, Route, pick_and_connect};
 
 /// Time allowed to connect a rescued connection to the public address (the kernel answers a
@@ -32,6 +35,9 @@ pub enum TcpProxyError {
     /// Copying failed after the connection was established.
     #[error("copy between client and worker failed")]
     Copy(#[source] io::Error),
+    /// The client's PROXY header (`accept_proxy`) was refused; no worker saw the connection.
+    #[error("refused the client's PROXY header")]
+    Header(#[source] HeaderError),
 }
 
 /// Bytes moved by one proxied connection.
@@ -43,18 +49,31 @@ pub struct Transferred {
     pub to_client: u64,
 }
 
-/// Connects to a ready worker: every ready worker is tried once per pass, starting at the
-/// round-robin cursor; a refused or timed-out connect steps to the next worker, and a pass that
-/// found none waits in the queue ([`pick_and_connect`]), until `queue_timeout`.
+/// Connects to a ready worker for a client at `client`: every ready worker is tried once per
+/// pass, the app's `balance` choosing the first; a refused or timed-out connect steps to the
+/// next worker, and a pass that found none waits in the queue ([`pick_and_connect`]), until
+/// `queue_timeout`. `header` (a PROXY header) is written before anything else; a worker that
+/// fails to take it is stepped past like one that refused.
 pub async fn connect(
     route: &Route,
     shutdown: &CancellationToken,
+    client: IpAddr,
+    header: Option<&[u8]>,
 ) -> Result<(TcpStream, ConnGuard), TcpProxyError> {
     let settings = route.settings();
-    pick_and_connect(route, &settings, shutdown, (), |pick, ()| async move {
+    pick_and_connect(route, &settings, shutdown, client, (), |pick, ()| async move {
         let addr = pick.addr;
         match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => Attempt::Connected((stream, pick.guard)),
+            Ok(Ok(mut stream)) => match header {
+                Some(header) => match stream.write_all(header).await {
+                    Ok(()) => Attempt::Connected((stream, pick.guard)),
+                    Err(e) => {
+                        tracing::debug!(app = %route.app, id = pick.worker().id, %addr, "PROXY header not sent: {e}; trying the next worker");
+                        Attempt::Next(())
+                    }
+                },
+                None => Attempt::Connected((stream, pick.guard)),
+            },
             Ok(Err(e)) => {
                 tracing::debug!(app = %route.app, id = pick.worker().id, %addr, "connect failed: {e}; trying the next worker");
                 Attempt::<_, _, Infallible>::Next(())
@@ -73,16 +92,35 @@ pub async fn connect(
     })
 }
 
-/// Proxies one client connection to a worker until both directions are closed.
+/// Proxies one client connection (from `peer`) to a worker until both directions are closed.
+///
+/// With `accept_proxy` the client's PROXY header is read first (within `connect_timeout`,
+/// before any worker is picked) and names the client; with `proxy_protocol` the worker is told
+/// who the client is, the original one when a header was accepted.
 pub async fn proxy(
-    client: TcpStream,
+    mut client: TcpStream,
+    peer: SocketAddr,
     route: &Route,
     shutdown: &CancellationToken,
 ) -> Result<Transferred, TcpProxyError> {
+    let settings = route.settings();
+    let local = client.local_addr().unwrap_or(peer);
+    let (source, destination) = if settings.accept_proxy {
+        match proxy_protocol::read_header(&mut client, settings.connect_timeout).await {
+            Ok(Some(addrs)) => (addrs.source, addrs.destination),
+            Ok(None) => (peer, local),
+            Err(e) => return Err(TcpProxyError::Header(e)),
+        }
+    } else {
+        (peer, local)
+    };
+    let header = settings
+        .proxy_protocol
+        .map(|version| proxy_protocol::encode(version, source, destination));
     // A client that hangs up while its connection waits for a worker (queue_timeout can be
     // long) must not keep two descriptors, or later get a worker connection nobody reads.
     let (upstream, _guard) = tokio::select! {
-        connected = connect(route, shutdown) => connected?,
+        connected = connect(route, shutdown, source.ip(), header.as_deref()) => connected?,
         () = hung_up(&client) => return Err(TcpProxyError::ClientGone),
     };
     let _ = client.set_nodelay(true);

@@ -191,6 +191,12 @@ pub fn app(app: &AppInfo, output: Output) -> String {
     config.add_rows(rows.into_iter().map(|(k, v)| [k, v]));
 
     let mut page = format!("app {}\n{config}\n", app.name);
+    let q = &app.queue;
+    let _ = writeln!(
+        page,
+        "queue: {} waiting; {} waited, mean {} ms, max {} ms",
+        q.waiting, q.queued, q.wait_mean_ms, q.wait_max_ms
+    );
     let _ = write!(page, "\nworkers\n{}\n", workers(&app.workers, output));
     let _ = write!(
         page,
@@ -370,6 +376,7 @@ mod tests {
                 "/h/logs/web-0-err.log".into(),
             )],
             workers: vec![worker(0, 0, "ready"), errored()],
+            queue: Default::default(),
         };
         let text = app(&info, Output::Plain);
         insta::assert_snapshot!("show", text);

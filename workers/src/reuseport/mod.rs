@@ -305,11 +305,7 @@ mod tests {
     use tokio::net::TcpStream;
 
     fn tcp_listener(port: u16) -> Listener {
-        Listener {
-            proto: Proto::Tcp,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            port_env: "PORT".into(),
-        }
+        Listener::new(Proto::Tcp, SocketAddr::from(([127, 0, 0, 1], port)), "PORT")
     }
 
     fn free_port() -> u16 {

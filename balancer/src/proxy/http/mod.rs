@@ -159,7 +159,10 @@ impl HttpProxy {
         } else {
             Either::Left(body)
         };
-        let result = match self.forward(Request::from_parts(parts, body), replay).await {
+        let result = match self
+            .forward(Request::from_parts(parts, body), replay, peer.ip())
+            .await
+        {
             Ok((response, lease)) => self.respond(response, lease, client_upgrade),
             Err(e) => Err(e),
         };
@@ -176,6 +179,7 @@ impl HttpProxy {
         &self,
         req: Request<UpstreamBody>,
         replay: Option<Replay>,
+        client: std::net::IpAddr,
     ) -> Result<(Response<Incoming>, Lease), HttpProxyError> {
         let settings = self.route.settings();
         let pending = Pending { req, resends: 0 };
@@ -184,6 +188,7 @@ impl HttpProxy {
             &self.route,
             &settings,
             &self.stop,
+            client,
             pending,
             |pick, pending| self.attempt(pick, pending, replay, &settings),
         )
@@ -433,6 +438,10 @@ mod tests {
                 max_header_size: 1024,
                 idle_timeout: Duration::from_secs(1),
             },
+            balance: balancer_config::Balance::RoundRobin,
+            max_conns: None,
+            proxy_protocol: None,
+            accept_proxy: false,
         };
         HttpProxy::new(&ServeContext {
             route: Arc::new(Route::new("http-test", pool, settings)),
@@ -453,7 +462,9 @@ mod tests {
             .into_parts();
         let replay = is_idempotent(&parts.method).then(|| Replay::of(&parts));
         let req = Request::from_parts(parts, Either::Right(Empty::new()));
-        let (response, _lease) = proxy.forward(req, replay).await?;
+        let (response, _lease) = proxy
+            .forward(req, replay, std::net::Ipv4Addr::LOCALHOST.into())
+            .await?;
         assert_eq!(response.status(), StatusCode::OK);
         let body = http_body_util::BodyExt::collect(response.into_body())
             .await

@@ -317,8 +317,8 @@ impl Flows {
             Some(_) => {}
             None => return false,
         }
-        let listener_index = self.route.settings().listener_index;
-        let Some(pick) = Walk::new(&self.route.pool, listener_index)
+        let settings = self.route.settings();
+        let Some(pick) = Walk::new(&self.route.pool, &settings, client.ip())
             .skip_gone()
             .avoiding(avoid)
             .next()
@@ -546,6 +546,10 @@ mod tests {
                     max_header_size: 1024,
                     idle_timeout: secs(1),
                 },
+                balance: balancer_config::Balance::RoundRobin,
+                max_conns: None,
+                proxy_protocol: None,
+                accept_proxy: false,
             },
         ))
     }
