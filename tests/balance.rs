@@ -298,3 +298,32 @@ fn proxy_protocol_both_ways_and_garbage_never_reaches_a_worker() {
     let debug = b.log.all().join("\n");
     assert!(!debug.contains("panicked"), "{debug}");
 }
+
+#[test]
+fn an_http_listener_sends_each_client_its_own_proxy_header() {
+    let port = free_port();
+    let toml = app_toml(
+        "behind",
+        "proxy_http.py",
+        &format!("tcp://127.0.0.1:{port}"),
+        1,
+        "",
+    )
+    .replace(
+        &format!("listen = [\"tcp://127.0.0.1:{port}\"]"),
+        &format!("listen = [{{ url = \"http://127.0.0.1:{port}\", proxy_protocol = \"v1\" }}]"),
+    );
+    let b = Balancer::start(&toml);
+    b.wait_ready("behind", 1);
+    let addr = loopback(port);
+    let mut a = crate::http::Client::connect(addr).unwrap();
+    let a_addr = a.stream().local_addr().unwrap().to_string();
+    let mut c = crate::http::Client::connect(addr).unwrap();
+    let c_addr = c.stream().local_addr().unwrap().to_string();
+    // Interleaved on two keep-alive connections: a kept worker connection never carries
+    // another client's requests under its header.
+    for _ in 0..3 {
+        assert_eq!(a.get("/").unwrap().text(), a_addr);
+        assert_eq!(c.get("/").unwrap().text(), c_addr);
+    }
+}

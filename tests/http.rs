@@ -30,7 +30,7 @@ fn addr(port: u16) -> SocketAddr {
 
 /// A parsed HTTP/1.1 response.
 #[derive(Debug)]
-struct Reply {
+pub(crate) struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
@@ -44,18 +44,18 @@ impl Reply {
             .map(|(_, v)| v.as_str())
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 
 /// A minimal blocking HTTP/1.1 client over one connection (keep-alive unless told otherwise).
-struct Client {
+pub(crate) struct Client {
     reader: BufReader<TcpStream>,
 }
 
 impl Client {
-    fn connect(addr: SocketAddr) -> io::Result<Client> {
+    pub(crate) fn connect(addr: SocketAddr) -> io::Result<Client> {
         let stream = TcpStream::connect_timeout(&addr, PATIENCE)?;
         stream.set_read_timeout(Some(PATIENCE))?;
         stream.set_write_timeout(Some(PATIENCE))?;
@@ -65,7 +65,7 @@ impl Client {
         })
     }
 
-    fn stream(&mut self) -> &mut TcpStream {
+    pub(crate) fn stream(&mut self) -> &mut TcpStream {
         self.reader.get_mut()
     }
 
@@ -91,7 +91,7 @@ impl Client {
         read_reply(&mut self.reader)
     }
 
-    fn get(&mut self, path: &str) -> io::Result<Reply> {
+    pub(crate) fn get(&mut self, path: &str) -> io::Result<Reply> {
         self.send("GET", path, &[], b"")
     }
 }

@@ -1107,10 +1107,10 @@ fn bad_balancing_keys_name_their_position() {
     );
     assert_one(
         &p.errors(&format!(
-            "{head}listen = [{{ url = \"http://127.0.0.1:7001\", proxy_protocol = \"v1\" }}]\n"
+            "{head}listen = [{{ url = \"udp://127.0.0.1:7001\", proxy_protocol = \"v1\" }}]\n"
         )),
-        "4:61",
-        "not supported yet on http:// listeners",
+        "4:60",
+        "not supported yet on udp:// listeners",
     );
     assert_one(
         &p.errors(&format!(

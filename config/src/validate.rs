@@ -871,20 +871,11 @@ fn listener_options(lr: &mut Reader<'_, '_, '_, '_>, policy: Policy) -> Listener
 impl ListenerOptions {
     /// Refuses what a listener's protocol cannot do yet, at the option's position.
     fn check_proto(&self, sink: &mut Sink<'_>, proto: Proto) {
-        if let (Some((_, at)), Proto::Http | Proto::Udp) = (&self.proxy_protocol, proto) {
-            let instead = match proto {
-                Proto::Http => {
-                    "http:// listeners already tell workers the client's address in \
-                     X-Forwarded-For and Forwarded; use a tcp:// listener for a PROXY header"
-                }
-                _ => "use a tcp:// listener for a PROXY header",
-            };
+        if let (Some((_, at)), Proto::Udp) = (&self.proxy_protocol, proto) {
             sink.error(
                 at.clone(),
-                format!(
-                    "`listen.proxy_protocol`: not supported yet on {}:// listeners; {instead}",
-                    proto.scheme()
-                ),
+                "`listen.proxy_protocol`: not supported yet on udp:// listeners; use a tcp:// or \
+                 http:// listener for a PROXY header",
             );
         }
         if let (Some((true, at)), Proto::Udp) = (&self.accept_proxy, proto) {

@@ -46,6 +46,8 @@ const H2_PREFACE_START: &[u8] = b"PRI";
 /// Serves one accepted client connection until it closes, times out, or is aborted: the
 /// proxy's `stop` closes it gracefully (requests in flight finish), its `abort` drops it.
 pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<HttpProxy>) {
+    // Where the client connected to: the destination of a PROXY header to the worker.
+    let local = stream.local_addr().unwrap_or(peer);
     let (stop, abort) = (proxy.stop.clone(), proxy.abort.clone());
     let accepted = Instant::now();
     let _ = stream.set_nodelay(true);
@@ -80,7 +82,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Ht
             let active = activity.begin();
             let proxy = Arc::clone(&proxy);
             async move {
-                let response = proxy.handle(req, peer).await;
+                let response = proxy.handle(req, peer, local).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked {
                     body,
                     _active: active,

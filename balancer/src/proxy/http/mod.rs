@@ -147,6 +147,7 @@ impl HttpProxy {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        local: SocketAddr,
     ) -> Response<ProxyBody> {
         let upgrade = wants_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -160,7 +161,7 @@ impl HttpProxy {
             Either::Left(body)
         };
         let result = match self
-            .forward(Request::from_parts(parts, body), replay, peer.ip())
+            .forward(Request::from_parts(parts, body), replay, peer, local)
             .await
         {
             Ok((response, lease)) => self.respond(response, lease, client_upgrade),
@@ -179,18 +180,28 @@ impl HttpProxy {
         &self,
         req: Request<UpstreamBody>,
         replay: Option<Replay>,
-        client: std::net::IpAddr,
+        client: SocketAddr,
+        local: SocketAddr,
     ) -> Result<(Response<Incoming>, Lease), HttpProxyError> {
         let settings = self.route.settings();
         let pending = Pending { req, resends: 0 };
         let replay = replay.as_ref();
+        // With `proxy_protocol`, a worker connection starts with a header naming one client, so
+        // it is kept for that client's requests only.
+        let header = settings
+            .proxy_protocol
+            .map(|version| super::proxy_protocol::encode(version, client, local));
+        let origin = Origin {
+            client: header.as_ref().map(|_| client),
+            header: header.as_deref(),
+        };
         pick_and_connect(
             &self.route,
             &settings,
             &self.stop,
-            client,
+            client.ip(),
             pending,
-            |pick, pending| self.attempt(pick, pending, replay, &settings),
+            |pick, pending| self.attempt(pick, pending, replay, &settings, origin),
         )
         .await
         .map_err(|e| match e {
@@ -210,14 +221,16 @@ impl HttpProxy {
         mut pending: Pending,
         replay: Option<&Replay>,
         settings: &RouteSettings,
+        origin: Origin<'_>,
     ) -> Attempt<(Response<Incoming>, Lease), Pending, HttpProxyError> {
         let Pick { guard, addr } = pick;
         let worker = guard.worker();
         let key = Key {
             addr,
             pid: worker.pid,
+            client: origin.client,
         };
-        let mut sender = match self.sender(key, settings).await {
+        let mut sender = match self.sender(key, settings, origin.header).await {
             Ok(sender) => sender,
             Err(e) => {
                 tracing::debug!(app = %self.route.app, id = worker.id, %addr, "{}; trying the next worker", Chain(&e));
@@ -261,13 +274,14 @@ impl HttpProxy {
         &self,
         key: Key,
         settings: &RouteSettings,
+        header: Option<&[u8]>,
     ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
         while let Some(mut sender) = self.idle.checkout(key) {
             if let Ok(Ok(())) = timeout(settings.connect_timeout, sender.ready()).await {
                 return Ok(sender);
             }
         }
-        connect(key.addr, settings.connect_timeout, &self.abort).await
+        connect(key.addr, settings.connect_timeout, &self.abort, header).await
     }
 
     /// Turns the worker's response into the client's, or starts the tunnel after a 101.
@@ -327,6 +341,14 @@ impl HttpProxy {
 struct Pending {
     req: Request<UpstreamBody>,
     resends: u32,
+}
+
+/// Who a request comes from, as far as worker connections care: with `proxy_protocol`, the
+/// client (connections are kept per client) and the header to open a connection with.
+#[derive(Debug, Clone, Copy)]
+struct Origin<'a> {
+    client: Option<SocketAddr>,
+    header: Option<&'a [u8]>,
 }
 
 /// What is needed to send a bodiless request again after the first copy was consumed.
@@ -463,7 +485,12 @@ mod tests {
         let replay = is_idempotent(&parts.method).then(|| Replay::of(&parts));
         let req = Request::from_parts(parts, Either::Right(Empty::new()));
         let (response, _lease) = proxy
-            .forward(req, replay, std::net::Ipv4Addr::LOCALHOST.into())
+            .forward(
+                req,
+                replay,
+                (std::net::Ipv4Addr::LOCALHOST, 40000).into(),
+                (std::net::Ipv4Addr::LOCALHOST, 8080).into(),
+            )
             .await?;
         assert_eq!(response.status(), StatusCode::OK);
         let body = http_body_util::BodyExt::collect(response.into_body())

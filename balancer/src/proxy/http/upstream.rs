@@ -47,11 +47,18 @@ pub(super) async fn connect(
     addr: SocketAddr,
     connect_timeout: Duration,
     abort: &CancellationToken,
+    header: Option<&[u8]>,
 ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
-    let stream = timeout(connect_timeout, TcpStream::connect(addr))
+    let mut stream = timeout(connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout(connect_timeout))?
         .map_err(ConnectError::Connect)?;
+    if let Some(header) = header {
+        // Before any HTTP byte, as the PROXY protocol requires.
+        tokio::io::AsyncWriteExt::write_all(&mut stream, header)
+            .await
+            .map_err(ConnectError::Connect)?;
+    }
     let _ = stream.set_nodelay(true);
     let (sender, conn) = client_http1::Builder::new()
         .handshake(TokioIo::new(stream))
@@ -77,6 +84,8 @@ pub(super) async fn connect(
 pub(super) struct Key {
     pub(super) addr: SocketAddr,
     pub(super) pid: u32,
+    /// With `proxy_protocol`: the client the connection's header names (it serves no other).
+    pub(super) client: Option<SocketAddr>,
 }
 
 /// Idle keep-alive connections to workers, most recently used last.
