@@ -123,6 +123,7 @@ fn setup() -> Setup {
         tokio::spawn(listener::tcp::serve(
             public,
             listener::ServeContext {
+                budget: balancer::proxy::unlimited_budget(),
                 route,
                 stop: stop.clone(),
                 abort: CancellationToken::new(),

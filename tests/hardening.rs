@@ -495,3 +495,54 @@ fn memory_comes_back_after_rounds_of_idle_connections() {
         "RSS grew from {first} to {last} KiB over 5 rounds: {held:?}"
     );
 }
+
+#[test]
+fn past_the_descriptor_budget_connections_wait_and_probes_still_pass() {
+    let (tcp, udp) = (free_port(), crate::udp::free_udp_port());
+    // 200 descriptors: the master keeps its own 256 before any goes to connections, so only
+    // the floor of 32 does (16 connections at once: 150 clients would need 300), and a UDP
+    // listener keeps at most 16 flows.
+    let toml = pid_app(
+        "web",
+        tcp,
+        2,
+        "health = { check = \"tcp\", interval = \"300ms\" }",
+    ) + &crate::udp::udp_app("dns", "udp_echo.py", udp, 1, "");
+    let b = Balancer::start_under(&toml, &[], &["prlimit", "--nofile=200:200", "--"]);
+    b.wait_ready("web", 2);
+    b.wait_ready("dns", 1);
+    b.wait_running();
+    b.log.wait_for(1, "max_flows held", |l| {
+        l.contains("max_flows 4096 held to 16 by the open file limit")
+    });
+    let clients: Vec<_> = (0..150)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(loopback(tcp))?;
+                s.set_read_timeout(Some(PATIENCE))?;
+                let mut line = String::new();
+                BufReader::new(&mut s).read_line(&mut line)?;
+                std::thread::sleep(Duration::from_millis(300));
+                Ok::<_, std::io::Error>(line)
+            })
+        })
+        .collect();
+    let answered = clients
+        .into_iter()
+        .map(|t| t.join())
+        .filter(|r| matches!(r, Ok(Ok(line)) if !line.is_empty()))
+        .count();
+    assert_eq!(
+        answered, 150,
+        "every client served, the excess after a wait"
+    );
+    let log = b.log.all();
+    assert!(
+        !log.iter().any(|l| l.contains("worker unhealthy")),
+        "no probe failed for want of descriptors"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("Too many open files")),
+        "no EMFILE"
+    );
+}

@@ -162,10 +162,23 @@ impl Balancer {
 
     /// Like [`start`](Self::start), with extra environment variables for the master.
     pub fn start_with(toml: &str, env: &[(&str, &str)]) -> Balancer {
+        Self::start_under(toml, env, &[])
+    }
+
+    /// Like [`start_with`](Self::start_with), run through `wrapper` (e.g. `prlimit --nofile=…
+    /// --`), which must exec the master so that its pid is the master's.
+    pub fn start_under(toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Balancer {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("balancer.toml");
         std::fs::write(&file, toml).expect("write balancer.toml");
-        let mut cmd = Command::new(binary());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary());
+                cmd
+            }
+            None => Command::new(binary()),
+        };
         cmd.arg("run")
             .arg(&file)
             .env("BALANCER_HOME", dir.path().join("home"))

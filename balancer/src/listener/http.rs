@@ -21,28 +21,40 @@ pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
         stop,
         tracker,
         abort,
+        budget,
     } = ctx;
     let mut changes = route.pool.subscribe();
     loop {
-        let accepted = tokio::select! {
+        // The connection's descriptors first (the client's, and a worker connection's):
+        // past the budget, clients wait in the backlog.
+        let permit = tokio::select! {
             _ = stop.cancelled() => return,
             Ok(()) = changes.changed() => {
                 proxy.forget_departed();
                 continue;
             }
+            permit = Arc::clone(&budget).acquire_many_owned(crate::proxy::FDS_PER_CONNECTION) => permit,
+        };
+        let Ok(permit) = permit else { return };
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) if route.settings().accept_proxy => {
-                tracker.spawn(behind_proxy(
-                    stream,
-                    peer,
-                    Arc::clone(&proxy),
-                    abort.clone(),
-                ));
+                let proxy = Arc::clone(&proxy);
+                let abort = abort.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    behind_proxy(stream, peer, proxy, abort).await;
+                });
             }
             Ok((stream, peer)) => {
-                tracker.spawn(serve_connection(stream, peer, Arc::clone(&proxy)));
+                let proxy = Arc::clone(&proxy);
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    serve_connection(stream, peer, proxy).await;
+                });
             }
             Err(e) => super::accept_failed(e).await,
         }

@@ -31,8 +31,15 @@ pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
         stop,
         abort,
         tracker,
+        budget,
     } = ctx;
     loop {
+        // The connection's descriptors first: past the budget, clients wait in the backlog.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = Arc::clone(&budget).acquire_many_owned(crate::proxy::FDS_PER_CONNECTION) => permit,
+        };
+        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -42,6 +49,7 @@ pub async fn serve(listener: TcpListener, ctx: super::ServeContext) {
                 let route = Arc::clone(&route);
                 let (stop, abort) = (stop.clone(), abort.clone());
                 tracker.spawn(async move {
+                    let _permit = permit;
                     tokio::select! {
                         // `stop` ends only the wait for a worker: once shutdown starts, no new
                         // worker will become ready. Established copies go on until `abort`.

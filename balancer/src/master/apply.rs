@@ -59,13 +59,16 @@ pub(super) fn bind_for(app: &App, listener: &Listener) -> std::io::Result<Option
     }
 }
 
-/// The route settings of `app`'s listener number `listener_index`.
-pub(super) fn route_settings(app: &App, listener_index: usize) -> RouteSettings {
+/// The route settings of `app`'s listener number `listener_index`; a UDP listener's
+/// `max_flows` is held to `flow_cap`, what the master's descriptor budget allows.
+pub(super) fn route_settings(app: &App, listener_index: usize, flow_cap: u32) -> RouteSettings {
+    let mut udp = app.udp;
+    udp.max_flows = udp.max_flows.min(flow_cap);
     RouteSettings {
         listener_index,
         connect_timeout: app.connect_timeout,
         queue_timeout: app.queue_timeout,
-        udp: app.udp,
+        udp,
         http: app.http,
         balance: app.balance,
         max_conns: app.max_conns.map(|n| n as usize),
@@ -233,10 +236,18 @@ impl Master {
         let route = Arc::new(Route::new(
             app.name.clone(),
             Arc::clone(sup.pool()),
-            route_settings(&app, index),
+            route_settings(&app, index, self.flow_cap),
         ));
         let stop = CancellationToken::new();
         tracing::info!(app = %app.name, listener = %config, "listening");
+        if config.proto == balancer_config::Proto::Udp && app.udp.max_flows > self.flow_cap {
+            tracing::warn!(
+                app = %app.name, listener = %config,
+                "max_flows {} held to {} by the open file limit (one descriptor per flow); raise \
+                 the limit (LimitNOFILE=, ulimit -n) for more",
+                app.udp.max_flows, self.flow_cap
+            );
+        }
         tokio::spawn(listener::serve(
             config.proto,
             socket,
@@ -245,6 +256,7 @@ impl Master {
                 stop: stop.clone(),
                 abort: self.abort_connections.clone(),
                 tracker: self.connections.clone(),
+                budget: Arc::clone(&self.budget),
             },
         ));
         ListenerEntry {
@@ -288,7 +300,9 @@ impl Master {
         for (index, config) in app.listen.iter().enumerate() {
             if let Some(pos) = old.iter().position(|l| same_socket(&l.config, config)) {
                 let mut entry = old.remove(pos);
-                entry.route.update(route_settings(app, index));
+                entry
+                    .route
+                    .update(route_settings(app, index, self.flow_cap));
                 entry.config = config.clone();
                 kept.push(entry);
             } else if let Some(pos) = fresh.iter().position(|(l, _)| l == config) {

@@ -261,7 +261,25 @@ pub struct Master {
     changes: tokio::sync::Mutex<()>,
     abort_connections: CancellationToken,
     connections: TaskTracker,
+    /// Descriptors for proxied connections, shared by every listener.
+    budget: crate::proxy::FdBudget,
+    /// The most flows one UDP listener may keep with this descriptor budget.
+    flow_cap: u32,
     shutdown: CancellationToken,
+}
+
+/// Descriptors kept out of the connection budget: the admin socket and its clients, health
+/// probes, log files opened for spawns, listeners, the runtime's own.
+const RESERVED_FDS: u64 = 256;
+/// The smallest connection budget, however low the limit (in descriptors).
+const MIN_BUDGET_FDS: u64 = 32;
+
+/// The descriptors this process may spend on connections: its open file limit less
+/// [`RESERVED_FDS`].
+fn fd_budget() -> u64 {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    soft.saturating_sub(RESERVED_FDS).max(MIN_BUDGET_FDS)
 }
 
 impl Master {
@@ -273,7 +291,14 @@ impl Master {
         shutdown: CancellationToken,
         shim: Option<PathBuf>,
     ) -> Self {
+        let fds = fd_budget();
+        let permits = usize::try_from(fds)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         Master {
+            budget: Arc::new(tokio::sync::Semaphore::new(permits)),
+            // UDP flows take one descriptor each, from the same limit: a quarter of it each.
+            flow_cap: u32::try_from(fds / 4).unwrap_or(u32::MAX).max(16),
             spawn: SpawnContext::new(home.clone(), shim, Arc::new(crate::proxy::tcp::rescue)),
             home,
             load,

@@ -271,6 +271,24 @@ pub struct ServeContext {
     pub abort: CancellationToken,
     /// Connection tasks are spawned here, so a shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// The master's file descriptors for connections, shared by every listener: a proxied
+    /// TCP connection holds two permits (client and worker sides) from before its accept to
+    /// its end, so past the budget connections wait in the kernel's backlog instead of
+    /// failing accept with EMFILE.
+    pub budget: FdBudget,
+}
+
+/// Descriptors the master may spend on connections ([`ServeContext::budget`]).
+pub type FdBudget = Arc<tokio::sync::Semaphore>;
+
+/// Descriptors a proxied TCP (or HTTP) connection takes: the client's and the worker's.
+pub const FDS_PER_CONNECTION: u32 = 2;
+
+/// A budget that never runs out (tests, benches).
+pub fn unlimited_budget() -> FdBudget {
+    Arc::new(tokio::sync::Semaphore::new(
+        tokio::sync::Semaphore::MAX_PERMITS,
+    ))
 }
 
 /// Where one public listener (TCP, UDP or HTTP) sends its traffic: an app's pool, and the

@@ -466,6 +466,7 @@ mod tests {
             accept_proxy: false,
         };
         HttpProxy::new(&ServeContext {
+            budget: crate::proxy::unlimited_budget(),
             route: Arc::new(Route::new("http-test", pool, settings)),
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),

@@ -436,6 +436,7 @@ pub async fn dispatch(socket: UdpSocket, ctx: ServeContext) {
         stop,
         abort,
         tracker,
+        ..
     } = ctx;
     let public = Arc::new(socket);
     let (mut flows, mut reports) = Flows::new(Arc::clone(&route), Arc::clone(&public), tracker);
@@ -597,6 +598,7 @@ mod tests {
         tokio::spawn(dispatch(
             socket,
             ServeContext {
+                budget: crate::proxy::unlimited_budget(),
                 route,
                 stop: stop.clone(),
                 abort: tokio_util::sync::CancellationToken::new(),
