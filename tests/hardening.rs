@@ -546,3 +546,30 @@ fn past_the_descriptor_budget_connections_wait_and_probes_still_pass() {
         "no EMFILE"
     );
 }
+
+#[test]
+fn clients_that_leave_a_silent_worker_free_both_descriptors_at_once() {
+    let port = free_port();
+    let b = Balancer::start(&app_toml(
+        "silent",
+        "silent.py",
+        &format!("tcp://127.0.0.1:{port}"),
+        1,
+        "",
+    ));
+    b.wait_ready("silent", 1);
+    b.wait_running();
+    let baseline = crate::udp::fd_count(b.pid());
+    for _ in 0..300 {
+        drop(std::net::TcpStream::connect(loopback(port)).unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while crate::udp::fd_count(b.pid()) > baseline + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the master still holds {} fds ({baseline} before)",
+            crate::udp::fd_count(b.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -57,17 +57,34 @@ impl Drop for Loan {
 
 /// Copies `a` → `b` and `b` → `a` until both directions have seen EOF; returns the bytes
 /// moved each way (`a` to `b`, `b` to `a`).
+///
+/// A side that closes before a single byte has moved either way asked for nothing: the whole
+/// connection ends at once (an [`io::ErrorKind::ConnectionAborted`] error), rather than
+/// waiting on the other side (a worker that accepts and never answers would otherwise hold
+/// both descriptors until it closes).
 pub async fn bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b), one_way(b, a))
+    let moved = std::sync::atomic::AtomicBool::new(false);
+    tokio::try_join!(one_way(a, b, &moved), one_way(b, a, &moved))
 }
 
 /// Copies `from` → `to` until EOF on `from`, then shuts down `to`'s write side.
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &std::sync::atomic::AtomicBool,
+) -> io::Result<u64> {
+    use std::sync::atomic::Ordering;
     let mut total = 0u64;
     loop {
         from.readable().await?;
         let mut loan = Loan::take();
         let n = match from.try_read(loan.buf()) {
+            Ok(0) if !moved.load(Ordering::Relaxed) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "closed before anything was sent either way",
+                ));
+            }
             Ok(0) => {
                 // Not connected any more (the other side reset) is a normal end here.
                 match SockRef::from(to).shutdown(Shutdown::Write) {
@@ -75,7 +92,10 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                     _ => return Ok(total),
                 }
             }
-            Ok(n) => n,
+            Ok(n) => {
+                moved.store(true, Ordering::Relaxed);
+                n
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
@@ -134,6 +154,20 @@ mod tests {
         client.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, big);
         assert_eq!(copy.await.unwrap().unwrap(), (7, big.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn a_side_that_closes_having_sent_nothing_ends_the_connection() {
+        let (client, mut server, copy) = chain().await;
+        drop(client);
+        let err = copy.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        let mut rest = Vec::new();
+        assert_eq!(
+            server.read_to_end(&mut rest).await.unwrap(),
+            0,
+            "closed at once"
+        );
     }
 
     #[tokio::test]

@@ -127,9 +127,12 @@ pub async fn proxy(
     let _ = upstream.set_nodelay(true);
     // Each EOF shuts down the other side's write half and the other direction goes on:
     // half-close passes through in both directions. Buffers are borrowed only while bytes move.
-    let (to_worker, to_client) = super::copy::bidirectional(&client, &upstream)
-        .await
-        .map_err(TcpProxyError::Copy)?;
+    let (to_worker, to_client) = match super::copy::bidirectional(&client, &upstream).await {
+        Ok(moved) => moved,
+        // One side left having sent nothing either way: nothing to carry.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => (0, 0),
+        Err(e) => return Err(TcpProxyError::Copy(e)),
+    };
     Ok(Transferred {
         to_worker,
         to_client,
