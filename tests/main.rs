@@ -3,6 +3,7 @@
 
 mod cli;
 mod config_errors;
+mod deploy;
 mod hardening;
 mod http;
 mod lifecycle;

@@ -134,6 +134,7 @@ pub fn app_json(app: &App) -> serde_json::Value {
         "policy": app.policy.as_str(),
         "env": app.env,
         "health": health,
+        "ready": app.ready.as_str(),
         "kill_signal": app.kill_signal.as_str(),
         "kill_timeout": secs(app.kill_timeout),
         "drain_timeout": secs(app.drain_timeout),
