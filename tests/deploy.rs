@@ -477,3 +477,17 @@ fn scopeguard(pid: u32) -> impl Drop {
     }
     Guard(pid)
 }
+
+#[test]
+fn the_container_example_is_a_valid_config() {
+    let file = example("container/balancer.toml");
+    let (code, out, err) = cli(Path::new("/nonexistent-balancer-home"), &["check", &file]);
+    assert_eq!(code, 0, "{out}{err}");
+    let dockerfile = std::fs::read_to_string(example("container/Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains(
+            "ENTRYPOINT [\"/usr/local/bin/balancer\", \"run\", \"/app/container/balancer.toml\"]"
+        ),
+        "the container runs the master as PID 1 on this file"
+    );
+}

@@ -1043,3 +1043,18 @@ fn only_a_bounded_regular_file_is_read() {
     assert!(message(&big).contains("too large"));
     assert!(message(&p.path("missing.toml")).contains("cannot read the file"));
 }
+
+#[test]
+fn ready_is_health_by_default_notify_on_request_and_nothing_else() {
+    let p = Project::new();
+    let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}"));
+    assert_eq!(app.ready, Ready::Health);
+    let app = p.app(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}\nready = \"notify\""
+    ));
+    assert_eq!(app.ready, Ready::Notify);
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}\nready = \"sd_notify\""
+    ));
+    assert_one(&errors, "5:9", "unknown readiness \"sd_notify\"");
+}

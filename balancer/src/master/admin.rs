@@ -242,9 +242,10 @@ fn app_names(config: &balancer_config::Config) -> Vec<String> {
     config.apps.iter().map(|a| a.name.clone()).collect()
 }
 
-/// Records `origin` for `names` once the operation that started them succeeded.
+/// Records `origin` for `names` once the operation that started them succeeded (for some of
+/// them, at least: `save` only writes apps that are running).
 fn remember_if(master: &Master, done: OpResult, names: Vec<String>, origin: &Origin) -> OpResult {
-    if done.is_ok() {
+    if matches!(done, Ok(_) | Err(ControlError::Partial { .. })) {
         master.remember(names, origin);
     }
     done
