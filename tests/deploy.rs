@@ -491,3 +491,64 @@ fn the_container_example_is_a_valid_config() {
         "the container runs the master as PID 1 on this file"
     );
 }
+
+/// `balancer ARGS…` as an unprivileged user (nobody, when the tests run as root) with its
+/// config directory in `dir`, so `startup --install` writes a user unit there and never
+/// under /etc.
+fn as_user(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    let config = dir.join("config");
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .env("HOME", dir)
+        .env("XDG_CONFIG_HOME", &config)
+        .env("BALANCER_HOME", dir.join("home"))
+        .env("USER", "tester")
+        .stdin(Stdio::null());
+    if nix::unistd::geteuid().is_root() {
+        for d in [dir, &config] {
+            std::fs::create_dir_all(d).expect("mkdir");
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        }
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().expect("run balancer");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+#[test]
+fn startup_install_writes_a_user_unit_and_unstartup_removes_only_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = dir.path().join("config/systemd/user/balancer.service");
+    let (code, out, err) = as_user(dir.path(), &["startup", "--install"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&unit.display().to_string()), "{out}");
+    assert!(
+        err.contains("systemctl --user enable --now balancer") && err.contains("enable-linger"),
+        "says how to enable it: {err}"
+    );
+    let text = std::fs::read_to_string(&unit).expect("the unit");
+    assert!(text.contains("WantedBy=default.target"), "{text}");
+    assert!(text.contains(&format!(
+        "BALANCER_HOME={}",
+        dir.path().join("home").display()
+    )));
+
+    let (code, out, err) = as_user(dir.path(), &["unstartup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!unit.exists(), "removed");
+    let (code, out, _) = as_user(dir.path(), &["unstartup"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("nothing to remove"), "{out}");
+
+    std::fs::write(&unit, "[Service]\nExecStart=/bin/true\n").expect("someone else's unit");
+    let (code, _, err) = as_user(dir.path(), &["unstartup"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not written by `balancer startup`"), "{err}");
+    assert!(unit.exists(), "left alone");
+}

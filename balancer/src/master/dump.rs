@@ -279,6 +279,7 @@ pub fn write(path: &Path, dump: &Dump) -> Result<(), DumpError> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("dump"),
         std::process::id()
     ));
+    remove_stale_temporaries(dir, path, &tmp);
     let written = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -296,6 +297,25 @@ pub fn write(path: &Path, dump: &Dump) -> Result<(), DumpError> {
         let _ = std::fs::remove_file(&tmp);
     }
     written.map_err(fail)
+}
+
+/// Removes what a save killed half-way (a crash, SIGKILL) left: temporary files of `path`
+/// other than `ours`. Only one master runs per home (its lock), so none is being written.
+fn remove_stale_temporaries(dir: &Path, path: &Path, ours: &Path) {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if file.starts_with(&prefix) && file.ends_with(".tmp") && entry.path() != ours {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Reads the dump at `path`; `Ok(None)` when there is none.
@@ -356,6 +376,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("dump.json");
         assert_eq!(read(&path).expect("read"), None, "no dump yet");
+        let torn = dir.path().join(".dump.json.1.tmp");
+        std::fs::write(&torn, r#"{"version": 1, "ap"#).expect("a killed save's file");
         write(
             &path,
             &Dump {
@@ -369,7 +391,11 @@ mod tests {
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let left: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
-        assert_eq!(left.len(), 1, "no temporary file left behind");
+        assert_eq!(
+            left.len(),
+            1,
+            "no temporary file left, a killed save's neither"
+        );
     }
 
     #[test]
