@@ -552,3 +552,17 @@ fn startup_install_writes_a_user_unit_and_unstartup_removes_only_its_own() {
     assert!(err.contains("not written by `balancer startup`"), "{err}");
     assert!(unit.exists(), "left alone");
 }
+
+#[test]
+fn resurrect_without_a_dump_and_start_with_options_but_no_target_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let (code, _, err) = cli(&home, &["resurrect"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no dump at") && err.contains("balancer save"), "{err}");
+    let (code, _, err) = cli(&home, &["start"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = cli(&home, &["start", "-n", "web", "-i", "2"]);
+    assert_eq!(code, 2, "never a resurrect that ignores -n and -i: {err}");
+    assert!(!home.join("balancer.pid").exists(), "no master was started");
+}

@@ -27,6 +27,12 @@ pub(super) enum Program {
 /// the same words always mean the same thing.
 pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
     if args.target.is_empty() {
+        if args.describes_an_app() || args.env.is_some() || args.force {
+            return failed(
+                EXIT_USAGE,
+                "these options describe an app to start: name its script, command or balancer.toml (`balancer start` alone resurrects what `balancer save` wrote)",
+            );
+        }
         if args.no_daemon {
             return failed(
                 EXIT_USAGE,
