@@ -559,7 +559,10 @@ fn resurrect_without_a_dump_and_start_with_options_but_no_target_are_refused() {
     let home = dir.path().join("home");
     let (code, _, err) = cli(&home, &["resurrect"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("no dump at") && err.contains("balancer save"), "{err}");
+    assert!(
+        err.contains("no dump at") && err.contains("balancer save"),
+        "{err}"
+    );
     let (code, _, err) = cli(&home, &["start"]);
     assert_eq!(code, 1, "{err}");
     let (code, _, err) = cli(&home, &["start", "-n", "web", "-i", "2"]);

@@ -465,9 +465,11 @@ impl SlotTask {
                     return Ended::Stopped;
                 }
                 _ = deadline => {
-                    let reason = format!(
-                        "not ready within listen_timeout {:?} ({})", app.listen_timeout, monitor.last_failure()
-                    );
+                    let why = match &notified {
+                        Some(n) if !*n.borrow() => "it sent no READY=1 to its NOTIFY_SOCKET (ready = \"notify\")".to_owned(),
+                        _ => monitor.last_failure().to_string(),
+                    };
+                    let reason = format!("not ready within listen_timeout {:?} ({why})", app.listen_timeout);
                     tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, "worker {reason}");
                     self.set(|s| s.state = WorkerState::Stopping);
                     process.stop(app.kill_signal, app.kill_timeout).await;

@@ -49,6 +49,8 @@ pub struct MasterOptions {
 pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<(), MasterError> {
     let _ = opts.phase.send(Phase::Starting);
     let lock = HomeLock::acquire(&opts.home)?;
+    // Before any worker can orphan anything.
+    let reaper = super::reaper::spawn_if_init();
     raise_fd_limit();
     let shim = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer"));
     let master = Arc::new(Master::new(
@@ -105,7 +107,6 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     if let Some(systemd) = &systemd {
         spawn_systemd_tasks(Arc::clone(&master), Arc::clone(systemd));
     }
-    let reaper = super::reaper::spawn_if_init();
 
     let _ = opts.phase.send(Phase::Running);
     tracing::info!(
