@@ -106,6 +106,29 @@ fn save_kill_resurrect_brings_back_every_app_its_scale_and_stopped_state() {
     assert_eq!(apps(&home), now);
     let (code, _, err) = cli(&home, &["kill"]);
     assert_eq!(code, 0, "{err}");
+
+    // What the systemd unit runs: `balancer run` with no file, in the foreground, brings the
+    // dump back and only then tells systemd it is ready.
+    let systemd = FakeSystemd::bind(dir.path());
+    let mut run = Command::new(binary())
+        .arg("run")
+        .env("BALANCER_HOME", &home)
+        .env("NOTIFY_SOCKET", &systemd.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("balancer run");
+    let mut pings = 0;
+    let ready = systemd.next(&mut pings);
+    assert!(ready.starts_with("READY=1"), "{ready}");
+    assert_eq!(
+        apps(&home),
+        now,
+        "the foreground master resurrected the dump"
+    );
+    kill(Pid::from_raw(run.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert!(run.wait().expect("run exits").success());
 }
 
 #[test]
