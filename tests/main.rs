@@ -4,6 +4,7 @@
 mod balance;
 mod cli;
 mod config_errors;
+mod deploy;
 mod hardening;
 mod http;
 mod lifecycle;

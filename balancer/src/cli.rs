@@ -32,8 +32,8 @@ pub enum Command {
         after_help = "Examples:\n  balancer run balancer.toml\n  balancer run balancer.toml --env production"
     )]
     Run {
-        /// The balancer.toml to run.
-        file: PathBuf,
+        /// The balancer.toml to run; none: start what `balancer save` wrote (`dump.json`).
+        file: Option<PathBuf>,
         /// Merge `env_<NAME>` over `env` for every app.
         #[arg(long, value_name = "NAME")]
         env: Option<String>,
@@ -150,6 +150,31 @@ pub enum Command {
     /// Stop every app, then the master.
     #[command(after_help = "Example:\n  balancer kill")]
     Kill,
+    /// Write every app, its worker count and stopped state to `$BALANCER_HOME/dump.json`.
+    #[command(after_help = "Example:\n  balancer save && balancer kill && balancer resurrect")]
+    Save,
+    /// Start again what `balancer save` wrote (launching the master if none runs).
+    #[command(after_help = "Example:\n  balancer resurrect")]
+    Resurrect,
+    /// Print (or with --install write) a systemd unit that runs the master at boot.
+    #[command(
+        after_help = "Examples:\n  balancer startup\n  balancer startup systemd --install\n\nThe unit runs `balancer run` (no file), which starts what `balancer save` wrote."
+    )]
+    Startup {
+        /// The init system; only systemd is supported.
+        #[arg(default_value = "systemd")]
+        init: String,
+        /// Write the unit file instead of printing it.
+        #[arg(long)]
+        install: bool,
+    },
+    /// Remove the unit `balancer startup --install` wrote.
+    #[command(after_help = "Example:\n  balancer unstartup")]
+    Unstartup {
+        /// The init system; only systemd is supported.
+        #[arg(default_value = "systemd")]
+        init: String,
+    },
     /// Set restart counters (the ↺ column) back to zero.
     #[command(after_help = "Examples:\n  balancer reset web\n  balancer reset all")]
     Reset {
@@ -214,7 +239,12 @@ pub enum Command {
 pub struct StartArgs {
     /// A balancer.toml, PM2's ecosystem file (`*.config.js`, `*.json`, `*.yaml`), a script, a
     /// command (program name), or a stopped app's name, worker id or `all`.
-    #[arg(value_name = "FILE|SCRIPT|COMMAND|NAME")]
+    /// With none, start what `balancer save` wrote, as `resurrect` does.
+    #[arg(
+        value_name = "FILE|SCRIPT|COMMAND|NAME",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub target: String,
     /// The app's name (default: the script's or program's file name, without extension).
     #[arg(short, long)]
@@ -529,7 +559,7 @@ mod tests {
             Cli::try_parse_from(["balancer", "run", "b.toml", "--env", "production"]).unwrap();
         match cli.command {
             Command::Run { file, env } => {
-                assert_eq!(file, PathBuf::from("b.toml"));
+                assert_eq!(file, Some(PathBuf::from("b.toml")));
                 assert_eq!(env.as_deref(), Some("production"));
             }
             other => panic!("parsed as {other:?}"),

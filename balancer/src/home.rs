@@ -34,6 +34,14 @@ pub fn admin_socket(home: &Path) -> PathBuf {
     home.join(ADMIN_SOCKET)
 }
 
+/// What `save` writes and `resurrect` reads (mode 0600: env values may be secrets).
+pub const DUMP_FILE: &str = "dump.json";
+
+/// The dump of the master whose home is `home`.
+pub fn dump_file(home: &Path) -> PathBuf {
+    home.join(DUMP_FILE)
+}
+
 /// The daemon's own log (its stdout and stderr).
 pub fn master_log(home: &Path) -> PathBuf {
     home.join(MASTER_LOG)

@@ -37,8 +37,12 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { file, env } => match load(&file, env) {
-            Ok(config) => exit(master_run::foreground(config)),
+        Command::Run { file: None, .. } => exit(master_run::foreground_resurrect()),
+        Command::Run {
+            file: Some(file),
+            env,
+        } => match load(&file, env.clone()) {
+            Ok(config) => exit(master_run::foreground_file(config, env)),
             Err(code) => code,
         },
         Command::Daemon => exit(master_run::run_daemon()),

@@ -78,6 +78,12 @@ pub enum Request {
     },
     /// Stop every app, then the master itself.
     Kill,
+    /// Write every app, its worker count and whether it is stopped to
+    /// `$BALANCER_HOME/dump.json` (`save`), for `resurrect`.
+    Save,
+    /// Start again what `dump.json` holds (`resurrect`): its apps not running yet, each at
+    /// its saved worker count, stopped if it was.
+    Resurrect,
     /// Set the restart counters back to zero (`reset`).
     Reset {
         /// App name, worker id or `all`.
@@ -508,6 +514,8 @@ pub mod wire {
             target: Option<String>,
         },
         Kill {},
+        Save {},
+        Resurrect {},
         Reset {
             target: String,
         },
@@ -639,6 +647,8 @@ pub mod wire {
                 },
                 Request::Flush { target } => Self::Flush { target },
                 Request::Kill {} => Self::Kill,
+                Request::Save {} => Self::Save,
+                Request::Resurrect {} => Self::Resurrect,
                 Request::Reset { target } => Self::Reset { target },
                 Request::SendSignal { target, signal } => Self::Signal { target, signal },
             })
@@ -707,6 +717,8 @@ pub mod wire {
                 },
                 super::Request::Flush { target } => Request::Flush { target },
                 super::Request::Kill => Request::Kill {},
+                super::Request::Save => Request::Save {},
+                super::Request::Resurrect => Request::Resurrect {},
                 super::Request::Reset { target } => Request::Reset { target },
                 super::Request::Signal { target, signal } => Request::SendSignal { target, signal },
             }
@@ -956,6 +968,8 @@ mod tests {
             Request::Ping,
             Request::List,
             Request::Kill,
+            Request::Save,
+            Request::Resurrect,
             Request::Start(Start::Toml {
                 toml: "[[app]]".into(),
                 cwd: Some("/srv".into()),

@@ -68,6 +68,9 @@ pub struct App {
     pub env: BTreeMap<String, String>,
     /// How readiness is decided.
     pub health: Health,
+    /// `ready = "notify"`: a worker is ready only once it has sent `READY=1` to its own
+    /// `$NOTIFY_SOCKET` (and then passes its health check, which decides from there on).
+    pub ready: Ready,
     /// Signal asking a worker to stop gracefully.
     pub kill_signal: Signal,
     /// Time between `kill_signal` and SIGKILL.
@@ -283,6 +286,27 @@ pub struct Health {
     pub rise: u32,
     /// Consecutive failures that take a ready worker out of the pool.
     pub fall: u32,
+}
+
+/// What makes a new worker ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ready {
+    /// Its health check passing (`ready = "health"`, the default).
+    #[default]
+    Health,
+    /// `READY=1` on its own `$NOTIFY_SOCKET` (sd_notify), then its health check: for servers
+    /// whose port opens before they can serve.
+    Notify,
+}
+
+impl Ready {
+    /// The name used in `balancer.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ready::Health => "health",
+            Ready::Notify => "notify",
+        }
+    }
 }
 
 /// The kind of health probe.

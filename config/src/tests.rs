@@ -1137,3 +1137,18 @@ fn reuseport_refuses_what_only_the_master_can_do() {
     );
     assert!(errors[2].contains("use policy = \"rr\""));
 }
+
+#[test]
+fn ready_is_health_by_default_notify_on_request_and_nothing_else() {
+    let p = Project::new();
+    let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}"));
+    assert_eq!(app.ready, Ready::Health);
+    let app = p.app(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}\nready = \"notify\""
+    ));
+    assert_eq!(app.ready, Ready::Notify);
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}\nready = \"sd_notify\""
+    ));
+    assert_one(&errors, "5:9", "unknown readiness \"sd_notify\"");
+}

@@ -19,7 +19,7 @@ use crate::defaults;
 use crate::error::Sink;
 use crate::model::{
     App, Check, Config, Global, Health, HttpSettings, Instances, Listener, Policy, Proto,
-    ProxyVersion, Signal, UdpSettings,
+    ProxyVersion, Ready, Signal, UdpSettings,
 };
 use crate::raw::{self, Reader, Table, Value};
 use crate::values::{parse_host_port, parse_listen_url, parse_signal, parse_size};
@@ -38,6 +38,7 @@ const APP_KEYS: &[&str] = &[
     "policy",
     "env",
     "health",
+    "ready",
     "kill_signal",
     "kill_timeout",
     "drain_timeout",
@@ -295,6 +296,15 @@ fn app(
         Some(table) => health(&mut Reader::new(r.sink, table, "health."), &place),
         None => Health::default(),
     };
+    let ready = r
+        .parsed("ready", |s| match s {
+            "health" => Ok(Ready::Health),
+            "notify" => Ok(Ready::Notify),
+            _ => Err(format!(
+                "unknown readiness {s:?}; expected \"health\" (the health check) or \"notify\" (READY=1 on $NOTIFY_SOCKET)"
+            )),
+        })
+        .unwrap_or_default();
     let kill_signal = kill_signal(&mut r).unwrap_or(defaults::KILL_SIGNAL);
     let kill_timeout = r.duration("kill_timeout").unwrap_or(defaults::KILL_TIMEOUT);
     let drain_timeout = r
@@ -370,6 +380,7 @@ fn app(
         max_conns,
         env,
         health,
+        ready,
         kill_signal,
         kill_timeout,
         drain_timeout,

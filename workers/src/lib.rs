@@ -5,9 +5,11 @@
 //! here knows about listeners or proxies. The worker state machine is in `LIFECYCLE.md`, with a
 //! map of which module owns which part of it.
 
+pub mod children;
 pub mod error;
 pub mod health;
 pub mod logs;
+mod notify;
 pub mod pool;
 pub mod process;
 pub mod restart;

@@ -67,6 +67,14 @@ pub struct Process {
     exit: Option<Exit>,
 }
 
+impl Drop for Process {
+    /// A process dropped unwaited is left to tokio's orphan reaping; the PID-1 reaper may
+    /// reap it as well from now on (whichever comes first, the zombie is gone).
+    fn drop(&mut self) {
+        crate::children::forget(self.spawned);
+    }
+}
+
 /// How long a shim has, after its program was SIGKILLed, to sweep and exit before it is
 /// SIGKILLed too.
 const SHIM_SWEEP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -116,6 +124,7 @@ impl Process {
         }
         let exit = Exit::from(self.child.wait().await);
         self.exit = Some(exit);
+        crate::children::forget(self.spawned);
         // Children of the worker that outlive it would keep ports and memory: end them.
         kill_group(self.pid, Signal::SIGKILL);
         kill_group(self.spawned, Signal::SIGKILL);

@@ -58,6 +58,8 @@ pub(crate) struct SlotSpec {
     pub logs: LogPaths,
     /// This binary, run as the worker shim (`None`: no shim; see [`crate::spawn::SpawnSpec`]).
     pub shim: Option<PathBuf>,
+    /// Where `ready = "notify"` workers get their `$NOTIFY_SOCKET` (`$BALANCER_HOME/notify`).
+    pub notify_dir: PathBuf,
 }
 
 /// One worker identity and the task that runs it.
@@ -92,6 +94,8 @@ impl Slot {
             groups: spec.groups,
             members: Vec::new(),
             shim: spec.shim,
+            notify_dir: spec.notify_dir,
+            notify: None,
             app: spec.app,
             pool: spec.pool,
             sampler: spec.sampler,
@@ -180,6 +184,9 @@ struct SlotTask {
     members: Vec<(Arc<Group>, MemberKey)>,
     /// This binary, run as the worker shim.
     shim: Option<PathBuf>,
+    /// Where notify sockets go, and the current incarnation's (`ready = "notify"`).
+    notify_dir: PathBuf,
+    notify: Option<crate::notify::NotifySocket>,
 }
 
 impl SlotTask {
@@ -305,6 +312,16 @@ impl SlotTask {
             (Vec::new(), sockets)
         };
         let status = self.status.borrow().clone();
+        self.notify = None;
+        if self.app.ready == balancer_config::Ready::Notify {
+            match crate::notify::NotifySocket::bind(&self.notify_dir, &self.app.name, status.id) {
+                Ok(socket) => self.notify = Some(socket),
+                Err(e) => {
+                    self.forget_members();
+                    return Err(e.to_string());
+                }
+            }
+        }
         let spec = SpawnSpec {
             app: &self.app,
             instance: status.instance,
@@ -312,6 +329,7 @@ impl SlotTask {
             logs: &self.logs,
             sockets: &sockets,
             shim: self.shim.as_deref(),
+            notify_socket: self.notify.as_ref().map(|n| n.path()),
         };
         let process = spawn(&spec).await.map_err(|e| {
             let reason = crate::Chain(&e).to_string();
@@ -411,9 +429,17 @@ impl SlotTask {
         // (a process that exits at once must not pass a reload's probation).
         let settled =
             tokio::time::Instant::from_std(process.started()) + app.min_uptime.min(SETTLE_MAX);
+        // `ready = "notify"`: no probe counts before the worker said READY=1.
+        let notified = self.notify.as_ref().map(|n| n.ready());
         loop {
             let this = &*self;
+            let notified = &notified;
             let next_transition = monitor.next_transition(move || async move {
+                if let Some(mut notified) = notified.clone()
+                    && notified.wait_for(|ready| *ready).await.is_err()
+                {
+                    return Err(ProbeError::from("the notify socket closed".to_owned()));
+                }
                 if this.app.listen.is_empty() {
                     tokio::time::sleep_until(settled).await;
                     return Ok(());
@@ -439,9 +465,11 @@ impl SlotTask {
                     return Ended::Stopped;
                 }
                 _ = deadline => {
-                    let reason = format!(
-                        "not ready within listen_timeout {:?} ({})", app.listen_timeout, monitor.last_failure()
-                    );
+                    let why = match &notified {
+                        Some(n) if !*n.borrow() => "it sent no READY=1 to its NOTIFY_SOCKET (ready = \"notify\")".to_owned(),
+                        _ => monitor.last_failure().to_string(),
+                    };
+                    let reason = format!("not ready within listen_timeout {:?} ({why})", app.listen_timeout);
                     tracing::warn!(app = %app.name, id = handle.id, pid = handle.pid, "worker {reason}");
                     self.set(|s| s.state = WorkerState::Stopping);
                     process.stop(app.kill_signal, app.kill_timeout).await;

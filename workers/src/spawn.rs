@@ -129,6 +129,8 @@ pub struct SpawnSpec<'a> {
     /// program directly, without the whole-tree guarantee (unit tests of this crate, which have
     /// no `balancer` binary); the reuseport policy needs the shim.
     pub shim: Option<&'a Path>,
+    /// `ready = "notify"`: the worker's own `$NOTIFY_SOCKET`.
+    pub notify_socket: Option<&'a Path>,
 }
 
 /// How long a shim has to report its program's pid.
@@ -173,6 +175,11 @@ pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
         .env("BALANCER_INSTANCE", spec.instance.to_string())
         .env("NODE_APP_INSTANCE", spec.instance.to_string())
         .env_remove("LISTEN_PID")
+        // The master's own service-manager channel is not the worker's (`ready = "notify"`
+        // gives a worker one of its own).
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -180,6 +187,9 @@ pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
         .kill_on_drop(true);
     for (listener, addr) in app.listen.iter().zip(spec.addrs) {
         cmd.env(&listener.port_env, addr.port().to_string());
+    }
+    if let Some(path) = spec.notify_socket {
+        cmd.env("NOTIFY_SOCKET", path);
     }
     let staged = spec
         .sockets
@@ -248,7 +258,7 @@ pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(exec_error);
+    let child = crate::children::spawn(&mut cmd).map_err(exec_error);
     drop(staged_owned);
     let child = child?;
     let Some((read, write)) = report else {

@@ -645,6 +645,7 @@ impl AppSupervisor {
             logs: LogPaths::for_app(&self.env.home, &app, instance),
             groups: self.groups_for(&app),
             shim: self.env.shim.clone(),
+            notify_dir: self.env.home.join("notify"),
             pool: Arc::clone(&self.pool),
             app,
         })

@@ -9,10 +9,12 @@
 //! `start.rs` resolves what `start`'s argument is, `verbs.rs` holds the other verbs,
 //! `import.rs` reads PM2 ecosystem files for `start` and `import` (`ecosystem.rs` maps them),
 //! `reply.rs` what every verb does with the master's reply, `client.rs` is the socket client
-//! and `daemon.rs` launches the background master.
+//! and `daemon.rs` launches the background master; `deploy.rs` has `save`, `resurrect`,
+//! `startup` and `unstartup`.
 
 pub mod client;
 pub mod daemon;
+mod deploy;
 pub mod ecosystem;
 mod import;
 mod reply;
@@ -71,6 +73,10 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
         Command::Completions { shell } => verbs::completions(shell),
         Command::Import { file } => verbs::import(&file),
         Command::Kill => verbs::kill(home, output),
+        Command::Save => deploy::save(home, output),
+        Command::Resurrect => deploy::resurrect(home, output),
+        Command::Startup { init, install } => deploy::startup(home, &init, install),
+        Command::Unstartup { init } => deploy::unstartup(&init),
         Command::Run { .. } | Command::Check { .. } | Command::Daemon | Command::Shim { .. } => {
             failed(EXIT_USAGE, "this command does not talk to a master")
         }

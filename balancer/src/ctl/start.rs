@@ -26,6 +26,22 @@ pub(super) enum Program {
 /// app or worker the master already knows (or `all`), or else a command. The order is fixed so
 /// the same words always mean the same thing.
 pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
+    if args.target.is_empty() {
+        if args.describes_an_app() || args.env.is_some() || args.force {
+            return failed(
+                EXIT_USAGE,
+                "these options describe an app to start: name its script, command or balancer.toml (`balancer start` alone resurrects what `balancer save` wrote)",
+            );
+        }
+        if args.no_daemon {
+            return failed(
+                EXIT_USAGE,
+                "`start --no-daemon` needs a target; `balancer run` with no file resurrects in the foreground",
+            );
+        }
+        // `start` with no argument, as PM2's `pm2 resurrect`: what `save` wrote.
+        return super::deploy::resurrect(home, output);
+    }
     if let Some(refusal) = unsupported(&args) {
         return failed(EXIT_USAGE, refusal);
     }
@@ -404,7 +420,7 @@ fn master_unless_foreground(home: &Path, foreground: bool) -> Result<Option<Pong
 }
 
 /// Sends a `start`, first launching the master if none is running (`master` is `None`).
-fn start_on_master(
+pub(super) fn start_on_master(
     home: &Path,
     master: Option<Pong>,
     request: &Request,

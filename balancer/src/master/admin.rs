@@ -20,9 +20,10 @@ use tokio_util::codec::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::dump::Origin;
 use super::views::{all_workers, show};
 use super::{Apply, ControlError, Master, OpResult, Source};
-use crate::protocol::{LogLine, MAX_REQUEST_BYTES, Pong, Reload, Reply, Request, Start};
+use crate::protocol::{Load, LogLine, MAX_REQUEST_BYTES, Pong, Reload, Reply, Request, Start};
 
 /// How often `logs --follow` looks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -228,6 +229,28 @@ async fn next_line(lines: &mut Lines) {
     let _ = lines.next().await;
 }
 
+/// How `save` will start a file's apps again.
+fn file_origin(file: &Path, load: &Load) -> Origin {
+    Origin::File {
+        file: file.to_path_buf(),
+        env: load.env.clone(),
+        policy: load.policy.map(|p| p.as_str().to_owned()),
+    }
+}
+
+fn app_names(config: &balancer_config::Config) -> Vec<String> {
+    config.apps.iter().map(|a| a.name.clone()).collect()
+}
+
+/// Records `origin` for `names` once the operation that started them succeeded (for some of
+/// them, at least: `save` only writes apps that are running).
+fn remember_if(master: &Master, done: OpResult, names: Vec<String>, origin: &Origin) -> OpResult {
+    if matches!(done, Ok(_) | Err(ControlError::Partial { .. })) {
+        master.remember(names, origin);
+    }
+    done
+}
+
 fn bad_request(error: String) -> Reply {
     Reply::Failed { error, code: 2 }
 }
@@ -262,7 +285,12 @@ async fn handle(master: &Master, request: Request) -> Reply {
         },
         Request::Start(Start::File { file, load }) => {
             outcome(match master.load(&file, &load).await {
-                Ok(config) => master.apply(config, Source::File(file), Apply::Start).await,
+                Ok(config) => {
+                    let origin = file_origin(&file, &load);
+                    let names = app_names(&config);
+                    let done = master.apply(config, Source::File(file), Apply::Start).await;
+                    remember_if(master, done, names, &origin)
+                }
                 Err(e) => Err(e),
             })
         }
@@ -274,7 +302,17 @@ async fn handle(master: &Master, request: Request) -> Reply {
         }) => {
             let cwd = cwd.unwrap_or_else(|| master.home().to_path_buf());
             outcome(match master.parse(&toml, &cwd, &load) {
-                Ok(config) => master.start_from_command_line(config, force).await,
+                Ok(config) => {
+                    let names = app_names(&config);
+                    let origin = Origin::Toml {
+                        toml,
+                        cwd: Some(cwd),
+                        env: load.env.clone(),
+                        policy: load.policy.map(|p| p.as_str().to_owned()),
+                    };
+                    let done = master.start_from_command_line(config, force).await;
+                    remember_if(master, done, names, &origin)
+                }
                 Err(e) => Err(e),
             })
         }
@@ -285,13 +323,18 @@ async fn handle(master: &Master, request: Request) -> Reply {
         Request::Reload(Reload::File { file, load }) => {
             outcome(match master.load(&file, &load).await {
                 Ok(config) => {
-                    master
+                    let origin = file_origin(&file, &load);
+                    let names = app_names(&config);
+                    let done = master
                         .apply(config, Source::File(file), Apply::Reload)
-                        .await
+                        .await;
+                    remember_if(master, done, names, &origin)
                 }
                 Err(e) => Err(e),
             })
         }
+        Request::Save => outcome(master.save().await),
+        Request::Resurrect => outcome(master.resurrect().await),
         Request::Delete { target } => outcome(master.delete(&target).await),
         Request::Scale { app, to } => outcome(master.scale(&app, to).await),
         Request::Flush { target } => outcome(flush(master, target.as_deref()).await),

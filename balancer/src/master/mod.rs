@@ -9,6 +9,9 @@
 
 mod admin;
 mod apply;
+pub mod dump;
+pub mod notify;
+mod reaper;
 pub mod run;
 pub mod views;
 
@@ -145,6 +148,12 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    /// `save` could not write the dump; the previous one is intact.
+    #[error(transparent)]
+    Save(dump::DumpError),
+    /// `resurrect` found no dump.
+    #[error("no dump at {} (write one with `balancer save`)", .0.display())]
+    NoDump(PathBuf),
     /// The operation touched several apps and more than one failed.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<ControlError>),
@@ -266,6 +275,8 @@ pub struct Master {
     /// The most flows one UDP listener may keep with this descriptor budget.
     flow_cap: u32,
     shutdown: CancellationToken,
+    /// How each app was started, by name, for `save` (see `dump.rs`).
+    origins: Mutex<Vec<(String, dump::Origin)>>,
 }
 
 /// Descriptors kept out of the connection budget: the admin socket and its clients, health
@@ -307,6 +318,7 @@ impl Master {
             abort_connections: CancellationToken::new(),
             connections: TaskTracker::new(),
             shutdown,
+            origins: Mutex::new(Vec::new()),
         }
     }
 

@@ -1,11 +1,14 @@
 //! Booting the master and living with signals: the runtime, the home lock, the first apps'
 //! listeners (all bound before any worker starts), the admin socket, SIGTERM/SIGINT (graceful
-//! shutdown, a second one exits at once) and SIGHUP (reload every app).
+//! shutdown, a second one exits at once) and SIGHUP (reload every app); systemd's
+//! `Type=notify` messages (`notify.rs`) and, as PID 1, zombie reaping (`reaper.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use balancer_config::{App, Config, LoadOptions};
+use balancer_workers::WorkerState;
 
 use crate::protocol::Load;
 use tokio::signal::unix::{SignalKind, signal};
@@ -13,7 +16,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::apply::bind_for;
-use super::{Master, MasterError, Phase, Source, admin};
+use super::{Master, MasterError, Phase, Source, admin, dump, notify};
 use crate::home::{self, HomeLock};
 use crate::listener::Bound;
 
@@ -30,6 +33,12 @@ pub struct MasterOptions {
     pub load: LoadOptions,
     /// Reload every app when this is notified (SIGHUP in the binary).
     pub reload_all: Option<Arc<Notify>>,
+    /// How the first apps were loaded, for `save` (`None`: they are not saved).
+    pub origin: Option<dump::Origin>,
+    /// Start what the home's `dump.json` holds once the admin socket serves (`run` with no
+    /// file, as the systemd unit runs it). A missing dump is a warning: the master serves
+    /// empty, as a daemon does, and `balancer start` fills it.
+    pub resurrect: bool,
 }
 
 /// Runs the master until `opts.shutdown` is cancelled and everything has stopped.
@@ -40,6 +49,8 @@ pub struct MasterOptions {
 pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<(), MasterError> {
     let _ = opts.phase.send(Phase::Starting);
     let lock = HomeLock::acquire(&opts.home)?;
+    // Before any worker can orphan anything.
+    let reaper = super::reaper::spawn_if_init();
     raise_fd_limit();
     let shim = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer"));
     let master = Arc::new(Master::new(
@@ -54,6 +65,9 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
         .sampler
         .set_interval(config.balancer.sample_interval);
     let bound = bind_all(&config.apps)?;
+    if let Some(origin) = &opts.origin {
+        master.remember(config.apps.iter().map(|a| a.name.clone()), origin);
+    }
     for (app, sockets) in config.apps.into_iter().zip(bound) {
         master.add_app(app, sockets, source.clone());
     }
@@ -62,18 +76,36 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     let admin = admin::bind(&admin_path).map_err(|e| MasterError::Admin(admin_path.clone(), e))?;
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&master), admin_stop.clone()));
+    if opts.resurrect {
+        match master.resurrect().await {
+            Ok(done) => tracing::info!("resurrected: {done}"),
+            Err(e @ super::ControlError::NoDump(_)) => tracing::warn!("{e}; starting empty"),
+            Err(e) => tracing::error!("resurrect: {}", balancer_workers::Chain(&e)),
+        }
+    }
+    let systemd = notify::Notifier::from_env().map(Arc::new);
     if let Some(notify) = opts.reload_all.clone() {
         let master = Arc::clone(&master);
+        let systemd = systemd.clone();
         tokio::spawn(async move {
             loop {
                 notify.notified().await;
                 tracing::info!("reloading every app (SIGHUP)");
+                if let Some(systemd) = &systemd {
+                    systemd.reloading();
+                }
                 match master.reload("all").await {
                     Ok(done) => tracing::info!("{done}"),
                     Err(e) => tracing::error!("reload failed: {e}"),
                 }
+                if let Some(systemd) = &systemd {
+                    systemd.send("READY=1");
+                }
             }
         });
+    }
+    if let Some(systemd) = &systemd {
+        spawn_systemd_tasks(Arc::clone(&master), Arc::clone(systemd));
     }
 
     let _ = opts.phase.send(Phase::Running);
@@ -86,13 +118,62 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
 
     opts.shutdown.cancelled().await;
     let _ = opts.phase.send(Phase::ShuttingDown);
+    if let Some(systemd) = &systemd {
+        systemd.send("STOPPING=1");
+    }
     master.shutdown().await;
     admin_stop.cancel();
     let _ = admin_task.await;
     drop(lock);
+    if let Some(reaper) = reaper {
+        reaper.abort();
+    }
     let _ = opts.phase.send(Phase::Stopped);
     tracing::info!("master stopped");
     Ok(())
+}
+
+/// How often the master looks whether its first workers have all settled, for `READY=1`.
+const SETTLE_POLL: Duration = Duration::from_millis(50);
+
+/// `READY=1` once no worker of the first apps is still starting (each is ready, or has failed
+/// and waits for a restart or is errored: systemd should not hold the boot for a broken app),
+/// and the `WATCHDOG=1` pings. The pings come from a task on the runtime, so a runtime that
+/// stops making progress stops them and systemd restarts the master.
+fn spawn_systemd_tasks(master: Arc<Master>, systemd: Arc<notify::Notifier>) {
+    let longest = master
+        .apps()
+        .iter()
+        .map(|(app, _)| app.listen_timeout)
+        .max()
+        .unwrap_or_default();
+    let ready = Arc::clone(&systemd);
+    tokio::spawn(async move {
+        // listen_timeout bounds every start; the second is slack for the restart bookkeeping.
+        let deadline = tokio::time::Instant::now() + longest + Duration::from_secs(1);
+        while tokio::time::Instant::now() < deadline && still_starting(&master) {
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+        ready.send(&format!("READY=1\nMAINPID={}", std::process::id()));
+    });
+    if let Some(every) = systemd.watchdog() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                systemd.send("WATCHDOG=1");
+            }
+        });
+    }
+}
+
+/// Whether any worker is still on its first way up.
+fn still_starting(master: &Master) -> bool {
+    master
+        .apps()
+        .iter()
+        .flat_map(|(_, workers)| workers)
+        .any(|w| w.state == WorkerState::Starting)
 }
 
 /// Below this many descriptors the master says at start that it may run short: every proxied
@@ -156,7 +237,31 @@ fn bind_all(apps: &[App]) -> Result<Vec<Vec<Bound>>, MasterError> {
 pub fn foreground(config: Config) -> Result<(), MasterError> {
     let source =
         Source::File(std::path::absolute(&config.source).unwrap_or_else(|_| config.source.clone()));
-    block_on(config, source)
+    block_on(config, source, None, false)
+}
+
+/// `balancer run FILE [--env NAME]`: [`foreground`], and `save` knows to read `FILE` again.
+pub fn foreground_file(config: Config, env: Option<String>) -> Result<(), MasterError> {
+    let file = std::path::absolute(&config.source).unwrap_or_else(|_| config.source.clone());
+    let origin = dump::Origin::File {
+        file: file.clone(),
+        env,
+        policy: None,
+    };
+    block_on(config, Source::File(file), Some(origin), false)
+}
+
+/// `balancer run` with no file: a foreground master that starts what `dump.json` holds
+/// (what the systemd unit `balancer startup` writes runs).
+pub fn foreground_resurrect() -> Result<(), MasterError> {
+    let home = home::from_env();
+    let config = Config {
+        source: home::dump_file(&home),
+        balancer: Default::default(),
+        apps: Vec::new(),
+    };
+    let source = Source::File(config.source.clone());
+    block_on(config, source, None, true)
 }
 
 /// `balancer daemon`, spawned by `start` with its stdio on `balancer.log`: leave the
@@ -176,12 +281,34 @@ pub fn run_daemon() -> Result<(), MasterError> {
     };
     // No apps yet: the source only names where this empty config came from.
     let source = Source::File(config.source.clone());
-    block_on(config, source)
+    block_on(config, source, None, false)
+}
+
+/// Keeps glibc's allocator to one arena. By default every thread may get its own, and a
+/// connection's memory is freed on whichever thread ends it, so after bursts each arena keeps
+/// its own high-water mark and the master's RSS ratchets up; with one arena, what a burst freed
+/// serves the next one. The per-thread caches in front of it keep small allocations lock-free.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread of
+        // this process exists.
+        #[allow(unsafe_code)]
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+        }
+    }
 }
 
 /// Builds the runtime and runs the master on it, with the process's signals wired in.
-fn block_on(config: Config, source: Source) -> Result<(), MasterError> {
+fn block_on(
+    config: Config,
+    source: Source,
+    origin: Option<dump::Origin>,
+    resurrect: bool,
+) -> Result<(), MasterError> {
     let setup = |what| move |source| MasterError::Setup { what, source };
+    one_malloc_arena();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("balancer")
@@ -199,6 +326,8 @@ fn block_on(config: Config, source: Source) -> Result<(), MasterError> {
             phase,
             load: Load::options(None, None).0,
             reload_all: Some(reload_all),
+            origin,
+            resurrect,
         };
         run(config, source, opts).await
     })

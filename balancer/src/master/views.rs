@@ -153,6 +153,7 @@ pub fn app_json(app: &App) -> serde_json::Value {
         "max_conns": app.max_conns,
         "env": app.env,
         "health": health,
+        "ready": app.ready.as_str(),
         "kill_signal": app.kill_signal.as_str(),
         "kill_timeout": secs(app.kill_timeout),
         "drain_timeout": secs(app.drain_timeout),
