@@ -6,6 +6,7 @@ mod config_errors;
 mod hardening;
 mod http;
 mod lifecycle;
+mod metrics;
 mod observe;
 mod operate;
 mod reuseport;

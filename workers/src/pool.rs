@@ -5,10 +5,11 @@
 //! to look at worker state — except for the `draining` flag, which closes the race between a
 //! proxy picking a worker and the supervisor deciding to drain it (see [`WorkerHandle::acquire`]).
 
+use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Notify, watch};
@@ -29,11 +30,16 @@ pub struct WorkerHandle {
     draining: AtomicBool,
     gone: AtomicBool,
     idle: Notify,
+    /// One slot per listener for what the proxy counts about this worker there (its metric
+    /// handles): filled once, on the worker's first connection, so a connection never looks
+    /// a label set up. Typed `Any` because the data path's types live above this crate.
+    meters: Box<[OnceLock<Box<dyn Any + Send + Sync>>]>,
 }
 
 impl WorkerHandle {
     /// A handle for a freshly spawned worker.
     pub fn new(id: u32, instance: u32, pid: u32, addrs: Vec<SocketAddr>) -> Self {
+        let addrs_len = addrs.len();
         WorkerHandle {
             id,
             instance,
@@ -44,7 +50,21 @@ impl WorkerHandle {
             draining: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             idle: Notify::new(),
+            meters: addrs_slots(addrs_len),
         }
+    }
+
+    /// The value in this worker's slot for listener `index`, made by `init` the first time.
+    /// `None` for an index the worker has no address for, or a slot holding another type.
+    pub fn meters<T: Any + Send + Sync>(
+        &self,
+        index: usize,
+        init: impl FnOnce() -> T,
+    ) -> Option<&T> {
+        self.meters
+            .get(index)?
+            .get_or_init(|| Box::new(init()))
+            .downcast_ref()
     }
 
     /// Counts a new connection against this worker, unless it is draining.
@@ -322,4 +342,9 @@ mod tests {
             assert_eq!(w.live(), 0);
         }
     }
+}
+
+/// `n` empty meter slots.
+fn addrs_slots(n: usize) -> Box<[OnceLock<Box<dyn Any + Send + Sync>>]> {
+    (0..n).map(|_| OnceLock::new()).collect()
 }

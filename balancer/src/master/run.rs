@@ -49,11 +49,19 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
         Some(shim),
     ));
 
+    let _ = master.me.set(Arc::downgrade(&master));
     master
         .spawn
         .sampler
         .set_interval(config.balancer.sample_interval);
     let bound = bind_all(&config.apps)?;
+    if let Some(addr) = config.balancer.metrics {
+        master
+            .serve_metrics(addr)
+            .map_err(|e| MasterError::Metrics(addr, e))?;
+    }
+    let upkeep_stop = CancellationToken::new();
+    tokio::spawn(super::metrics::upkeep(upkeep_stop.clone()));
     for (app, sockets) in config.apps.into_iter().zip(bound) {
         master.add_app(app, sockets, source.clone());
     }
@@ -88,6 +96,15 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     let _ = opts.phase.send(Phase::ShuttingDown);
     master.shutdown().await;
     admin_stop.cancel();
+    upkeep_stop.cancel();
+    if let Some(endpoint) = master
+        .endpoint
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        endpoint.stop();
+    }
     let _ = admin_task.await;
     drop(lock);
     let _ = opts.phase.send(Phase::Stopped);

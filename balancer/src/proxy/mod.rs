@@ -20,6 +20,7 @@ use crate::policy::round_robin;
 
 pub mod copy;
 pub mod http;
+pub mod metrics;
 pub mod tcp;
 pub mod udp;
 
@@ -188,6 +189,8 @@ where
 {
     let deadline = Instant::now() + settings.queue_timeout;
     let mut changes = route.pool.subscribe();
+    // Counted as queued from the first wait until a worker is found or the wait ends.
+    let mut _queued = None;
     loop {
         changes.borrow_and_update();
         let mut tried = 0;
@@ -199,10 +202,14 @@ where
                 Attempt::GiveUp(e) => return Err(PickError::GaveUp(e)),
             }
         }
+        _queued.get_or_insert_with(|| metrics::Queued::enter(&route.meters));
         wait_in_queue(&mut changes, tried > 0, deadline, stop)
             .await
             .map_err(|end| match end {
-                QueueEnd::TimedOut => PickError::NoWorker(settings.queue_timeout),
+                QueueEnd::TimedOut => {
+                    route.meters.queue_timeouts.increment(1);
+                    PickError::NoWorker(settings.queue_timeout)
+                }
                 QueueEnd::Stopped => PickError::Stopped,
             })?;
     }
@@ -230,6 +237,8 @@ pub struct Route {
     pub app: String,
     /// The app's ready workers.
     pub pool: Arc<Pool>,
+    /// This listener's metric handles (see [`metrics`]).
+    pub meters: metrics::ListenerMeters,
     settings: ArcSwap<RouteSettings>,
 }
 
@@ -251,11 +260,20 @@ pub struct RouteSettings {
 impl Route {
     /// A route to `pool`'s workers.
     pub fn new(app: impl Into<String>, pool: Arc<Pool>, settings: RouteSettings) -> Self {
+        let app = app.into();
         Route {
-            app: app.into(),
+            meters: metrics::ListenerMeters::noop(&app),
+            app,
             pool,
             settings: ArcSwap::from_pointee(settings),
         }
+    }
+
+    /// The same route, counting into metrics labelled with `listener` (as written in the
+    /// config); a route made with [`new`](Self::new) alone counts nothing.
+    pub fn for_listener(mut self, listener: &str) -> Self {
+        self.meters = metrics::ListenerMeters::new(&self.app, listener);
+        self
     }
 
     /// The current settings.

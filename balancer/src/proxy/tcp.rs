@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Active;
 use super::{Attempt, PickError, Route, pick_and_connect};
 
 /// Time allowed to connect a rescued connection to the public address (the kernel answers a
@@ -56,10 +57,12 @@ pub async fn connect(
         match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => Attempt::Connected((stream, pick.guard)),
             Ok(Err(e)) => {
+                connect_failed(route, &pick, settings.listener_index);
                 tracing::debug!(app = %route.app, id = pick.worker().id, %addr, "connect failed: {e}; trying the next worker");
                 Attempt::<_, _, Infallible>::Next(())
             }
             Err(_) => {
+                connect_failed(route, &pick, settings.listener_index);
                 tracing::debug!(app = %route.app, id = pick.worker().id, %addr, "connect timed out; trying the next worker");
                 Attempt::Next(())
             }
@@ -79,9 +82,10 @@ pub async fn proxy(
     route: &Route,
     shutdown: &CancellationToken,
 ) -> Result<Transferred, TcpProxyError> {
+    route.meters.accepted.increment(1);
     // A client that hangs up while its connection waits for a worker (queue_timeout can be
     // long) must not keep two descriptors, or later get a worker connection nobody reads.
-    let (upstream, _guard) = tokio::select! {
+    let (upstream, guard) = tokio::select! {
         connected = connect(route, shutdown) => connected?,
         () = hung_up(&client) => return Err(TcpProxyError::ClientGone),
     };
@@ -89,13 +93,29 @@ pub async fn proxy(
     let _ = upstream.set_nodelay(true);
     // Each EOF shuts down the other side's write half and the other direction goes on:
     // half-close passes through in both directions. Buffers are borrowed only while bytes move.
+    let meters = route
+        .meters
+        .worker(guard.worker(), route.settings().listener_index);
+    let _active = meters.map(Active::enter);
     let (to_worker, to_client) = super::copy::bidirectional(&client, &upstream)
         .await
         .map_err(TcpProxyError::Copy)?;
+    if let Some(m) = meters {
+        m.bytes_to_worker.increment(to_worker);
+        m.bytes_to_client.increment(to_client);
+    }
     Ok(Transferred {
         to_worker,
         to_client,
     })
+}
+
+/// Counts a failed connect against the worker and as a retry of the listener.
+fn connect_failed(route: &Route, pick: &super::Pick, listener_index: usize) {
+    route.meters.retries.increment(1);
+    if let Some(m) = route.meters.worker(pick.worker(), listener_index) {
+        m.connect_errors.increment(1);
+    }
 }
 
 /// A connect normally takes well under this: only a connection still waiting for a worker
