@@ -11,6 +11,7 @@ use nix::unistd::Pid;
 use prometheus_parse::{Scrape, Value};
 
 use crate::support::*;
+use crate::udp::free_udp_port;
 
 /// One GET over a fresh connection: the status code and the body.
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -246,4 +247,72 @@ fn readyz_fails_while_an_app_has_no_ready_worker() {
     let (_, status) = get(metrics, "/status");
     let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
     assert_eq!(status["master"]["ready"], false);
+}
+
+#[test]
+fn http_requests_and_udp_datagrams_are_counted() {
+    let (http_port, udp_port, metrics_port) = (free_port(), free_udp_port(), free_port());
+    let toml = format!(
+        "[balancer]\nmetrics = \"127.0.0.1:{metrics_port}\"\n[[app]]\nname = \"mixed\"\nscript = \"{}\"\ninstances = 1\nlisten = [\"http://127.0.0.1:{http_port}\", {{ url = \"udp://127.0.0.1:{udp_port}\", port_env = \"DNS_PORT\" }}]\n",
+        worker("mixed_server.js")
+    );
+    let b = Balancer::start(&toml);
+    b.wait_ready("mixed", 1);
+    let pid = b.ready_pids("mixed")[0];
+
+    for _ in 0..3 {
+        http_get(loopback(http_port), "/").expect("HTTP through the proxy");
+    }
+    // UDP: each reply is "<pid> <payload>"; count until every datagram was answered.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let payloads = ["a", "bb", "cccc"];
+    let mut answered = Vec::new();
+    for p in payloads {
+        client
+            .send_to(p.as_bytes(), loopback(udp_port))
+            .expect("send");
+        let mut buf = [0u8; 64];
+        let (n, _) = client.recv_from(&mut buf).expect("an answer");
+        answered.push(n);
+    }
+    assert!(answered.iter().all(|&n| n > format!("{pid} ").len()));
+
+    let http = format!("http://127.0.0.1:{http_port}");
+    let udp = format!("udp://127.0.0.1:{udp_port}");
+    let s = scrape_until(loopback(metrics_port), "HTTP and UDP counted", |s| {
+        sum(s, "balancer_http_requests_total", &[("listener", &http)]) == 3.0
+            && sum(
+                s,
+                "balancer_udp_datagrams_total",
+                &[("direction", "to_client")],
+            ) == 3.0
+    });
+    let get_2xx = [
+        ("listener", http.as_str()),
+        ("method", "GET"),
+        ("code", "2xx"),
+    ];
+    assert_eq!(sum(&s, "balancer_http_requests_total", &get_2xx), 3.0);
+    assert_eq!(sum(&s, "balancer_http_upstream_errors_total", &[]), 0.0);
+    assert_eq!(sum(&s, "balancer_http_no_worker_total", &[]), 0.0);
+    let duration_count = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "balancer_http_request_duration_seconds")
+        .map(|x| match &x.value {
+            Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+            other => panic!("not a histogram: {other:?}"),
+        });
+    assert_eq!(duration_count, Some(3.0), "every request timed");
+    let u = |d: &'static str| [("listener", udp.as_str()), ("direction", d)];
+    assert_eq!(sum(&s, "balancer_udp_datagrams_total", &u("to_worker")), 3.0);
+    let sent: usize = payloads.iter().map(|p| p.len()).sum();
+    assert_eq!(sum(&s, "balancer_udp_bytes_total", &u("to_worker")), sent as f64);
+    let back: usize = answered.iter().sum();
+    assert_eq!(sum(&s, "balancer_udp_bytes_total", &u("to_client")), back as f64);
+    assert_eq!(sum(&s, "balancer_udp_flows", &[("listener", &udp)]), 1.0);
+    assert_eq!(sum(&s, "balancer_udp_flow_evictions_total", &[]), 0.0);
 }

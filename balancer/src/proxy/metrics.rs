@@ -174,6 +174,70 @@ impl HttpMeters {
     }
 }
 
+/// Counters of one UDP listener, labelled `app` and `listener` (a flow's worker changes as
+/// it moves, so these are per listener).
+#[derive(Debug)]
+pub struct UdpMeters {
+    /// Flows in the table now.
+    pub flows: Gauge,
+    /// Datagrams sent to workers.
+    pub datagrams_to_worker: Counter,
+    /// Bytes of those datagrams.
+    pub bytes_to_worker: Counter,
+    /// Replies sent back to clients.
+    pub datagrams_to_client: Counter,
+    /// Bytes of those replies.
+    pub bytes_to_client: Counter,
+    /// Flows evicted to make room for a new client (`max_flows`).
+    pub evictions: Counter,
+}
+
+impl UdpMeters {
+    /// The handles of the UDP listener `route` counts for (no-ops if it counts nothing).
+    pub fn new(route: &ListenerMeters) -> Self {
+        if route.listener.is_empty() {
+            return UdpMeters {
+                flows: Gauge::noop(),
+                datagrams_to_worker: Counter::noop(),
+                bytes_to_worker: Counter::noop(),
+                datagrams_to_client: Counter::noop(),
+                bytes_to_client: Counter::noop(),
+                evictions: Counter::noop(),
+            };
+        }
+        let labels = |direction: Option<&'static str>| {
+            let mut l = vec![
+                ("app", route.app.to_string()),
+                ("listener", route.listener.to_string()),
+            ];
+            if let Some(d) = direction {
+                l.push(("direction", d.to_owned()));
+            }
+            l
+        };
+        UdpMeters {
+            flows: gauge!("balancer_udp_flows", &labels(None)),
+            datagrams_to_worker: counter!("balancer_udp_datagrams_total", &labels(Some("to_worker"))),
+            bytes_to_worker: counter!("balancer_udp_bytes_total", &labels(Some("to_worker"))),
+            datagrams_to_client: counter!("balancer_udp_datagrams_total", &labels(Some("to_client"))),
+            bytes_to_client: counter!("balancer_udp_bytes_total", &labels(Some("to_client"))),
+            evictions: counter!("balancer_udp_flow_evictions_total", &labels(None)),
+        }
+    }
+
+    /// One datagram of `len` bytes went to a worker.
+    pub fn to_worker(&self, len: usize) {
+        self.datagrams_to_worker.increment(1);
+        self.bytes_to_worker.increment(len as u64);
+    }
+
+    /// One reply of `len` bytes went to a client.
+    pub fn to_client(&self, len: usize) {
+        self.datagrams_to_client.increment(1);
+        self.bytes_to_client.increment(len as u64);
+    }
+}
+
 /// Holds one in [`ListenerMeters::queued`] while a connection waits for a worker.
 #[derive(Debug)]
 pub struct Queued<'a> {
@@ -273,6 +337,20 @@ pub fn describe() {
     describe_counter!(
         "balancer_http_no_worker_total",
         "HTTP requests answered 503: no worker was ready"
+    );
+    describe_gauge!("balancer_udp_flows", "UDP flows (client addresses) in the table now");
+    describe_counter!(
+        "balancer_udp_datagrams_total",
+        "UDP datagrams relayed, by direction"
+    );
+    describe_counter!(
+        "balancer_udp_bytes_total",
+        Unit::Bytes,
+        "Bytes of relayed UDP datagrams, by direction"
+    );
+    describe_counter!(
+        "balancer_udp_flow_evictions_total",
+        "UDP flows evicted to make room for a new client (max_flows)"
     );
     describe_counter!(
         "balancer_tcp_connect_errors_total",
