@@ -141,7 +141,11 @@ fn setup() -> Setup {
         );
         (direct, proxied, metered, reuseport)
     });
-    assert!(prometheus.render().contains("balancer_tcp_connections_accepted_total"));
+    assert!(
+        prometheus
+            .render()
+            .contains("balancer_tcp_connections_accepted_total")
+    );
     Setup {
         _runtime: runtime,
         direct,

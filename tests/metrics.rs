@@ -160,6 +160,10 @@ fn metrics_count_known_traffic_and_a_crash_exactly() {
         );
     }
     assert_eq!(sum(&s, "balancer_worker_up", &[("app", "echo")]), 2.0);
+    // Each of the three incarnations (two, then the crashed one's successor) passed its
+    // readiness probe at least once.
+    let passed = [("app", "echo"), ("result", "pass")];
+    assert!(sum(&s, "balancer_health_checks_total", &passed) >= 3.0);
     // Per-worker series carry the stable id and the instance.
     let per_worker: HashMap<String, f64> = s
         .samples
@@ -308,11 +312,20 @@ fn http_requests_and_udp_datagrams_are_counted() {
         });
     assert_eq!(duration_count, Some(3.0), "every request timed");
     let u = |d: &'static str| [("listener", udp.as_str()), ("direction", d)];
-    assert_eq!(sum(&s, "balancer_udp_datagrams_total", &u("to_worker")), 3.0);
+    assert_eq!(
+        sum(&s, "balancer_udp_datagrams_total", &u("to_worker")),
+        3.0
+    );
     let sent: usize = payloads.iter().map(|p| p.len()).sum();
-    assert_eq!(sum(&s, "balancer_udp_bytes_total", &u("to_worker")), sent as f64);
+    assert_eq!(
+        sum(&s, "balancer_udp_bytes_total", &u("to_worker")),
+        sent as f64
+    );
     let back: usize = answered.iter().sum();
-    assert_eq!(sum(&s, "balancer_udp_bytes_total", &u("to_client")), back as f64);
+    assert_eq!(
+        sum(&s, "balancer_udp_bytes_total", &u("to_client")),
+        back as f64
+    );
     assert_eq!(sum(&s, "balancer_udp_flows", &[("listener", &udp)]), 1.0);
     assert_eq!(sum(&s, "balancer_udp_flow_evictions_total", &[]), 0.0);
 }

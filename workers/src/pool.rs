@@ -50,7 +50,7 @@ impl WorkerHandle {
             draining: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             idle: Notify::new(),
-            meters: addrs_slots(addrs_len),
+            meters: (0..addrs_len).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -257,6 +257,32 @@ impl Pool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_meter_slot_is_made_once_per_listener() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let w = WorkerHandle::new(0, 0, 1, vec![addr, addr]);
+        let mut made = 0;
+        assert_eq!(
+            w.meters(0, || {
+                made += 1;
+                7u32
+            }),
+            Some(&7)
+        );
+        assert_eq!(
+            w.meters(0, || {
+                made += 1;
+                8u32
+            }),
+            Some(&7),
+            "kept"
+        );
+        assert_eq!(made, 1);
+        assert_eq!(w.meters(1, || 9u32), Some(&9), "one slot per listener");
+        assert_eq!(w.meters::<u64>(0, || 1), None, "another type is not it");
+        assert_eq!(w.meters(2, || 1u32), None, "no such listener");
+    }
+
     fn worker(id: u32) -> Arc<WorkerHandle> {
         Arc::new(WorkerHandle::new(id, id, 1000 + id, vec![]))
     }
@@ -342,9 +368,4 @@ mod tests {
             assert_eq!(w.live(), 0);
         }
     }
-}
-
-/// `n` empty meter slots.
-fn addrs_slots(n: usize) -> Box<[OnceLock<Box<dyn Any + Send + Sync>>]> {
-    (0..n).map(|_| OnceLock::new()).collect()
 }

@@ -217,9 +217,15 @@ impl UdpMeters {
         };
         UdpMeters {
             flows: gauge!("balancer_udp_flows", &labels(None)),
-            datagrams_to_worker: counter!("balancer_udp_datagrams_total", &labels(Some("to_worker"))),
+            datagrams_to_worker: counter!(
+                "balancer_udp_datagrams_total",
+                &labels(Some("to_worker"))
+            ),
             bytes_to_worker: counter!("balancer_udp_bytes_total", &labels(Some("to_worker"))),
-            datagrams_to_client: counter!("balancer_udp_datagrams_total", &labels(Some("to_client"))),
+            datagrams_to_client: counter!(
+                "balancer_udp_datagrams_total",
+                &labels(Some("to_client"))
+            ),
             bytes_to_client: counter!("balancer_udp_bytes_total", &labels(Some("to_client"))),
             evictions: counter!("balancer_udp_flow_evictions_total", &labels(None)),
         }
@@ -338,7 +344,14 @@ pub fn describe() {
         "balancer_http_no_worker_total",
         "HTTP requests answered 503: no worker was ready"
     );
-    describe_gauge!("balancer_udp_flows", "UDP flows (client addresses) in the table now");
+    describe_counter!(
+        "balancer_health_checks_total",
+        "Health probes of the worker, by result (pass, fail, skipped: not made here)"
+    );
+    describe_gauge!(
+        "balancer_udp_flows",
+        "UDP flows (client addresses) in the table now"
+    );
     describe_counter!(
         "balancer_udp_datagrams_total",
         "UDP datagrams relayed, by direction"
