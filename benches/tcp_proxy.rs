@@ -189,6 +189,28 @@ fn benches(c: &mut Criterion) {
     }
     group.finish();
 
+    // Exactly what the metered route adds to one connection, alone: the listener's accepted
+    // counter, the worker's handles (from its slot), the active gauge up and down, the
+    // connection counter and both byte counters, all into the real Prometheus recorder.
+    // Compared with `connection_per_request/balancer_rr`, it is the metrics' share of a
+    // connection without the machine's noise around it.
+    let mut group = c.benchmark_group("metrics_per_connection");
+    let meters = balancer::proxy::metrics::ListenerMeters::new("bench", "tcp://bench");
+    let worker = WorkerHandle::new(0, 0, 1, vec![s.direct]);
+    group.bench_function("counters", |b| {
+        b.iter(|| {
+            meters.accepted.increment(1);
+            let m = meters.worker(std::hint::black_box(&worker), 0);
+            let active = m.map(balancer::proxy::metrics::Active::enter);
+            if let Some(m) = m {
+                m.bytes_to_worker.increment(64);
+                m.bytes_to_client.increment(64);
+            }
+            drop(active);
+        })
+    });
+    group.finish();
+
     // Round trips on one established connection: the copy loop's latency.
     let mut group = c.benchmark_group("roundtrip_64B");
     for (name, addr) in targets {
