@@ -5,6 +5,9 @@
 //! the worker's own `SO_REUSEPORT` socket in a steered group, the reuseport policy's path) and
 //! `balancer_rr` (client → the balancer's listener, round-robin policy and proxy → worker,
 //! exactly as in the binary). The ratios to `direct` are each policy's overhead on this machine.
+//! `balancer_rr_metrics` is `balancer_rr` with its route counting into the Prometheus recorder
+//! the master installs (connections, active, bytes, queue); `balancer_rr` counts nothing, so
+//! the two give the metrics' cost in one run.
 //!
 //! `cargo bench --bench tcp_proxy`
 
@@ -26,6 +29,7 @@ struct Setup {
     _runtime: tokio::runtime::Runtime,
     direct: SocketAddr,
     proxied: SocketAddr,
+    metered: SocketAddr,
     reuseport: SocketAddr,
     stop: CancellationToken,
 }
@@ -85,7 +89,9 @@ fn setup() -> Setup {
         .build()
         .expect("runtime");
     let stop = CancellationToken::new();
-    let (direct, proxied, reuseport) = runtime.block_on(async {
+    // The recorder the master installs; only the metered route counts into it.
+    let prometheus = balancer::master::metrics::recorder();
+    let (direct, proxied, metered, reuseport) = runtime.block_on(async {
         let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind echo");
@@ -119,23 +125,37 @@ fn setup() -> Setup {
             proxy_protocol: None,
             accept_proxy: false,
         };
-        let route = Arc::new(Route::new("bench", pool, settings));
-        tokio::spawn(listener::tcp::serve(
+        let serve = |public, route| {
+            tokio::spawn(listener::tcp::serve(
+                public,
+                listener::ServeContext {
+                    budget: balancer::proxy::unlimited_budget(),
+                    route: Arc::new(route),
+                    stop: stop.clone(),
+                    abort: CancellationToken::new(),
+                    tracker: TaskTracker::new(),
+                },
+            ))
+        };
+        serve(public, Route::new("bench", Arc::clone(&pool), settings));
+        let public = listener::tcp::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let metered = public.local_addr().expect("addr");
+        serve(
             public,
-            listener::ServeContext {
-                budget: balancer::proxy::unlimited_budget(),
-                route,
-                stop: stop.clone(),
-                abort: CancellationToken::new(),
-                tracker: TaskTracker::new(),
-            },
-        ));
-        (direct, proxied, reuseport)
+            Route::new("bench", pool, settings).for_listener(&format!("tcp://{metered}")),
+        );
+        (direct, proxied, metered, reuseport)
     });
+    assert!(
+        prometheus
+            .render()
+            .contains("balancer_tcp_connections_accepted_total")
+    );
     Setup {
         _runtime: runtime,
         direct,
         proxied,
+        metered,
         reuseport,
         stop,
     }
@@ -158,6 +178,7 @@ fn benches(c: &mut Criterion) {
         ("direct", s.direct),
         ("reuseport", s.reuseport),
         ("balancer_rr", s.proxied),
+        ("balancer_rr_metrics", s.metered),
     ];
 
     // A fresh connection per request: accept, pick, connect, one exchange, close.
@@ -171,6 +192,28 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+
+    // Exactly what the metered route adds to one connection, alone: the listener's accepted
+    // counter, the worker's handles (from its slot), the active gauge up and down, the
+    // connection counter and both byte counters, all into the real Prometheus recorder.
+    // Compared with `connection_per_request/balancer_rr`, it is the metrics' share of a
+    // connection without the machine's noise around it.
+    let mut group = c.benchmark_group("metrics_per_connection");
+    let meters = balancer::proxy::metrics::ListenerMeters::new("bench", "tcp://bench");
+    let worker = WorkerHandle::new(0, 0, 1, vec![s.direct]);
+    group.bench_function("counters", |b| {
+        b.iter(|| {
+            meters.accepted.increment(1);
+            let m = meters.worker(std::hint::black_box(&worker), 0);
+            let active = m.map(balancer::proxy::metrics::Active::enter);
+            if let Some(m) = m {
+                m.bytes_to_worker.increment(64);
+                m.bytes_to_client.increment(64);
+            }
+            drop(active);
+        })
+    });
     group.finish();
 
     // Round trips on one established connection: the copy loop's latency.

@@ -516,10 +516,35 @@ fn keys_whose_behaviour_is_not_built_are_refused_where_written() {
             &format!("`{key}` is not supported yet (it would be ignored); remove it"),
         );
     }
+}
+
+#[test]
+fn metrics_is_served_and_claims_its_port() {
+    let p = Project::new();
+    let config = p
+        .parse(&format!(
+            "[balancer]\nmetrics = \"127.0.0.1:9615\"\n[[app]]\nname = \"a\"\n{CMD}"
+        ))
+        .unwrap_or_else(|e| panic!("unexpected errors:\n{e}"));
+    assert_eq!(
+        config.balancer.metrics,
+        Some("127.0.0.1:9615".parse().unwrap())
+    );
     let errors = p.errors(&format!(
-        "[balancer]\nmetrics = \"127.0.0.1:9615\"\n[[app]]\nname = \"a\"\n{CMD}"
+        "[balancer]\nmetrics = \"127.0.0.1:9615\"\n[[app]]\nname = \"a\"\n{CMD}\
+         listen = [\"tcp://127.0.0.1:9615\"]\n"
     ));
-    assert_one(&errors, "2:1", "`metrics` is not supported yet");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("9615") && e.contains("[balancer] metrics")),
+        "{errors:?}"
+    );
+    let errors = p.errors(&format!(
+        "[balancer]\nmetrics = \"nowhere\"\n[[app]]\nname = \"a\"\n{CMD}"
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].starts_with("2:"), "{errors:?}");
 }
 
 #[test]

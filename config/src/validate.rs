@@ -87,10 +87,7 @@ const NOT_YET_APP_KEYS: &[(&str, &str)] = &[
     ("log_date_format", "it goes with `time`"),
 ];
 /// Keys of `[balancer]` whose behaviour is not built yet.
-const NOT_YET_BALANCER_KEYS: &[(&str, &str)] = &[(
-    "metrics",
-    "nothing would listen there; `balancer jlist` gives the workers as JSON",
-)];
+const NOT_YET_BALANCER_KEYS: &[(&str, &str)] = &[];
 const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
 const LISTENER_KEYS: &[&str] = &["url", "port_env", "proxy_protocol", "accept_proxy"];
 
@@ -216,10 +213,6 @@ fn global(r: &mut Reader<'_, '_, '_, '_>, taken: &mut Taken) -> Global {
     r.unknown_keys("[balancer]", BALANCER_KEYS, |key| {
         NOT_YET_BALANCER_KEYS.iter().any(|(k, _)| *k == key)
     });
-    if r.value("metrics").is_some() {
-        // Refused above; binding-clash checks on it would only add noise.
-        return Global::default();
-    }
     let metrics = r.parsed("metrics", parse_host_port);
     if let (Some(addr), Some(value)) = (metrics, r.value("metrics"))
         && addr.port() != 0

@@ -187,6 +187,26 @@ pub struct Monitor {
     interval: Duration,
     first: bool,
     last_failure: String,
+    results: ProbeCounters,
+}
+
+/// `balancer_health_checks_total{result}` of one worker slot: handles resolved once per
+/// incarnation, not per probe.
+#[derive(Debug)]
+struct ProbeCounters {
+    pass: metrics::Counter,
+    fail: metrics::Counter,
+    skipped: metrics::Counter,
+}
+
+impl ProbeCounters {
+    fn noop() -> Self {
+        ProbeCounters {
+            pass: metrics::Counter::noop(),
+            fail: metrics::Counter::noop(),
+            skipped: metrics::Counter::noop(),
+        }
+    }
 }
 
 impl Monitor {
@@ -197,7 +217,29 @@ impl Monitor {
             interval,
             first: true,
             last_failure: String::from("no health probe answered yet"),
+            results: ProbeCounters::noop(),
         }
+    }
+
+    /// The same monitor, counting its probe results in `balancer_health_checks_total` with
+    /// labels `app`, `worker` and `instance`, and `result`: `pass`, `fail`, or `skipped` (the
+    /// probe could not be made here, so it says nothing about the worker).
+    pub fn counting(mut self, app: &str, worker: u32, instance: u32) -> Self {
+        let counter = |result: &'static str| {
+            metrics::counter!(
+                "balancer_health_checks_total",
+                "app" => app.to_owned(),
+                "worker" => worker.to_string(),
+                "instance" => instance.to_string(),
+                "result" => result,
+            )
+        };
+        self.results = ProbeCounters {
+            pass: counter("pass"),
+            fail: counter("fail"),
+            skipped: counter("skipped"),
+        };
+        self
     }
 
     /// Why the last failing probe failed, for `listen_timeout` and `unhealthy` reasons.
@@ -224,12 +266,17 @@ impl Monitor {
             };
             tokio::time::sleep(period).await;
             let ok = match probe().await {
-                Ok(()) => true,
+                Ok(()) => {
+                    self.results.pass.increment(1);
+                    true
+                }
                 Err(ProbeError::Worker(e)) => {
+                    self.results.fail.increment(1);
                     self.last_failure = e;
                     false
                 }
                 Err(ProbeError::Local(e)) => {
+                    self.results.skipped.increment(1);
                     // Out of descriptors or memory here: no verdict on the worker.
                     tracing::warn!("health probe not made: {e}");
                     continue;

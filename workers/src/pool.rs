@@ -5,6 +5,7 @@
 //! to look at worker state — except for the `draining` flag, which closes the race between a
 //! proxy picking a worker and the supervisor deciding to drain it (see [`WorkerHandle::acquire`]).
 
+use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -33,11 +34,16 @@ pub struct WorkerHandle {
     /// The queue of the pool this worker joined: told when a connection ends, so a connection
     /// waiting for a worker under its `max_conns` tries again.
     queue: OnceLock<Arc<Queue>>,
+    /// One slot per listener for what the proxy counts about this worker there (its metric
+    /// handles): filled once, on the worker's first connection, so a connection never looks
+    /// a label set up. Typed `Any` because the data path's types live above this crate.
+    meters: Box<[OnceLock<Box<dyn Any + Send + Sync>>]>,
 }
 
 impl WorkerHandle {
     /// A handle for a freshly spawned worker.
     pub fn new(id: u32, instance: u32, pid: u32, addrs: Vec<SocketAddr>) -> Self {
+        let addrs_len = addrs.len();
         WorkerHandle {
             id,
             instance,
@@ -49,7 +55,21 @@ impl WorkerHandle {
             gone: AtomicBool::new(false),
             idle: Notify::new(),
             queue: OnceLock::new(),
+            meters: (0..addrs_len).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    /// The value in this worker's slot for listener `index`, made by `init` the first time.
+    /// `None` for an index the worker has no address for, or a slot holding another type.
+    pub fn meters<T: Any + Send + Sync>(
+        &self,
+        index: usize,
+        init: impl FnOnce() -> T,
+    ) -> Option<&T> {
+        self.meters
+            .get(index)?
+            .get_or_init(|| Box::new(init()))
+            .downcast_ref()
     }
 
     /// Counts a new connection against this worker, unless it is draining.
@@ -331,6 +351,32 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_meter_slot_is_made_once_per_listener() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let w = WorkerHandle::new(0, 0, 1, vec![addr, addr]);
+        let mut made = 0;
+        assert_eq!(
+            w.meters(0, || {
+                made += 1;
+                7u32
+            }),
+            Some(&7)
+        );
+        assert_eq!(
+            w.meters(0, || {
+                made += 1;
+                8u32
+            }),
+            Some(&7),
+            "kept"
+        );
+        assert_eq!(made, 1);
+        assert_eq!(w.meters(1, || 9u32), Some(&9), "one slot per listener");
+        assert_eq!(w.meters::<u64>(0, || 1), None, "another type is not it");
+        assert_eq!(w.meters(2, || 1u32), None, "no such listener");
+    }
 
     fn worker(id: u32) -> Arc<WorkerHandle> {
         Arc::new(WorkerHandle::new(id, id, 1000 + id, vec![]))

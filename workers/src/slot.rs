@@ -415,7 +415,11 @@ impl SlotTask {
     async fn supervise(&mut self, mut process: Process, handle: &Arc<WorkerHandle>) -> Ended {
         let app = Arc::clone(&self.app);
         let health = &app.health;
-        let mut monitor = Monitor::new(health.rise, health.fall, health.interval);
+        let mut monitor = Monitor::new(health.rise, health.fall, health.interval).counting(
+            &app.name,
+            handle.id,
+            handle.instance,
+        );
         let ready_deadline = Instant::now() + app.listen_timeout;
         let mut ever_ready = false;
         let probe_addr = handle

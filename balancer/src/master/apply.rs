@@ -147,7 +147,12 @@ impl Master {
             }
             fresh.push(sockets);
         }
-        // A master-wide setting: the file applied last sets it.
+        // Master-wide settings: the file applied last sets them. A file that names no metrics
+        // address leaves the endpoint another one started.
+        if let Some(addr) = config.balancer.metrics {
+            self.serve_metrics(addr)
+                .map_err(|source| ControlError::Metrics { addr, source })?;
+        }
         self.spawn
             .sampler
             .set_interval(config.balancer.sample_interval);
@@ -233,11 +238,14 @@ impl Master {
         socket: Bound,
     ) -> ListenerEntry {
         let app = sup.app();
-        let route = Arc::new(Route::new(
-            app.name.clone(),
-            Arc::clone(sup.pool()),
-            route_settings(&app, index, self.flow_cap),
-        ));
+        let route = Arc::new(
+            Route::new(
+                app.name.clone(),
+                Arc::clone(sup.pool()),
+                route_settings(&app, index, self.flow_cap),
+            )
+            .for_listener(&config.to_string()),
+        );
         let stop = CancellationToken::new();
         tracing::info!(app = %app.name, listener = %config, "listening");
         if config.proto == balancer_config::Proto::Udp && app.udp.max_flows > self.flow_cap {

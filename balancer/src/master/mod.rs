@@ -10,6 +10,7 @@
 mod admin;
 mod apply;
 pub mod dump;
+pub mod metrics;
 pub mod notify;
 mod reaper;
 pub mod run;
@@ -65,6 +66,9 @@ pub enum MasterError {
     /// The admin socket could not be created.
     #[error("cannot create the admin socket {0}")]
     Admin(PathBuf, #[source] io::Error),
+    /// The metrics endpoint could not listen; nothing was started.
+    #[error("cannot serve metrics on {0}")]
+    Metrics(std::net::SocketAddr, #[source] io::Error),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot set up the master's {what}")]
     Setup {
@@ -138,6 +142,15 @@ pub enum ControlError {
         app: String,
         /// What its supervisor said.
         error: OpError,
+    },
+    /// The metrics endpoint could not listen; nothing changed.
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        /// `[balancer] metrics`.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
     },
     /// A log file could not be emptied.
     #[error("cannot empty {}", path.display())]
@@ -277,6 +290,10 @@ pub struct Master {
     shutdown: CancellationToken,
     /// How each app was started, by name, for `save` (see `dump.rs`).
     origins: Mutex<Vec<(String, dump::Origin)>>,
+    /// The metrics endpoint, once a config named `[balancer] metrics`.
+    endpoint: Mutex<Option<metrics::Endpoint>>,
+    /// This master, for the endpoint's tasks (set by [`run`] once it is in an `Arc`).
+    me: std::sync::OnceLock<std::sync::Weak<Master>>,
 }
 
 /// Descriptors kept out of the connection budget: the admin socket and its clients, health
@@ -306,6 +323,8 @@ impl Master {
         let permits = usize::try_from(fds)
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        // Installed before any listener exists, so every route's handles count.
+        metrics::recorder();
         Master {
             budget: Arc::new(tokio::sync::Semaphore::new(permits)),
             // UDP flows take one descriptor each, from the same limit: a quarter of it each.
@@ -319,7 +338,36 @@ impl Master {
             connections: TaskTracker::new(),
             shutdown,
             origins: Mutex::new(Vec::new()),
+            endpoint: Mutex::new(None),
+            me: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Serves the metrics endpoint at `addr` (`[balancer] metrics`). Already there: nothing
+    /// changes; at another address: the new one is bound first, then the old one stops, so a
+    /// taken address leaves the endpoint where it was.
+    fn serve_metrics(&self, addr: std::net::SocketAddr) -> io::Result<()> {
+        let mut endpoint = self.endpoint.lock().unwrap_or_else(|e| e.into_inner());
+        if endpoint.as_ref().is_some_and(|e| e.addr == addr) {
+            return Ok(());
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(io::Error::other("the master is not running"));
+        };
+        let fresh = metrics::start(addr, me)?;
+        if let Some(old) = endpoint.replace(fresh) {
+            old.stop();
+        }
+        Ok(())
+    }
+
+    /// Where the metrics endpoint listens, if it does.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.endpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|e| e.addr)
     }
 
     /// `$BALANCER_HOME`.

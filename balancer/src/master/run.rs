@@ -60,6 +60,7 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
         Some(shim),
     ));
 
+    let _ = master.me.set(Arc::downgrade(&master));
     master
         .spawn
         .sampler
@@ -68,6 +69,13 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     if let Some(origin) = &opts.origin {
         master.remember(config.apps.iter().map(|a| a.name.clone()), origin);
     }
+    if let Some(addr) = config.balancer.metrics {
+        master
+            .serve_metrics(addr)
+            .map_err(|e| MasterError::Metrics(addr, e))?;
+    }
+    let upkeep_stop = CancellationToken::new();
+    tokio::spawn(super::metrics::upkeep(upkeep_stop.clone()));
     for (app, sockets) in config.apps.into_iter().zip(bound) {
         master.add_app(app, sockets, source.clone());
     }
@@ -123,6 +131,15 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     }
     master.shutdown().await;
     admin_stop.cancel();
+    upkeep_stop.cancel();
+    if let Some(endpoint) = master
+        .endpoint
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        endpoint.stop();
+    }
     let _ = admin_task.await;
     drop(lock);
     if let Some(reaper) = reaper {

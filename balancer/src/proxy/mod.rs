@@ -23,6 +23,7 @@ use crate::policy::{self, Candidates};
 
 pub mod copy;
 pub mod http;
+pub mod metrics;
 pub mod proxy_protocol;
 pub mod tcp;
 pub mod udp;
@@ -204,6 +205,8 @@ where
     let mut changes = route.pool.subscribe();
     let queue = route.pool.queue();
     let mut queued: Option<Queued<'_>> = None;
+    // Counted in metrics as queued from the first wait until a worker is found or it ends.
+    let mut _metered = None;
     loop {
         changes.borrow_and_update();
         // Armed before the walk: a connection that ends after a full worker refused us wakes
@@ -219,6 +222,7 @@ where
                 Attempt::GiveUp(e) => return Err(PickError::GaveUp(e)),
             }
         }
+        _metered.get_or_insert_with(|| metrics::Queued::enter(&route.meters));
         if queued.is_none() {
             queued = Some(Queued::enter(queue));
             if tried == 0 {
@@ -230,7 +234,10 @@ where
         wait_in_queue(&mut changes, freed, tried > 0, deadline, stop)
             .await
             .map_err(|end| match end {
-                QueueEnd::TimedOut => PickError::NoWorker(settings.queue_timeout),
+                QueueEnd::TimedOut => {
+                    route.meters.queue_timeouts.increment(1);
+                    PickError::NoWorker(settings.queue_timeout)
+                }
                 QueueEnd::Stopped => PickError::Stopped,
             })?;
     }
@@ -299,6 +306,8 @@ pub struct Route {
     pub app: String,
     /// The app's ready workers.
     pub pool: Arc<Pool>,
+    /// This listener's metric handles (see [`metrics`]).
+    pub meters: metrics::ListenerMeters,
     settings: ArcSwap<RouteSettings>,
     headers_refused: AtomicU64,
 }
@@ -329,8 +338,10 @@ pub struct RouteSettings {
 impl Route {
     /// A route to `pool`'s workers.
     pub fn new(app: impl Into<String>, pool: Arc<Pool>, settings: RouteSettings) -> Self {
+        let app = app.into();
         Route {
-            app: app.into(),
+            meters: metrics::ListenerMeters::noop(&app),
+            app,
             pool,
             settings: ArcSwap::from_pointee(settings),
             headers_refused: AtomicU64::new(0),
@@ -341,6 +352,13 @@ impl Route {
     /// far: the master's debug log carries it.
     pub fn header_refused(&self) -> u64 {
         self.headers_refused.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The same route, counting into metrics labelled with `listener` (as written in the
+    /// config); a route made with [`new`](Self::new) alone counts nothing.
+    pub fn for_listener(mut self, listener: &str) -> Self {
+        self.meters = metrics::ListenerMeters::new(&self.app, listener);
+        self
     }
 
     /// The current settings.

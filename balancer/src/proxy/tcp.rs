@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Active;
 use super::proxy_protocol::{self, HeaderError};
 use super::{Attempt, PickError, Route, pick_and_connect};
 
@@ -75,10 +76,12 @@ pub async fn connect(
                 None => Attempt::Connected((stream, pick.guard)),
             },
             Ok(Err(e)) => {
+                connect_failed(route, &pick, settings.listener_index);
                 tracing::debug!(app = %route.app, id = pick.worker().id, %addr, "connect failed: {e}; trying the next worker");
                 Attempt::<_, _, Infallible>::Next(())
             }
             Err(_) => {
+                connect_failed(route, &pick, settings.listener_index);
                 tracing::debug!(app = %route.app, id = pick.worker().id, %addr, "connect timed out; trying the next worker");
                 Attempt::Next(())
             }
@@ -119,7 +122,8 @@ pub async fn proxy(
         .map(|version| proxy_protocol::encode(version, source, destination));
     // A client that hangs up while its connection waits for a worker (queue_timeout can be
     // long) must not keep two descriptors, or later get a worker connection nobody reads.
-    let (upstream, _guard) = tokio::select! {
+    route.meters.accepted.increment(1);
+    let (upstream, guard) = tokio::select! {
         connected = connect(route, shutdown, source.ip(), header.as_deref()) => connected?,
         () = hung_up(&client) => return Err(TcpProxyError::ClientGone),
     };
@@ -127,16 +131,32 @@ pub async fn proxy(
     let _ = upstream.set_nodelay(true);
     // Each EOF shuts down the other side's write half and the other direction goes on:
     // half-close passes through in both directions. Buffers are borrowed only while bytes move.
+    let meters = route
+        .meters
+        .worker(guard.worker(), route.settings().listener_index);
+    let _active = meters.map(Active::enter);
     let (to_worker, to_client) = match super::copy::bidirectional(&client, &upstream).await {
         Ok(moved) => moved,
         // One side left having sent nothing either way: nothing to carry.
         Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => (0, 0),
         Err(e) => return Err(TcpProxyError::Copy(e)),
     };
+    if let Some(m) = meters {
+        m.bytes_to_worker.increment(to_worker);
+        m.bytes_to_client.increment(to_client);
+    }
     Ok(Transferred {
         to_worker,
         to_client,
     })
+}
+
+/// Counts a failed connect against the worker and as a retry of the listener.
+fn connect_failed(route: &Route, pick: &super::Pick, listener_index: usize) {
+    route.meters.retries.increment(1);
+    if let Some(m) = route.meters.worker(pick.worker(), listener_index) {
+        m.connect_errors.increment(1);
+    }
 }
 
 /// A connect normally takes well under this: only a connection still waiting for a worker

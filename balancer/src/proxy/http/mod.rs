@@ -111,6 +111,7 @@ impl HttpProxyError {
 #[derive(Debug)]
 pub struct HttpProxy {
     route: Arc<Route>,
+    meters: super::metrics::HttpMeters,
     idle: Arc<IdlePool>,
     stop: CancellationToken,
     abort: CancellationToken,
@@ -124,6 +125,7 @@ impl HttpProxy {
     pub fn new(ctx: &ServeContext) -> Self {
         HttpProxy {
             route: Arc::clone(&ctx.route),
+            meters: super::metrics::HttpMeters::new(&ctx.route.meters),
             idle: Arc::default(),
             stop: ctx.stop.clone(),
             abort: ctx.abort.clone(),
@@ -149,6 +151,8 @@ impl HttpProxy {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Response<ProxyBody> {
+        let started = tokio::time::Instant::now();
+        let method = req.method().clone();
         let upgrade = wants_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -167,10 +171,19 @@ impl HttpProxy {
             Ok((response, lease)) => self.respond(response, lease, client_upgrade),
             Err(e) => Err(e),
         };
-        result.unwrap_or_else(|e| {
+        let response = result.unwrap_or_else(|e| {
             tracing::warn!(app = %self.route.app, %peer, status = e.status().as_u16(), "{}", Chain(&e));
+            match e.status() {
+                StatusCode::BAD_GATEWAY => self.meters.upstream_errors.increment(1),
+                StatusCode::SERVICE_UNAVAILABLE => self.meters.no_worker.increment(1),
+                _ => {}
+            }
             e.response()
-        })
+        });
+        self.meters
+            .request(method.as_str(), response.status().as_u16());
+        self.meters.duration.record(started.elapsed().as_secs_f64());
+        response
     }
 
     /// Sends `req` to a worker through the one pick-and-connect loop

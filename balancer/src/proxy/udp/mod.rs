@@ -56,6 +56,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::task::TaskTracker;
 
+use super::metrics::UdpMeters;
 use super::{Route, ServeContext, Walk};
 use hold::Held;
 use relay::{Relays, Sent, Upstream, Usable};
@@ -123,6 +124,7 @@ impl Flow {
 #[derive(Debug)]
 pub struct Flows {
     route: Arc<Route>,
+    meters: Arc<UdpMeters>,
     relays: Relays,
     table: FlowTable<Flow>,
     held: VecDeque<Held>,
@@ -143,9 +145,11 @@ impl Flows {
         public: Arc<UdpSocket>,
         tracker: TaskTracker,
     ) -> (Self, mpsc::Receiver<Broken>) {
-        let (relays, reports) = Relays::new(public, tracker);
+        let meters = Arc::new(UdpMeters::new(&route.meters));
+        let (relays, reports) = Relays::new(public, tracker, Arc::clone(&meters));
         let flows = Flows {
             route,
+            meters,
             relays,
             table: FlowTable::new(),
             held: VecDeque::new(),
@@ -207,6 +211,7 @@ impl Flows {
                 Usable::Yes => match upstream.send(data) {
                     Sent::Ok => {
                         self.stats.forwarded += 1;
+                        self.meters.to_worker(data.len());
                         return;
                     }
                     Sent::Dropped => {
@@ -233,6 +238,7 @@ impl Flows {
                 break;
             };
             self.stats.evicted += 1;
+            self.meters.evictions.increment(1);
             tracing::debug!(app = %self.route.app, client = %evicted, "udp flow evicted (max_flows {max_flows})");
         }
         let id = self.id();
@@ -242,6 +248,7 @@ impl Flows {
             held: 0,
         };
         self.table.insert(client, flow, now);
+        self.meters.flows.set(self.table.len() as f64);
         self.stats.opened += 1;
         self.reroute(client, false, Some(data), now);
     }
@@ -298,6 +305,7 @@ impl Flows {
         match upstream.send(data) {
             Sent::Ok => {
                 self.stats.forwarded += 1;
+                self.meters.to_worker(data.len());
                 true
             }
             // A worker that refuses its very first datagram: give up on this one; the flow
@@ -366,6 +374,7 @@ impl Flows {
         }
         if self.stopping {
             self.table.remove(&report.client);
+            self.meters.flows.set(self.table.len() as f64);
             return;
         }
         let refused = matches!(upstream.usable(), Usable::Refused);
@@ -407,6 +416,7 @@ impl Flows {
                 tracing::debug!(app = %self.route.app, %client, "udp flow idle: forgotten");
             }
         }
+        self.meters.flows.set(self.table.len() as f64);
         self.expire_held(now);
     }
 
@@ -417,6 +427,7 @@ impl Flows {
         self.held.clear();
         self.held_bytes = 0;
         self.table.retain(|flow| flow.upstream.is_some());
+        self.meters.flows.set(self.table.len() as f64);
     }
 }
 

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{MAX_DATAGRAM, REPLAY_MAX};
 use crate::proxy::Pick;
+use crate::proxy::metrics::UdpMeters;
 
 /// Failure reports in flight from relays to the dispatcher; past it a flow's failure is still
 /// seen on its next datagram (through the shared flag), just not acted on early.
@@ -187,6 +188,7 @@ impl Upstream {
 #[derive(Debug)]
 pub(super) struct Relays {
     public: Arc<UdpSocket>,
+    meters: Arc<UdpMeters>,
     tracker: TaskTracker,
     events: mpsc::Sender<Broken>,
     /// Base of every flow's reply clock ([`FlowShared`]).
@@ -201,10 +203,12 @@ impl Relays {
     pub(super) fn new(
         public: Arc<UdpSocket>,
         tracker: TaskTracker,
+        meters: Arc<UdpMeters>,
     ) -> (Self, mpsc::Receiver<Broken>) {
         let (events, reports) = mpsc::channel(EVENTS);
         let relays = Relays {
             public,
+            meters,
             tracker,
             events,
             epoch: Instant::now(),
@@ -232,6 +236,7 @@ impl Relays {
             upstream: id,
             socket: Arc::clone(&socket),
             public: Arc::clone(&self.public),
+            meters: Arc::clone(&self.meters),
             shared: Arc::clone(&shared),
             events: self.events.clone(),
         };
@@ -279,6 +284,7 @@ struct Relay {
     upstream: u64,
     socket: Arc<UdpSocket>,
     public: Arc<UdpSocket>,
+    meters: Arc<UdpMeters>,
     shared: Arc<FlowShared>,
     events: mpsc::Sender<Broken>,
 }
@@ -334,7 +340,10 @@ impl Relay {
                 let n = self.socket.try_recv(buf)?;
                 self.shared.replied();
                 Ok(match public.send_to(&buf[..n], &client) {
-                    Ok(_) => None,
+                    Ok(_) => {
+                        self.meters.to_client(n);
+                        None
+                    }
                     // The public socket's send buffer is full: wait for room with a copy.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(buf[..n].to_vec()),
                     Err(e) => {
@@ -345,11 +354,12 @@ impl Relay {
             });
             match step {
                 Ok(None) => {}
-                Ok(Some(reply)) => {
-                    if let Err(e) = self.public.send_to(&reply, self.client).await {
+                Ok(Some(reply)) => match self.public.send_to(&reply, self.client).await {
+                    Ok(_) => self.meters.to_client(reply.len()),
+                    Err(e) => {
                         tracing::debug!(client = %self.client, "udp reply to client failed: {e}");
                     }
-                }
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
