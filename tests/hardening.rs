@@ -573,3 +573,32 @@ fn clients_that_leave_a_silent_worker_free_both_descriptors_at_once() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_udp_flood_within_a_small_descriptor_limit_loses_nothing() {
+    let port = crate::udp::free_udp_port();
+    // 1024 descriptors: the default max_flows (4096) is held to what the limit allows, so new
+    // clients evict idle flows instead of failing to get a socket.
+    let b = Balancer::start_under(
+        &crate::udp::udp_app("dns", "udp_echo.py", port, 2, ""),
+        &[],
+        &["prlimit", "--nofile=1024:1024", "--"],
+    );
+    b.wait_ready("dns", 2);
+    b.wait_running();
+    b.log.wait_for(1, "max_flows held", |l| {
+        l.contains("max_flows 4096 held to")
+    });
+    let mut lost = 0;
+    for i in 0..5000 {
+        let client = crate::udp::Client::new(port);
+        if client
+            .ask(format!("flood {i}").as_bytes(), Duration::from_secs(2))
+            .is_none()
+        {
+            lost += 1;
+        }
+    }
+    eprintln!("5000 clients, one datagram each, under nofile 1024: {lost} lost");
+    assert_eq!(lost, 0);
+}
