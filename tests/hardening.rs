@@ -602,3 +602,20 @@ fn a_udp_flood_within_a_small_descriptor_limit_loses_nothing() {
     eprintln!("5000 clients, one datagram each, under nofile 1024: {lost} lost");
     assert_eq!(lost, 0);
 }
+
+#[test]
+fn sigterm_during_a_big_spawn_stops_everything_in_bounded_time() {
+    let toml = "[[app]]\nname = \"many\"\ncommand = [\"sleep\", \"1000\"]\ninstances = 300\n\
+                kill_timeout = \"2s\"\n";
+    let mut b = Balancer::start(toml);
+    b.log
+        .wait_for(20, "workers starting", |l| l.contains("worker started"));
+    let started = Instant::now();
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = b.wait_exit();
+    let took = started.elapsed();
+    eprintln!("SIGTERM with up to 300 workers starting: master exited {status} in {took:?}");
+    assert!(status.success(), "{status}");
+    let left = wait_dead(&b.started_pids(), Duration::from_secs(5));
+    assert_eq!(left, Vec::<u32>::new(), "every worker stopped");
+}
