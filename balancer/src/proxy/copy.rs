@@ -77,38 +77,42 @@ async fn one_way(
     let mut total = 0u64;
     loop {
         from.readable().await?;
+        // One burst: read while bytes are there, with one borrowed buffer, then give it back
+        // and wait holding nothing. Syscalls are tried first; readiness is awaited only after
+        // a WouldBlock.
         let mut loan = Loan::take();
-        let n = match from.try_read(loan.buf()) {
-            Ok(0) if !moved.load(Ordering::Relaxed) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "closed before anything was sent either way",
-                ));
+        loop {
+            let n = match from.try_read(loan.buf()) {
+                Ok(0) if !moved.load(Ordering::Relaxed) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "closed before anything was sent either way",
+                    ));
+                }
+                Ok(0) => {
+                    // Not connected any more (the other side reset) is a normal end here.
+                    match SockRef::from(to).shutdown(Shutdown::Write) {
+                        Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
+                        _ => return Ok(total),
+                    }
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            if total == 0 {
+                moved.store(true, Ordering::Relaxed);
             }
-            Ok(0) => {
-                // Not connected any more (the other side reset) is a normal end here.
-                match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                    _ => return Ok(total),
+            let mut written = 0;
+            while written < n {
+                match to.try_write(&loan.buf()[written..n]) {
+                    Ok(k) => written += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                    Err(e) => return Err(e),
                 }
             }
-            Ok(n) => {
-                moved.store(true, Ordering::Relaxed);
-                n
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        let mut written = 0;
-        while written < n {
-            to.writable().await?;
-            match to.try_write(&loan.buf()[written..n]) {
-                Ok(k) => written += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
+            total += n as u64;
         }
-        total += n as u64;
     }
 }
 
