@@ -59,8 +59,8 @@ pub(super) async fn serve(listener: UnixListener, master: Arc<Master>, stop: Can
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!("admin accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Never fatal; out of descriptors pauses (the listeners' rule).
+                crate::listener::accept_failed(e).await;
                 continue;
             }
         };

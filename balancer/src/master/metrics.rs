@@ -117,8 +117,8 @@ async fn serve(listener: TcpListener, master: Arc<Master>, stop: CancellationTok
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!("metrics accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Never fatal; out of descriptors pauses (the listeners' rule).
+                crate::listener::accept_failed(e).await;
                 continue;
             }
         };
