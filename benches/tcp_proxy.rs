@@ -108,22 +108,9 @@ fn setup() -> Setup {
         let public = listener::tcp::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let proxied = public.local_addr().expect("addr");
         let settings = RouteSettings {
-            listener_index: 0,
             connect_timeout: Duration::from_secs(3),
             queue_timeout: Duration::from_secs(3),
-            udp: balancer_config::UdpSettings {
-                max_flows: 16,
-                idle_timeout: Duration::from_secs(30),
-            },
-            http: balancer_config::HttpSettings {
-                header_timeout: Duration::from_secs(10),
-                max_header_size: 64 * 1024,
-                idle_timeout: Duration::from_secs(60),
-            },
-            balance: balancer_config::Balance::RoundRobin,
-            max_conns: None,
-            proxy_protocol: None,
-            accept_proxy: false,
+            ..RouteSettings::default()
         };
         let serve = |public, route| {
             tokio::spawn(listener::tcp::serve(

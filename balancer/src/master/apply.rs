@@ -9,7 +9,7 @@ use balancer_workers::AppSupervisor;
 use balancer_workers::reuseport::Group;
 use tokio_util::sync::CancellationToken;
 
-use super::{AppEntry, Apply, ControlError, ListenerEntry, Master, OpResult, Source};
+use super::{AppEntry, Apply, BindError, ControlError, ListenerEntry, Master, OpResult, Source};
 use crate::listener::{self, Bound};
 use crate::proxy::{Route, RouteSettings};
 
@@ -138,7 +138,7 @@ impl Master {
                 .iter()
                 .filter(|l| !held.iter().any(|h| same_socket(h, l)))
             {
-                let socket = listener::bind(l).map_err(|source| ControlError::Bind {
+                let socket = listener::bind(l).map_err(|source| BindError {
                     listener: l.to_string(),
                     app: app.name.clone(),
                     source,
@@ -475,7 +475,7 @@ mod tests {
             .apply(config(dir.path(), &wants_it), file, Apply::Start)
             .await
             .unwrap_err();
-        assert!(matches!(err, ControlError::Bind { .. }), "{err}");
+        assert!(matches!(err, ControlError::Bind(_)), "{err}");
         assert_eq!(err.exit_code(), 1);
         assert_eq!(
             names(&m),

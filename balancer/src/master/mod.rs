@@ -46,20 +46,25 @@ pub enum Phase {
     Stopped,
 }
 
+/// A public listener that could not be bound (at start, or when a config is applied).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {listener} (app {app})")]
+pub struct BindError {
+    /// The listener, as written in the config.
+    pub listener: String,
+    /// The app that owns it.
+    pub app: String,
+    /// The cause.
+    #[source]
+    pub source: io::Error,
+}
+
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     /// A public listener could not be bound; nothing was started.
-    #[error("cannot listen on {listener} (app {app})")]
-    Bind {
-        /// The listener, as written in the config.
-        listener: String,
-        /// The app that owns it.
-        app: String,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// The home could not be prepared or is taken by another master.
     #[error(transparent)]
     Home(#[from] LockError),
@@ -94,16 +99,8 @@ pub enum ControlError {
     #[error("{0}")]
     BadConfig(ConfigErrors),
     /// A new public listener could not be bound; nothing changed.
-    #[error("cannot listen on {listener} (app {app})")]
-    Bind {
-        /// The listener.
-        listener: String,
-        /// The app that wants it.
-        app: String,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// `start SCRIPT -n NAME` where an app of that name runs already (PM2 refuses too).
     #[error(
         "app {app:?} is already running (started from {from}); add -f (--force) to replace it, \

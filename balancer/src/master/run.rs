@@ -16,7 +16,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::apply::bind_for;
-use super::{Master, MasterError, Phase, Source, admin, dump, notify};
+use super::{BindError, Master, MasterError, Phase, Source, admin, dump, notify};
 use crate::home::{self, HomeLock};
 use crate::listener::Bound;
 
@@ -237,10 +237,12 @@ fn bind_all(apps: &[App]) -> Result<Vec<Vec<Bound>>, MasterError> {
                 .iter()
                 .filter_map(|l| {
                     bind_for(app, l)
-                        .map_err(|source| MasterError::Bind {
-                            listener: l.to_string(),
-                            app: app.name.clone(),
-                            source,
+                        .map_err(|source| {
+                            MasterError::from(BindError {
+                                listener: l.to_string(),
+                                app: app.name.clone(),
+                                source,
+                            })
                         })
                         .transpose()
                 })

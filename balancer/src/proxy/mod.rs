@@ -335,6 +335,32 @@ pub struct RouteSettings {
     pub accept_proxy: bool,
 }
 
+/// The settings of a listener whose app sets nothing: every `balancer.toml` default (what
+/// tests and benches start from).
+impl Default for RouteSettings {
+    fn default() -> Self {
+        use balancer_config::defaults;
+        RouteSettings {
+            listener_index: 0,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            queue_timeout: defaults::QUEUE_TIMEOUT,
+            udp: UdpSettings {
+                max_flows: defaults::MAX_FLOWS,
+                idle_timeout: defaults::UDP_IDLE_TIMEOUT,
+            },
+            http: HttpSettings {
+                header_timeout: defaults::HTTP_HEADER_TIMEOUT,
+                max_header_size: defaults::HTTP_MAX_HEADER_SIZE,
+                idle_timeout: defaults::HTTP_IDLE_TIMEOUT,
+            },
+            balance: Balance::RoundRobin,
+            max_conns: None,
+            proxy_protocol: None,
+            accept_proxy: false,
+        }
+    }
+}
+
 impl Route {
     /// A route to `pool`'s workers.
     pub fn new(app: impl Into<String>, pool: Arc<Pool>, settings: RouteSettings) -> Self {
@@ -393,22 +419,9 @@ mod tests {
 
     fn settings(queue_timeout: Duration) -> RouteSettings {
         RouteSettings {
-            listener_index: 0,
             connect_timeout: Duration::from_secs(1),
             queue_timeout,
-            udp: UdpSettings {
-                max_flows: 16,
-                idle_timeout: Duration::from_secs(30),
-            },
-            http: HttpSettings {
-                header_timeout: Duration::from_secs(1),
-                max_header_size: 1024,
-                idle_timeout: Duration::from_secs(1),
-            },
-            balance: Balance::RoundRobin,
-            max_conns: None,
-            proxy_protocol: None,
-            accept_proxy: false,
+            ..RouteSettings::default()
         }
     }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::Active;
 use super::proxy_protocol::{self, HeaderError};
-use super::{Attempt, PickError, Route, pick_and_connect};
+use super::{Attempt, PickError, Route, RouteSettings, pick_and_connect};
 
 /// Time allowed to connect a rescued connection to the public address (the kernel answers a
 /// loopback connect at once unless the accept queue is full).
@@ -57,12 +57,12 @@ pub struct Transferred {
 /// fails to take it is stepped past like one that refused.
 pub async fn connect(
     route: &Route,
+    settings: &RouteSettings,
     shutdown: &CancellationToken,
     client: IpAddr,
     header: Option<&[u8]>,
 ) -> Result<(TcpStream, ConnGuard), TcpProxyError> {
-    let settings = route.settings();
-    pick_and_connect(route, &settings, shutdown, client, (), |pick, ()| async move {
+    pick_and_connect(route, settings, shutdown, client, (), |pick, ()| async move {
         let addr = pick.addr;
         match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(mut stream)) => match header {
@@ -106,34 +106,36 @@ pub async fn proxy(
     route: &Route,
     shutdown: &CancellationToken,
 ) -> Result<Transferred, TcpProxyError> {
+    // One settings load per connection; the connect loop and the meters use the same copy.
     let settings = route.settings();
-    let local = client.local_addr().unwrap_or(peer);
+    // The local address is a syscall: only the PROXY protocol needs it.
+    let local = |client: &TcpStream| client.local_addr().unwrap_or(peer);
     let (source, destination) = if settings.accept_proxy {
         match proxy_protocol::read_header(&mut client, settings.connect_timeout).await {
             Ok(Some(addrs)) => (addrs.source, addrs.destination),
-            Ok(None) => (peer, local),
+            Ok(None) => (peer, local(&client)),
             Err(e) => return Err(TcpProxyError::Header(e)),
         }
+    } else if settings.proxy_protocol.is_some() {
+        (peer, local(&client))
     } else {
-        (peer, local)
+        (peer, peer)
     };
     let header = settings
         .proxy_protocol
         .map(|version| proxy_protocol::encode(version, source, destination));
+    route.meters.accepted.increment(1);
     // A client that hangs up while its connection waits for a worker (queue_timeout can be
     // long) must not keep two descriptors, or later get a worker connection nobody reads.
-    route.meters.accepted.increment(1);
     let (upstream, guard) = tokio::select! {
-        connected = connect(route, shutdown, source.ip(), header.as_deref()) => connected?,
+        connected = connect(route, &settings, shutdown, source.ip(), header.as_deref()) => connected?,
         () = hung_up(&client) => return Err(TcpProxyError::ClientGone),
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     // Each EOF shuts down the other side's write half and the other direction goes on:
     // half-close passes through in both directions. Buffers are borrowed only while bytes move.
-    let meters = route
-        .meters
-        .worker(guard.worker(), route.settings().listener_index);
+    let meters = route.meters.worker(guard.worker(), settings.listener_index);
     let _active = meters.map(Active::enter);
     let (to_worker, to_client) = match super::copy::bidirectional(&client, &upstream).await {
         Ok(moved) => moved,

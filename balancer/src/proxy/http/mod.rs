@@ -421,7 +421,6 @@ mod tests {
     // The retry rules against stand-in workers on loopback (raw sockets, no hyper server).
 
     use crate::proxy::RouteSettings;
-    use balancer_config::{HttpSettings, UdpSettings};
     use balancer_workers::{Pool, WorkerHandle};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -461,22 +460,9 @@ mod tests {
             pool.insert(worker(id, answers).await);
         }
         let settings = RouteSettings {
-            listener_index: 0,
             connect_timeout: Duration::from_secs(2),
             queue_timeout: Duration::from_millis(200),
-            udp: UdpSettings {
-                max_flows: 16,
-                idle_timeout: Duration::from_secs(30),
-            },
-            http: HttpSettings {
-                header_timeout: Duration::from_secs(1),
-                max_header_size: 1024,
-                idle_timeout: Duration::from_secs(1),
-            },
-            balance: balancer_config::Balance::RoundRobin,
-            max_conns: None,
-            proxy_protocol: None,
-            accept_proxy: false,
+            ..RouteSettings::default()
         };
         HttpProxy::new(&ServeContext {
             budget: crate::proxy::unlimited_budget(),

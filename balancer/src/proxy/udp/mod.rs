@@ -528,7 +528,7 @@ async fn receive_error(e: &io::Error) {
 mod tests {
     use super::*;
     use crate::proxy::RouteSettings;
-    use balancer_config::{HttpSettings, UdpSettings};
+    use balancer_config::UdpSettings;
     use balancer_workers::Pool;
 
     fn addr(port: u16) -> SocketAddr {
@@ -546,22 +546,13 @@ mod tests {
             "udp-test",
             pool,
             RouteSettings {
-                listener_index: 0,
                 connect_timeout: secs(1),
                 queue_timeout: queue,
                 udp: UdpSettings {
                     max_flows,
                     idle_timeout: idle,
                 },
-                http: HttpSettings {
-                    header_timeout: secs(1),
-                    max_header_size: 1024,
-                    idle_timeout: secs(1),
-                },
-                balance: balancer_config::Balance::RoundRobin,
-                max_conns: None,
-                proxy_protocol: None,
-                accept_proxy: false,
+                ..RouteSettings::default()
             },
         ))
     }
