@@ -9,7 +9,7 @@
 //! the master installs (connections, active, bytes, queue); `balancer_rr` counts nothing, so
 //! the two give the metrics' cost in one run.
 //!
-//! `cargo bench --bench tcp_proxy`
+//! `cargo bench --bench tcp_proxy` prints each ratio to `direct` at the end.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -17,13 +17,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use balancer::listener;
-use balancer::proxy::{Route, RouteSettings};
+use balancer::proxy::Route;
+use balancer_config::Proto;
+use balancer_workers::WorkerHandle;
 use balancer_workers::reuseport::Group;
-use balancer_workers::{Pool, WorkerHandle};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+mod support;
 
 struct Setup {
     _runtime: tokio::runtime::Runtime,
@@ -83,11 +86,7 @@ fn reuseport_worker() -> SocketAddr {
 }
 
 fn setup() -> Setup {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = support::runtime();
     let stop = CancellationToken::new();
     // The recorder the master installs; only the metered route counts into it.
     let prometheus = balancer::master::metrics::recorder();
@@ -98,39 +97,27 @@ fn setup() -> Setup {
         let direct = echo.local_addr().expect("addr");
         tokio::spawn(serve_echo(echo));
         let reuseport = reuseport_worker();
-        let pool = Arc::new(Pool::new());
-        pool.insert(Arc::new(WorkerHandle::new(
-            0,
-            0,
-            std::process::id(),
-            vec![direct],
-        )));
-        let public = listener::tcp::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
-        let proxied = public.local_addr().expect("addr");
-        let settings = RouteSettings {
-            connect_timeout: Duration::from_secs(3),
-            queue_timeout: Duration::from_secs(3),
-            ..RouteSettings::default()
-        };
-        let serve = |public, route| {
-            tokio::spawn(listener::tcp::serve(
-                public,
-                listener::ServeContext {
-                    budget: balancer::proxy::unlimited_budget(),
-                    route: Arc::new(route),
-                    stop: stop.clone(),
-                    abort: CancellationToken::new(),
-                    tracker: TaskTracker::new(),
-                },
-            ))
-        };
-        serve(public, Route::new("bench", Arc::clone(&pool), settings));
+        let pool = support::pool_of(direct);
+        let proxied = support::serve(
+            Proto::Tcp,
+            Route::new("bench", Arc::clone(&pool), support::settings()),
+            &stop,
+        );
+        // Its listener label is only known once bound, so the metered route is served by hand.
         let public = listener::tcp::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let metered = public.local_addr().expect("addr");
-        serve(
+        let route = Route::new("bench", pool, support::settings())
+            .for_listener(&format!("tcp://{metered}"));
+        tokio::spawn(listener::tcp::serve(
             public,
-            Route::new("bench", pool, settings).for_listener(&format!("tcp://{metered}")),
-        );
+            listener::ServeContext {
+                budget: balancer::proxy::unlimited_budget(),
+                route: Arc::new(route),
+                stop: stop.clone(),
+                abort: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            },
+        ));
         (direct, proxied, metered, reuseport)
     });
     assert!(
@@ -237,9 +224,18 @@ fn benches(c: &mut Criterion) {
     s.stop.cancel();
 }
 
-criterion_group! {
-    name = tcp_proxy;
-    config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(3));
-    targets = benches
+fn main() {
+    let started = std::time::SystemTime::now();
+    let mut c = Criterion::default()
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    benches(&mut c);
+    c.final_summary();
+    support::print_ratios(
+        started,
+        &["connection_per_request", "roundtrip_64B", "bulk_1MiB"],
+        "direct",
+        &["reuseport", "balancer_rr", "balancer_rr_metrics"],
+    );
 }
-criterion_main!(tcp_proxy);
