@@ -4,12 +4,17 @@
 //! A client can never hurt the master: each connection has its own task, lines are capped at
 //! [`MAX_REQUEST_BYTES`], anything unreadable gets an error reply, and a client that goes away
 //! mid-operation only loses its answer. Log files are read off the runtime's threads.
+//!
+//! Two requests stream: `logs` with `follow`, and `subscribe` (a snapshot per interval for
+//! `monit`). Both last until the client sends another line or hangs up, and neither counts as
+//! idle. A subscriber that stops reading costs one frame in memory: frames are produced on
+//! ticks that skip while a write waits, and a write that waits too long drops the subscriber.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use balancer_workers::Target;
 use balancer_workers::logs::{self, Follower};
@@ -21,9 +26,11 @@ use tokio_util::codec::{
 use tokio_util::sync::CancellationToken;
 
 use super::dump::Origin;
-use super::views::{all_workers, show};
+use super::views::{all_workers, app_snapshots, show};
 use super::{Apply, ControlError, Master, OpResult, Source};
-use crate::protocol::{Load, LogLine, MAX_REQUEST_BYTES, Pong, Reload, Reply, Request, Start};
+use crate::protocol::{
+    Load, LogLine, MAX_REQUEST_BYTES, Pong, Reload, Reply, Request, Snapshot, Start,
+};
 
 /// How often `logs --follow` looks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -33,6 +40,14 @@ const MAX_CLIENTS: usize = 64;
 /// A connection that sends no request for this long is closed (a `logs --follow` in
 /// progress is not idle).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Past lines per log file in a subscription's first snapshot: the context a dashboard opens on.
+const SUBSCRIBE_PAST_LINES: usize = 20;
+/// The most log lines one snapshot carries (the newest); more are counted in `logs_dropped`, so
+/// a chatty app cannot make frames grow without bound.
+const SNAPSHOT_MAX_LINES: usize = 200;
+/// A subscriber whose frame cannot be written for this long (or one interval, if longer) is
+/// not reading: it is dropped rather than buffered for.
+const SUBSCRIBER_STALL: Duration = Duration::from_secs(5);
 
 /// Binds the admin socket, replacing a stale one, readable and writable by its owner only.
 pub(super) fn bind(path: &Path) -> io::Result<UnixListener> {
@@ -171,6 +186,13 @@ async fn client(stream: UnixStream, master: &Master) {
                 tokio::select! {
                     result = stream_logs(master, target.as_deref(), lines, follow, &mut out) => result,
                     _ = next_line(&mut requests), if follow => Ok(()),
+                }
+            }
+            Request::Subscribe { interval_ms, logs } => {
+                let interval = Duration::from_millis(interval_ms);
+                tokio::select! {
+                    result = subscribe(master, interval, logs.as_deref(), &mut out) => result,
+                    _ = next_line(&mut requests) => Ok(()),
                 }
             }
             Request::Reload(Reload::Target {
@@ -340,7 +362,9 @@ async fn handle(master: &Master, request: Request) -> Reply {
         Request::Flush { target } => outcome(flush(master, target.as_deref()).await),
         Request::Reset { target } => outcome(master.reset(&target)),
         Request::Signal { target, signal } => outcome(master.signal(&target, &signal)),
-        Request::Logs { .. } | Request::Kill => bad_request("not a single-reply request".into()),
+        Request::Logs { .. } | Request::Kill | Request::Subscribe { .. } => {
+            bad_request("not a single-reply request".into())
+        }
     }
 }
 
@@ -463,10 +487,102 @@ async fn stream_logs(
 }
 
 fn log_reply(file: &LogFile, line: String) -> Reply {
-    Reply::Log(LogLine {
+    Reply::Log(log_line(file, line))
+}
+
+/// The files of a subscription's `logs` app being followed, each with where it was read to.
+type Followed = Vec<(LogFile, Follower)>;
+
+/// `subscribe`: a [`Snapshot`] every `interval` until the client hangs up (the caller also ends
+/// it when the client sends another line). An unknown `logs` app is refused at once, before any
+/// frame; one deleted later just stops adding lines.
+async fn subscribe(
+    master: &Master,
+    interval: Duration,
+    logs: Option<&str>,
+    out: &mut Out,
+) -> Result<(), LinesCodecError> {
+    let mut followed: Followed = Vec::new();
+    let mut first = Vec::new();
+    if let Some(target) = logs {
+        let files = match log_files(master, Some(target)) {
+            Ok(files) => files,
+            Err(e) => return send(out, &e.into()).await,
+        };
+        (followed, first) = blocking(move || open_followers(files, SUBSCRIBE_PAST_LINES)).await;
+    }
+    let started = Instant::now();
+    let stall = interval.max(SUBSCRIBER_STALL);
+    let mut ticks = tokio::time::interval(interval);
+    // A tick missed while a write waited is skipped, not caught up: frames never queue.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut pending = first;
+    loop {
+        ticks.tick().await;
+        if let Some(target) = logs {
+            // Scaling adds log files: each new one is followed from its end.
+            let files = log_files(master, Some(target)).unwrap_or_default();
+            let (state, new) = blocking(move || read_followed(followed, files)).await;
+            followed = state;
+            pending.extend(new);
+        }
+        let dropped = pending.len().saturating_sub(SNAPSHOT_MAX_LINES);
+        pending.drain(..dropped);
+        let frame = Reply::Snapshot(Box::new(Snapshot {
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            apps: app_snapshots(master),
+            logs: std::mem::take(&mut pending),
+            logs_dropped: dropped as u64,
+        }));
+        match tokio::time::timeout(stall, send(out, &frame)).await {
+            Ok(sent) => sent?,
+            Err(_) => {
+                tracing::info!(
+                    "admin socket: dropped a subscriber that read nothing for {stall:?}"
+                );
+                return Err(LinesCodecError::Io(io::ErrorKind::TimedOut.into()));
+            }
+        }
+    }
+}
+
+/// Followers for `files`, each at its end, and the last `past` lines of each.
+fn open_followers(files: Vec<LogFile>, past: usize) -> (Followed, Vec<LogLine>) {
+    let mut lines = Vec::new();
+    let followed = files
+        .into_iter()
+        .map(|file| {
+            // An unreadable file shows nothing, like an empty one; the others still show.
+            let (tail, end) = logs::tail(&file.path, past).unwrap_or_default();
+            lines.extend(tail.into_iter().map(|line| log_line(&file, line)));
+            let follower = Follower::new(file.path.clone(), end);
+            (file, follower)
+        })
+        .collect();
+    (followed, lines)
+}
+
+/// New lines of every followed file, after adding followers for files not followed yet.
+fn read_followed(mut followed: Followed, files: Vec<LogFile>) -> (Followed, Vec<LogLine>) {
+    let fresh: Vec<LogFile> = files
+        .into_iter()
+        .filter(|f| !followed.iter().any(|(known, _)| known.path == f.path))
+        .collect();
+    followed.extend(open_followers(fresh, 0).0);
+    let mut lines = Vec::new();
+    for (file, follower) in &mut followed {
+        for line in follower.read_new().unwrap_or_default() {
+            lines.push(log_line(file, line));
+        }
+    }
+    (followed, lines)
+}
+
+fn log_line(file: &LogFile, line: String) -> LogLine {
+    LogLine {
         app: file.app.clone(),
         instance: file.instance,
         stream: file.stream.to_string(),
         line,
-    })
+    }
 }
