@@ -520,7 +520,7 @@ async fn subscribe(
     loop {
         ticks.tick().await;
         if let Some(target) = logs {
-            // Scaling adds log files: each new one is followed from its end.
+            // Scaling adds log files: each new one is followed too.
             let files = log_files(master, Some(target)).unwrap_or_default();
             let (state, new) = blocking(move || read_followed(followed, files)).await;
             followed = state;
@@ -568,8 +568,10 @@ fn read_followed(mut followed: Followed, files: Vec<LogFile>) -> (Followed, Vec<
         .into_iter()
         .filter(|f| !followed.iter().any(|(known, _)| known.path == f.path))
         .collect();
-    followed.extend(open_followers(fresh, 0).0);
-    let mut lines = Vec::new();
+    // A file found later (a worker scaled up) starts with its last lines, like the first
+    // frame: its worker may have written before this tick saw the file.
+    let (new, mut lines) = open_followers(fresh, SUBSCRIBE_PAST_LINES);
+    followed.extend(new);
     for (file, follower) in &mut followed {
         for line in follower.read_new().unwrap_or_default() {
             lines.push(log_line(file, line));

@@ -201,7 +201,18 @@ fn draw_metrics(frame: &mut Frame, model: &Model, area: Rect) {
     let lines = vec![
         field("conns/s", format!("{:.1}", rate(|h| h.connections_rate))),
         field("live", w.info.connections.to_string()),
-        field("bytes/s", ui::bytes(rate(|h| h.bytes_rate).round() as u64)),
+        field(
+            "bytes/s",
+            // Only the TCP proxy counts bytes per worker (HTTP bodies stream uncounted).
+            if model
+                .selected_app()
+                .is_some_and(|a| a.listeners.iter().any(|l| l.starts_with("tcp://")))
+            {
+                ui::bytes(rate(|h| h.bytes_rate).round() as u64)
+            } else {
+                "- (tcp:// only)".into()
+            },
+        ),
         field("restarts", restarts(w)),
         field(
             "memory",
