@@ -221,3 +221,112 @@ fn monit_without_a_master_or_a_terminal_says_so() {
     let (code, _, err) = b.cli(&["monit", "--interval", "5"]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// A tmux server of this test's own (its socket in the test's directory), killed on drop.
+struct Tmux {
+    socket: std::path::PathBuf,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Captures the pane until `pred` holds (panics after `PATIENCE`); returns the screen.
+    fn screen_until(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let screen = self.run(&["capture-pane", "-p", "-t", "monit"]);
+            if pred(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: never; screen:\n{screen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+/// `balancer monit` in a real 80×24 terminal (tmux): it draws every pane, a key sequence
+/// (down, tab, +, y) scales the selected app through the master, and `q` restores the terminal
+/// and exits 0. Skipped, saying so, where tmux is not installed (`.ci/run` installs it).
+#[test]
+fn monit_in_a_real_terminal_scales_the_selected_app() {
+    if std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: tmux is not installed (apt-get install tmux)");
+        return;
+    }
+    let toml = format!(
+        "{}{}",
+        pid_app("web", free_port(), 2, ""),
+        pid_app("api", free_port(), 1, "")
+    );
+    let b = Balancer::start(&toml);
+    b.wait_ready("web", 2);
+    b.wait_ready("api", 1);
+    let tmux = Tmux {
+        socket: b.dir.path().join("tmux.sock"),
+    };
+    let command = format!(
+        "env BALANCER_HOME={} TERM=xterm-256color {} monit --interval 200; echo EXIT=$?; sleep 60",
+        b.home().display(),
+        binary()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "monit",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &command,
+    ]);
+    tmux.screen_until("the dashboard", |s| {
+        s.contains("Processes") && s.contains("api-0") && s.contains("web conn/s")
+    });
+    // down, down: api's worker (rows: web-0, web-1, api-0); tab: the logs pane; +: ask.
+    for key in ["Down", "Down", "Tab", "+"] {
+        tmux.run(&["send-keys", "-t", "monit", key]);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let asked = tmux.screen_until("the confirmation line", |s| s.contains("y/n"));
+    assert!(asked.contains("scale api from 1 to 2?"), "{asked}");
+    assert_eq!(b.ready_pids("api").len(), 1, "nothing sent before y");
+    tmux.run(&["send-keys", "-t", "monit", "y"]);
+    let done = tmux.screen_until("the scale's outcome", |s| {
+        s.contains("scaled api from 1 to 2") && s.contains("api-1")
+    });
+    for line in done.lines() {
+        assert!(
+            line.chars().count() <= 80,
+            "a line wider than the terminal: {line}"
+        );
+    }
+    tmux.run(&["send-keys", "-t", "monit", "q"]);
+    let quit = tmux.screen_until("monit to exit", |s| s.contains("EXIT="));
+    assert!(quit.contains("EXIT=0"), "{quit}");
+    assert!(
+        !quit.contains("Processes"),
+        "the alternate screen is gone: {quit}"
+    );
+}
