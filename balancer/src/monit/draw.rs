@@ -37,8 +37,12 @@ pub fn draw(frame: &mut Frame, model: &Model) {
         frame.render_widget(Paragraph::new(notice).wrap(Wrap { trim: true }), area);
         return;
     }
+    // The footer is one line whatever the size: it carries the confirmation, which must never
+    // be cut away while an action waits for its `y`.
     let [body, footer] = Layout::vertical([Constraint::Fill(1), Constraint::Length(1)]).areas(area);
     if area.width >= FULL.0 && area.height >= FULL.1 {
+        // At 24 rows: 9 for the list and logs (7 workers visible), 8 for metrics and info (their
+        // 6 lines exactly), 6 for the chart. Taller terminals give the extra to the list.
         let (middle, chart) = if area.height >= 34 { (12, 9) } else { (8, 6) };
         let [top, mid, bottom] = Layout::vertical([
             Constraint::Fill(1),
@@ -75,6 +79,8 @@ fn pane(title: String, focused: bool) -> Block<'static> {
 fn draw_list(frame: &mut Frame, model: &Model, area: Rect) {
     let block = pane(" Processes ".into(), model.focus == Pane::List);
     let inner = block.inner(area);
+    // name, status, cpu, mem: fixed, so columns line up from frame to frame; the sparkline
+    // takes what is left, and is cut to that width here (a table would cut its newest end).
     const FIXED: [u16; 4] = [9, 8, 6, 8];
     // Highlight symbol, the fixed columns and their spacing.
     let used = 2 + FIXED.iter().sum::<u16>() + FIXED.len() as u16;
@@ -112,6 +118,8 @@ fn draw_list(frame: &mut Frame, model: &Model, area: Rect) {
         .block(block)
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
         .highlight_symbol("> ");
+    // The table's own state scrolls the selection into view when there are more workers
+    // than rows; it is rebuilt each frame because the model, not the widget, owns selection.
     let mut state = TableState::default()
         .with_selected((!model.apps.is_empty()).then_some(model.selected_index()));
     frame.render_stateful_widget(table, area, &mut state);
@@ -273,6 +281,8 @@ fn draw_info(frame: &mut Frame, model: &Model, area: Rect) {
     frame.render_widget(Paragraph::new(lines).block(block).scroll((scroll, 0)), area);
 }
 
+/// The info pane's lines, read from the resolved config `show` also prints (JSON), so a key
+/// added to the config needs no change here unless the pane should show it.
 fn info_lines(app: &AppSnapshot) -> Vec<Line<'static>> {
     let config = &app.config;
     let text = |v: &serde_json::Value| match v {
@@ -351,6 +361,8 @@ fn draw_chart(frame: &mut Frame, model: &Model, area: Rect) {
         "conn/s"
     };
     let points = model.app_rate.get(&app.name);
+    // Only the newest points that fit: ratatui's sparkline draws from the oldest and would cut
+    // the present off the right edge.
     let width = usize::from(area.width.saturating_sub(2));
     let data: Vec<u64> = points
         .map(|p| p.iter().rev().take(width).rev().copied().collect())

@@ -88,7 +88,15 @@ pub fn run(
         0,
         tx.clone(),
     );
-    let mut terminal = ratatui::try_init().map_err(MonitError::Terminal)?;
+    let mut terminal = match ratatui::try_init() {
+        Ok(terminal) => terminal,
+        Err(e) => {
+            // Raw mode may be on already: undo what was done.
+            ratatui::restore();
+            feed.stop();
+            return Err(MonitError::Terminal(e));
+        }
+    };
     let input = tx.clone();
     std::thread::spawn(move || {
         loop {
