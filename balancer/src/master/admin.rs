@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use balancer_workers::Target;
 use balancer_workers::logs::{self, Follower};
@@ -511,7 +511,7 @@ async fn subscribe(
         };
         (followed, first) = blocking(move || open_followers(files, SUBSCRIBE_PAST_LINES)).await;
     }
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let stall = interval.max(SUBSCRIBER_STALL);
     let mut ticks = tokio::time::interval(interval);
     // A tick missed while a write waited is skipped, not caught up: frames never queue.
@@ -586,5 +586,76 @@ fn log_line(file: &LogFile, line: String) -> LogLine {
         instance: file.instance,
         stream: file.stream.to_string(),
         line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use balancer_config::{LoadOptions, Policy};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    fn master(dir: &Path) -> Master {
+        let load = LoadOptions {
+            env: None,
+            default_policy: Policy::RoundRobin,
+            cpus: 2,
+        };
+        Master::new(dir.join("home"), load, CancellationToken::new(), None)
+    }
+
+    /// Paused time: the runtime jumps to the next timer whenever it would wait, so a minute of
+    /// frames takes milliseconds.
+    #[tokio::test(start_paused = true)]
+    async fn a_subscription_is_never_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = master(dir.path());
+        let (server, mut peer) = UnixStream::pair().unwrap();
+        peer.write_all(b"{\"cmd\":\"subscribe\",\"interval_ms\":1000}\n")
+            .await
+            .unwrap();
+        let reader = async {
+            let mut lines = BufReader::new(&mut peer).lines();
+            loop {
+                let line = lines.next_line().await.unwrap().expect("a frame");
+                let Ok(Reply::Snapshot(frame)) = serde_json::from_str::<Reply>(&line) else {
+                    panic!("not a frame: {line}");
+                };
+                if frame.elapsed_ms > IDLE_TIMEOUT.as_millis() as u64 + 5_000 {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            () = reader => {}
+            () = client(server, &master) => panic!("the subscription ended"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_that_stops_reading_is_dropped_not_buffered_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = master(dir.path());
+        let (server, mut peer) = UnixStream::pair().unwrap();
+        peer.write_all(b"{\"cmd\":\"subscribe\",\"interval_ms\":100}\n")
+            .await
+            .unwrap();
+        // Nothing is read: frames fill the socket, the next write waits SUBSCRIBER_STALL, and
+        // the master hangs up.
+        tokio::time::timeout(Duration::from_secs(600), client(server, &master))
+            .await
+            .expect("the stalled subscriber is dropped");
+        let mut sent = Vec::new();
+        peer.read_to_end(&mut sent).await.unwrap();
+        let frames = sent
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count();
+        assert!(frames > 100, "the socket filled first ({frames} frames)");
+        assert!(
+            sent.len() < 8 << 20,
+            "what waited is the socket's buffer, not a queue: {} bytes",
+            sent.len()
+        );
     }
 }
