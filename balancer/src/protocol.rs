@@ -3,7 +3,8 @@
 //!
 //! One request object per line, `{"cmd":"scale","app":"web","to":"+2"}`; one reply object per
 //! line, `{"ok":true,…}` or `{"ok":false,"error":"…"}`. `logs` with `follow` streams replies
-//! (one per log line) until the client hangs up. The CLI is only a client of this; any language
+//! (one per log line) and `subscribe` one [`Snapshot`] per interval (`monit`), each until the
+//! client sends another line or hangs up. The CLI is only a client of this; any language
 //! can script it with a unix socket and a JSON library. The README documents every command.
 //!
 //! [`Request`] and [`Reply`] are typed: one variant per mode, so a request that says two things
