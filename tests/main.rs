@@ -9,6 +9,7 @@ mod hardening;
 mod http;
 mod lifecycle;
 mod metrics;
+mod monit;
 mod observe;
 mod operate;
 mod reuseport;

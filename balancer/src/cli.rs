@@ -138,6 +138,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live terminal dashboard: workers with cpu/mem, the selected app's logs, its metrics
+    /// and a req/s chart; r reload, +/- scale, s stop/start (each confirmed with y), q quits.
+    #[command(
+        after_help = "Examples:\n  balancer monit\n  balancer monit --interval 500\n\nKeys: ↑/↓ select a worker, tab next pane (↑/↓ then scroll logs or info), \
+                      r reload, + / - scale by one, s stop or start, y/n confirm, q, Esc or Ctrl-C quit."
+    )]
+    Monit {
+        /// Milliseconds between two snapshots from the master (100 to 60000).
+        #[arg(long, default_value_t = 1000, value_name = "MS",
+              value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval: u64,
+    },
     /// Empty the log files (of one app or worker id, or all).
     #[command(after_help = "Examples:\n  balancer flush\n  balancer flush web")]
     Flush {

@@ -3,7 +3,7 @@
 //! A master process forks N workers per app on private loopback ports, owns the public
 //! listeners, and spreads connections over the ready workers. This crate is the data plane
 //! (`listener`, `policy`, `proxy`), the running master (`master`) and the CLI (`cli`, `ctl`,
-//! `ui`), which speak `protocol` over the admin socket; `balancer-workers` is the control plane
+//! `ui`, and the `monit` dashboard), which speak `protocol` over the admin socket; `balancer-workers` is the control plane
 //! and `balancer-config` the configuration.
 
 pub mod cli;
@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod home;
 pub mod listener;
 pub mod master;
+pub mod monit;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;

@@ -3,7 +3,8 @@
 //!
 //! One request object per line, `{"cmd":"scale","app":"web","to":"+2"}`; one reply object per
 //! line, `{"ok":true,…}` or `{"ok":false,"error":"…"}`. `logs` with `follow` streams replies
-//! (one per log line) until the client hangs up. The CLI is only a client of this; any language
+//! (one per log line) and `subscribe` one [`Snapshot`] per interval (`monit`), each until the
+//! client sends another line or hangs up. The CLI is only a client of this; any language
 //! can script it with a unix socket and a JSON library. The README documents every command.
 //!
 //! [`Request`] and [`Reply`] are typed: one variant per mode, so a request that says two things
@@ -22,6 +23,13 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// How many past lines per log file `logs` sends when the request does not say.
 pub const DEFAULT_LOG_LINES: usize = 15;
+
+/// A subscription's `interval_ms` when the request does not say.
+pub const DEFAULT_SUBSCRIBE_INTERVAL_MS: u64 = 1000;
+
+/// The `interval_ms` a subscription may ask for: faster than 100 ms would cost the master
+/// more than a dashboard is worth; slower than a minute is not live.
+pub const SUBSCRIBE_INTERVAL_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
 
 /// One request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +103,14 @@ pub enum Request {
         target: String,
         /// `SIGUSR2`, `USR2` or `usr2`.
         signal: String,
+    },
+    /// Stream a [`Reply::Snapshot`] every `interval_ms` (`monit`) until the client sends
+    /// another line or hangs up: a dashboard's one connection, instead of `list` in a loop.
+    Subscribe {
+        /// Milliseconds between snapshots, within [`SUBSCRIBE_INTERVAL_MS`].
+        interval_ms: u64,
+        /// Also carry the new log lines of this app (or worker id) in each snapshot.
+        logs: Option<String>,
     },
 }
 
@@ -279,6 +295,8 @@ pub enum Reply {
     End,
     /// `reload` with `progress`: how far it is, before the final reply.
     Progress(String),
+    /// `subscribe`: one frame of the stream.
+    Snapshot(Box<Snapshot>),
     /// The request failed.
     Failed {
         /// Why, in words.
@@ -425,6 +443,55 @@ pub struct QueueInfo {
     pub wait_max_ms: u64,
 }
 
+/// One frame of a subscription: every app with its workers, and the followed app's new log
+/// lines. Counters are totals, so a client that misses a frame loses no traffic: it divides
+/// the next delta by the `elapsed_ms` between the two.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Milliseconds since the subscription began (monotonic): the clock of the rates.
+    pub elapsed_ms: u64,
+    /// Every app, in start order.
+    pub apps: Vec<AppSnapshot>,
+    /// New lines of the `logs` app since the previous frame (the first frame: its last few).
+    #[serde(default)]
+    pub logs: Vec<LogLine>,
+    /// Lines left out of `logs` since the previous frame, over the per-frame cap.
+    #[serde(default)]
+    pub logs_dropped: u64,
+}
+
+/// One app in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppSnapshot {
+    /// App name.
+    pub name: String,
+    /// The worker count it is scaled to.
+    pub instances: u32,
+    /// `rr` or `reuseport`.
+    pub policy: String,
+    /// `round_robin`, `least_conn`, `p2c` or `source`.
+    pub balance: String,
+    /// Its public listeners.
+    pub listeners: Vec<String>,
+    /// The whole resolved configuration, as `show` gives it.
+    pub config: serde_json::Value,
+    /// Its workers.
+    pub workers: Vec<WorkerSnapshot>,
+}
+
+/// One worker in a [`Snapshot`]: its `list` row and the data plane's counters of its current
+/// process (they start from 0 when the process is replaced).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSnapshot {
+    /// What `list` gives.
+    #[serde(flatten)]
+    pub info: WorkerInfo,
+    /// Connections (requests, on `http://`) given to this process so far.
+    pub connections_total: u64,
+    /// Bytes proxied to and from this process over TCP, counted when each connection ends.
+    pub bytes_total: u64,
+}
+
 /// One line of a worker's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
@@ -446,7 +513,10 @@ pub mod wire {
     use balancer_config::Policy;
     use serde::{Deserialize, Serialize};
 
-    use super::{AppInfo, DEFAULT_LOG_LINES, Load, LogLine, Pong, WorkerInfo};
+    use super::{
+        AppInfo, DEFAULT_LOG_LINES, DEFAULT_SUBSCRIBE_INTERVAL_MS, Load, LogLine, Pong,
+        SUBSCRIBE_INTERVAL_MS, Snapshot, WorkerInfo,
+    };
 
     /// A request as sent.
     // Empty struct variants rather than unit ones: serde ignores `deny_unknown_fields` on unit
@@ -523,10 +593,20 @@ pub mod wire {
             target: String,
             signal: String,
         },
+        Subscribe {
+            #[serde(default = "default_interval")]
+            interval_ms: u64,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            logs: Option<String>,
+        },
     }
 
     fn default_lines() -> usize {
         DEFAULT_LOG_LINES
+    }
+
+    fn default_interval() -> u64 {
+        DEFAULT_SUBSCRIBE_INTERVAL_MS
     }
 
     /// A path the master resolves must not depend on its own working directory.
@@ -651,6 +731,16 @@ pub mod wire {
                 Request::Resurrect {} => Self::Resurrect,
                 Request::Reset { target } => Self::Reset { target },
                 Request::SendSignal { target, signal } => Self::Signal { target, signal },
+                Request::Subscribe { interval_ms, logs } => {
+                    if !SUBSCRIBE_INTERVAL_MS.contains(&interval_ms) {
+                        return Err(format!(
+                            "`interval_ms` must be between {} and {}, not {interval_ms}",
+                            SUBSCRIBE_INTERVAL_MS.start(),
+                            SUBSCRIBE_INTERVAL_MS.end()
+                        ));
+                    }
+                    Self::Subscribe { interval_ms, logs }
+                }
             })
         }
     }
@@ -721,6 +811,9 @@ pub mod wire {
                 super::Request::Resurrect => Request::Resurrect {},
                 super::Request::Reset { target } => Request::Reset { target },
                 super::Request::Signal { target, signal } => Request::SendSignal { target, signal },
+                super::Request::Subscribe { interval_ms, logs } => {
+                    Request::Subscribe { interval_ms, logs }
+                }
             }
         }
     }
@@ -754,6 +847,8 @@ pub mod wire {
         pub done: Option<bool>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub progress: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub snapshot: Option<Box<Snapshot>>,
     }
 
     impl From<super::Reply> for Reply {
@@ -795,6 +890,10 @@ pub mod wire {
                     progress: Some(line),
                     ..ok
                 },
+                super::Reply::Snapshot(snapshot) => Reply {
+                    snapshot: Some(snapshot),
+                    ..ok
+                },
                 super::Reply::Failed { error, code } => Reply {
                     ok: false,
                     error: Some(error),
@@ -820,7 +919,9 @@ pub mod wire {
                     code: wire.code.filter(|c| *c != 0).unwrap_or(1),
                 });
             }
-            Ok(if let Some(line) = wire.log {
+            Ok(if let Some(snapshot) = wire.snapshot {
+                Self::Snapshot(snapshot)
+            } else if let Some(line) = wire.log {
                 Self::Log(line)
             } else if let Some(line) = wire.progress {
                 Self::Progress(line)
@@ -909,6 +1010,36 @@ mod tests {
                 .contains("explode")
         );
         assert!(request(r#"{"cmd":"ping","x":1}"#).is_err());
+        assert_eq!(
+            request(r#"{"cmd":"subscribe"}"#),
+            Ok(Request::Subscribe {
+                interval_ms: 1000,
+                logs: None
+            })
+        );
+        let err = request(r#"{"cmd":"subscribe","interval_ms":5}"#).unwrap_err();
+        assert!(err.contains("between 100 and 60000"), "{err}");
+        assert!(request(r#"{"cmd":"subscribe","interval_ms":-1}"#).is_err());
+        assert!(request(r#"{"cmd":"subscribe","logs":3}"#).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_with_its_workers_flat() {
+        let json = r#"{"ok":true,"snapshot":{"elapsed_ms":1000,"apps":[{"name":"web",
+            "instances":1,"policy":"rr","balance":"round_robin","listeners":[],"config":{},
+            "workers":[{"id":0,"app":"web","instance":0,"pid":7,"policy":"rr","status":"ready",
+            "restarts":0,"uptime_ms":5,"connections":2,"listeners":[],"private":[],
+            "last_exit":null,"reason":null,"connections_total":9,"bytes_total":64}]}]}}"#;
+        let Reply::Snapshot(snapshot) = serde_json::from_str::<Reply>(json).unwrap() else {
+            panic!("not a snapshot");
+        };
+        let worker = &snapshot.apps[0].workers[0];
+        assert_eq!((worker.info.connections, worker.connections_total), (2, 9));
+        let again = serde_json::to_string(&Reply::Snapshot(snapshot.clone())).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Reply>(&again).unwrap(),
+            Reply::Snapshot(snapshot)
+        );
     }
 
     #[test]
@@ -994,6 +1125,10 @@ mod tests {
             Request::Signal {
                 target: "3".into(),
                 signal: "SIGUSR2".into(),
+            },
+            Request::Subscribe {
+                interval_ms: 250,
+                logs: Some("web".into()),
             },
         ];
         for r in all {

@@ -28,6 +28,8 @@ pub struct WorkerHandle {
     pub addrs: Vec<SocketAddr>,
     live: AtomicUsize,
     total: AtomicU64,
+    /// Bytes proxied both ways, added once per connection when it ends (what `monit` rates).
+    bytes: AtomicU64,
     draining: AtomicBool,
     gone: AtomicBool,
     idle: Notify,
@@ -51,6 +53,7 @@ impl WorkerHandle {
             addrs,
             live: AtomicUsize::new(0),
             total: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             idle: Notify::new(),
@@ -109,6 +112,16 @@ impl WorkerHandle {
     /// Connections ever counted against this worker.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// Counts the bytes a finished connection moved (both directions).
+    pub fn add_bytes(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes proxied to and from this worker by connections that have ended.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Whether [`start_draining`](Self::start_draining) was called.

@@ -179,6 +179,27 @@ impl Client {
         Ok(())
     }
 
+    /// Sends `request` and leaves its replies to [`next_reply`](Self::next_reply): a stream
+    /// read from another thread (`monit`'s subscription).
+    pub fn open_stream(&mut self, request: &Request) -> Result<(), ClientError> {
+        self.send(request)?;
+        self.set_timeout(None)
+    }
+
+    /// The next reply of a stream opened with [`open_stream`](Self::open_stream); `None` at
+    /// its end.
+    pub fn next_reply(&mut self) -> Result<Option<Reply>, ClientError> {
+        self.receive(None)
+    }
+
+    /// Another handle on this connection: shutting it down ends a [`next_reply`] blocked in
+    /// another thread.
+    ///
+    /// [`next_reply`]: Self::next_reply
+    pub fn handle(&self) -> io::Result<UnixStream> {
+        self.writer.try_clone()
+    }
+
     fn send(&mut self, request: &Request) -> Result<(), ClientError> {
         // Serialising a `Request` cannot fail (no maps with non-string keys, no foreign types),
         // but an error here is still reported rather than unwrapped.

@@ -64,6 +64,7 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
             output,
         ),
         Command::Flush { target } => act(home, &Request::Flush { target }, output),
+        Command::Monit { interval } => verbs::monit(home, interval),
         Command::Ping => verbs::ping(home),
         Command::Reset { target } => act(home, &Request::Reset { target }, output),
         Command::SendSignal { signal, target } => {

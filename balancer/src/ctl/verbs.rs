@@ -1,9 +1,12 @@
-//! The verbs other than `start`: `reload`, `ls`, `jlist`, `show`, `logs`, `ping`, `kill`, and
-//! the two that need no master, `ecosystem` and `completions`. The one-line ones (`stop`,
+//! The verbs other than `start`: `reload`, `ls`, `jlist`, `show`, `logs`, `ping`, `kill`,
+//! `monit` (the admin socket handed to [`crate::monit`]), and the two that need no master,
+//! `ecosystem` and `completions`. The one-line ones (`stop`,
 //! `delete`, `scale`, `reset`, `send-signal`, …) are dispatched straight from `mod.rs`.
 
+use std::io::IsTerminal;
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use balancer_workers::Chain;
@@ -173,6 +176,71 @@ pub(super) fn logs(home: &Path, request: Request, json: bool, output: Output) ->
     match streamed {
         Ok(()) => ok(),
         Err(e) => failed(EXIT_FAILED, Chain(&e)),
+    }
+}
+
+/// `monit`: the dashboard on a terminal. No master: the usual error and exit 1, before the
+/// terminal is touched; not a terminal: exit 2.
+pub(super) fn monit(home: &Path, interval_ms: u64) -> Outcome {
+    let socket = Socket(home.to_path_buf());
+    let first = match socket.open(&Request::Subscribe {
+        interval_ms,
+        logs: None,
+    }) {
+        Ok(first) => first,
+        Err(e) => return failed(EXIT_FAILED, Chain(&e)),
+    };
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        return failed(
+            EXIT_USAGE,
+            "monit needs a terminal; for scripts use `balancer jlist` or the `subscribe` request",
+        );
+    }
+    match crate::monit::run(Arc::new(socket), Box::new(first), interval_ms) {
+        Ok(()) => ok(),
+        Err(e) => failed(EXIT_FAILED, Chain(&e)),
+    }
+}
+
+/// The admin socket of a home, as `monit` reaches the master.
+struct Socket(PathBuf);
+
+/// A subscription on its own connection.
+struct Stream(Client);
+
+impl Socket {
+    fn open(&self, request: &Request) -> Result<Stream, client::ClientError> {
+        let mut client = Client::connect(&self.0)?;
+        client.open_stream(request)?;
+        Ok(Stream(client))
+    }
+}
+
+impl crate::monit::Admin for Socket {
+    fn subscribe(&self, request: &Request) -> Result<Box<dyn crate::monit::Subscription>, String> {
+        match self.open(request) {
+            Ok(stream) => Ok(Box::new(stream)),
+            Err(e) => Err(Chain(&e).to_string()),
+        }
+    }
+
+    fn call(&self, request: &Request) -> Result<Reply, String> {
+        client::request(&self.0, request).map_err(|e| Chain(&e).to_string())
+    }
+}
+
+impl crate::monit::Subscription for Stream {
+    fn next(&mut self) -> Result<Option<Reply>, String> {
+        self.0.next_reply().map_err(|e| Chain(&e).to_string())
+    }
+
+    fn closer(&self) -> Box<dyn FnOnce() + Send> {
+        let handle = self.0.handle();
+        Box::new(move || {
+            if let Ok(stream) = handle {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        })
     }
 }
 

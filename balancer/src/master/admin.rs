@@ -4,6 +4,11 @@
 //! A client can never hurt the master: each connection has its own task, lines are capped at
 //! [`MAX_REQUEST_BYTES`], anything unreadable gets an error reply, and a client that goes away
 //! mid-operation only loses its answer. Log files are read off the runtime's threads.
+//!
+//! Two requests stream: `logs` with `follow`, and `subscribe` (a snapshot per interval for
+//! `monit`). Both last until the client sends another line or hangs up, and neither counts as
+//! idle. A subscriber that stops reading costs one frame in memory: frames are produced on
+//! ticks that skip while a write waits, and a write that waits too long drops the subscriber.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -21,9 +26,11 @@ use tokio_util::codec::{
 use tokio_util::sync::CancellationToken;
 
 use super::dump::Origin;
-use super::views::{all_workers, show};
+use super::views::{all_workers, app_snapshots, show};
 use super::{Apply, ControlError, Master, OpResult, Source};
-use crate::protocol::{Load, LogLine, MAX_REQUEST_BYTES, Pong, Reload, Reply, Request, Start};
+use crate::protocol::{
+    Load, LogLine, MAX_REQUEST_BYTES, Pong, Reload, Reply, Request, Snapshot, Start,
+};
 
 /// How often `logs --follow` looks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -33,6 +40,14 @@ const MAX_CLIENTS: usize = 64;
 /// A connection that sends no request for this long is closed (a `logs --follow` in
 /// progress is not idle).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Past lines per log file in a subscription's first snapshot: the context a dashboard opens on.
+const SUBSCRIBE_PAST_LINES: usize = 20;
+/// The most log lines one snapshot carries (the newest); more are counted in `logs_dropped`, so
+/// a chatty app cannot make frames grow without bound.
+const SNAPSHOT_MAX_LINES: usize = 200;
+/// A subscriber whose frame cannot be written for this long (or one interval, if longer) is
+/// not reading: it is dropped rather than buffered for.
+const SUBSCRIBER_STALL: Duration = Duration::from_secs(5);
 
 /// Binds the admin socket, replacing a stale one, readable and writable by its owner only.
 pub(super) fn bind(path: &Path) -> io::Result<UnixListener> {
@@ -171,6 +186,13 @@ async fn client(stream: UnixStream, master: &Master) {
                 tokio::select! {
                     result = stream_logs(master, target.as_deref(), lines, follow, &mut out) => result,
                     _ = next_line(&mut requests), if follow => Ok(()),
+                }
+            }
+            Request::Subscribe { interval_ms, logs } => {
+                let interval = Duration::from_millis(interval_ms);
+                tokio::select! {
+                    result = subscribe(master, interval, logs.as_deref(), &mut out) => result,
+                    _ = next_line(&mut requests) => Ok(()),
                 }
             }
             Request::Reload(Reload::Target {
@@ -340,7 +362,9 @@ async fn handle(master: &Master, request: Request) -> Reply {
         Request::Flush { target } => outcome(flush(master, target.as_deref()).await),
         Request::Reset { target } => outcome(master.reset(&target)),
         Request::Signal { target, signal } => outcome(master.signal(&target, &signal)),
-        Request::Logs { .. } | Request::Kill => bad_request("not a single-reply request".into()),
+        Request::Logs { .. } | Request::Kill | Request::Subscribe { .. } => {
+            bad_request("not a single-reply request".into())
+        }
     }
 }
 
@@ -463,10 +487,175 @@ async fn stream_logs(
 }
 
 fn log_reply(file: &LogFile, line: String) -> Reply {
-    Reply::Log(LogLine {
+    Reply::Log(log_line(file, line))
+}
+
+/// The files of a subscription's `logs` app being followed, each with where it was read to.
+type Followed = Vec<(LogFile, Follower)>;
+
+/// `subscribe`: a [`Snapshot`] every `interval` until the client hangs up (the caller also ends
+/// it when the client sends another line). An unknown `logs` app is refused at once, before any
+/// frame; one deleted later just stops adding lines.
+async fn subscribe(
+    master: &Master,
+    interval: Duration,
+    logs: Option<&str>,
+    out: &mut Out,
+) -> Result<(), LinesCodecError> {
+    let mut followed: Followed = Vec::new();
+    let mut first = Vec::new();
+    if let Some(target) = logs {
+        let files = match log_files(master, Some(target)) {
+            Ok(files) => files,
+            Err(e) => return send(out, &e.into()).await,
+        };
+        (followed, first) = blocking(move || open_followers(files, SUBSCRIBE_PAST_LINES)).await;
+    }
+    let started = tokio::time::Instant::now();
+    let stall = interval.max(SUBSCRIBER_STALL);
+    let mut ticks = tokio::time::interval(interval);
+    // A tick missed while a write waited is skipped, not caught up: frames never queue.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut pending = first;
+    loop {
+        ticks.tick().await;
+        if let Some(target) = logs {
+            // Scaling adds log files: each new one is followed too.
+            let files = log_files(master, Some(target)).unwrap_or_default();
+            let (state, new) = blocking(move || read_followed(followed, files)).await;
+            followed = state;
+            pending.extend(new);
+        }
+        let dropped = pending.len().saturating_sub(SNAPSHOT_MAX_LINES);
+        pending.drain(..dropped);
+        let frame = Reply::Snapshot(Box::new(Snapshot {
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            apps: app_snapshots(master),
+            logs: std::mem::take(&mut pending),
+            logs_dropped: dropped as u64,
+        }));
+        match tokio::time::timeout(stall, send(out, &frame)).await {
+            Ok(sent) => sent?,
+            Err(_) => {
+                tracing::info!(
+                    "admin socket: dropped a subscriber that read nothing for {stall:?}"
+                );
+                return Err(LinesCodecError::Io(io::ErrorKind::TimedOut.into()));
+            }
+        }
+    }
+}
+
+/// Followers for `files`, each at its end, and the last `past` lines of each.
+fn open_followers(files: Vec<LogFile>, past: usize) -> (Followed, Vec<LogLine>) {
+    let mut lines = Vec::new();
+    let followed = files
+        .into_iter()
+        .map(|file| {
+            // An unreadable file shows nothing, like an empty one; the others still show.
+            let (tail, end) = logs::tail(&file.path, past).unwrap_or_default();
+            lines.extend(tail.into_iter().map(|line| log_line(&file, line)));
+            let follower = Follower::new(file.path.clone(), end);
+            (file, follower)
+        })
+        .collect();
+    (followed, lines)
+}
+
+/// New lines of every followed file, after adding followers for files not followed yet.
+fn read_followed(mut followed: Followed, files: Vec<LogFile>) -> (Followed, Vec<LogLine>) {
+    let fresh: Vec<LogFile> = files
+        .into_iter()
+        .filter(|f| !followed.iter().any(|(known, _)| known.path == f.path))
+        .collect();
+    // A file found later (a worker scaled up) starts with its last lines, like the first
+    // frame: its worker may have written before this tick saw the file.
+    let (new, mut lines) = open_followers(fresh, SUBSCRIBE_PAST_LINES);
+    followed.extend(new);
+    for (file, follower) in &mut followed {
+        for line in follower.read_new().unwrap_or_default() {
+            lines.push(log_line(file, line));
+        }
+    }
+    (followed, lines)
+}
+
+fn log_line(file: &LogFile, line: String) -> LogLine {
+    LogLine {
         app: file.app.clone(),
         instance: file.instance,
         stream: file.stream.to_string(),
         line,
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use balancer_config::{LoadOptions, Policy};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    fn master(dir: &Path) -> Master {
+        let load = LoadOptions {
+            env: None,
+            default_policy: Policy::RoundRobin,
+            cpus: 2,
+        };
+        Master::new(dir.join("home"), load, CancellationToken::new(), None)
+    }
+
+    /// Paused time: the runtime jumps to the next timer whenever it would wait, so a minute of
+    /// frames takes milliseconds.
+    #[tokio::test(start_paused = true)]
+    async fn a_subscription_is_never_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = master(dir.path());
+        let (server, mut peer) = UnixStream::pair().unwrap();
+        peer.write_all(b"{\"cmd\":\"subscribe\",\"interval_ms\":1000}\n")
+            .await
+            .unwrap();
+        let reader = async {
+            let mut lines = BufReader::new(&mut peer).lines();
+            loop {
+                let line = lines.next_line().await.unwrap().expect("a frame");
+                let Ok(Reply::Snapshot(frame)) = serde_json::from_str::<Reply>(&line) else {
+                    panic!("not a frame: {line}");
+                };
+                if frame.elapsed_ms > IDLE_TIMEOUT.as_millis() as u64 + 5_000 {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            () = reader => {}
+            () = client(server, &master) => panic!("the subscription ended"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_that_stops_reading_is_dropped_not_buffered_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = master(dir.path());
+        let (server, mut peer) = UnixStream::pair().unwrap();
+        peer.write_all(b"{\"cmd\":\"subscribe\",\"interval_ms\":100}\n")
+            .await
+            .unwrap();
+        // Nothing is read: frames fill the socket, the next write waits SUBSCRIBER_STALL, and
+        // the master hangs up.
+        tokio::time::timeout(Duration::from_secs(600), client(server, &master))
+            .await
+            .expect("the stalled subscriber is dropped");
+        let mut sent = Vec::new();
+        peer.read_to_end(&mut sent).await.unwrap();
+        let frames = sent
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count();
+        assert!(frames > 100, "the socket filled first ({frames} frames)");
+        assert!(
+            sent.len() < 8 << 20,
+            "what waited is the socket's buffer, not a queue: {} bytes",
+            sent.len()
+        );
+    }
 }

@@ -7,7 +7,9 @@ use balancer_config::{App, Check};
 use balancer_workers::WorkerStatus;
 
 use super::{ControlError, Master};
-use crate::protocol::{AppInfo, QueueInfo, RestartsBy, UsageHistory, WorkerInfo};
+use crate::protocol::{
+    AppInfo, AppSnapshot, QueueInfo, RestartsBy, UsageHistory, WorkerInfo, WorkerSnapshot,
+};
 
 /// Every worker of every app, in start order (`ls`/`jlist`).
 pub(super) fn all_workers(master: &Master) -> Vec<WorkerInfo> {
@@ -15,6 +17,31 @@ pub(super) fn all_workers(master: &Master) -> Vec<WorkerInfo> {
         .apps()
         .iter()
         .flat_map(|(app, statuses)| statuses.iter().map(move |s| worker_info(app, s)))
+        .collect()
+}
+
+/// Every app with its workers and their counters: one frame of a subscription (`monit`).
+/// Like [`all_workers`], it reads only what the supervisors and the data plane already hold.
+pub(super) fn app_snapshots(master: &Master) -> Vec<AppSnapshot> {
+    master
+        .apps()
+        .iter()
+        .map(|(app, statuses)| AppSnapshot {
+            name: app.name.clone(),
+            instances: app.instances,
+            policy: app.policy.as_str().to_owned(),
+            balance: app.balance.as_str().to_owned(),
+            listeners: app.listen.iter().map(ToString::to_string).collect(),
+            config: app_json(app),
+            workers: statuses
+                .iter()
+                .map(|s| WorkerSnapshot {
+                    info: worker_info(app, s),
+                    connections_total: s.handle.as_ref().map_or(0, |h| h.total()),
+                    bytes_total: s.handle.as_ref().map_or(0, |h| h.bytes()),
+                })
+                .collect(),
+        })
         .collect()
 }
 

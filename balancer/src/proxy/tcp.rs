@@ -143,6 +143,9 @@ pub async fn proxy(
         Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => (0, 0),
         Err(e) => return Err(TcpProxyError::Copy(e)),
     };
+    guard
+        .worker()
+        .add_bytes(to_worker.saturating_add(to_client));
     if let Some(m) = meters {
         m.bytes_to_worker.increment(to_worker);
         m.bytes_to_client.increment(to_client);
