@@ -86,6 +86,12 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Locks `m` even if a test panicked while holding it (a failed `wait_for` assertion), so one
+/// failing test does not poison the lines every later one reads.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Lines a child process has written, shared with a reader thread.
 #[derive(Clone, Default)]
 pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
@@ -100,7 +106,7 @@ impl Lines {
                 let Ok(line) = line else { break };
                 eprintln!("[{tag}] {line}");
                 let (all, cond) = &*sink.0;
-                all.lock().unwrap().push(line);
+                lock(all).push(line);
                 cond.notify_all();
             }
         });
@@ -109,14 +115,14 @@ impl Lines {
 
     /// Every line so far.
     pub fn all(&self) -> Vec<String> {
-        self.0.0.lock().unwrap().clone()
+        lock(&self.0.0).clone()
     }
 
     /// Waits until `count` lines match `pred`; returns them. Panics after `PATIENCE`.
     pub fn wait_for(&self, count: usize, what: &str, pred: impl Fn(&str) -> bool) -> Vec<String> {
         let deadline = Instant::now() + PATIENCE;
         let (all, cond) = &*self.0;
-        let mut guard = all.lock().unwrap();
+        let mut guard = lock(all);
         loop {
             let hits: Vec<String> = guard.iter().filter(|l| pred(l)).cloned().collect();
             if hits.len() >= count {
@@ -129,7 +135,10 @@ impl Lines {
                 hits.len(),
                 guard.join("\n")
             );
-            guard = cond.wait_timeout(guard, deadline - now).unwrap().0;
+            guard = cond
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
