@@ -25,6 +25,7 @@
 //! syntax errors are reported.
 
 pub mod defaults;
+pub mod logging;
 mod error;
 pub mod model;
 mod raw;
