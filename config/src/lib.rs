@@ -25,8 +25,8 @@
 //! syntax errors are reported.
 
 pub mod defaults;
-pub mod logging;
 mod error;
+pub mod logging;
 pub mod model;
 mod raw;
 mod validate;

@@ -97,7 +97,10 @@ fn max_size(r: &mut Reader<'_, '_, '_, '_>) -> Option<u64> {
         Ok(n) if n < min => {
             r.error(
                 value.span(),
-                format!("`log_max_size`: at least {} KiB, found {n} bytes", min / 1024),
+                format!(
+                    "`log_max_size`: at least {} KiB, found {n} bytes",
+                    min / 1024
+                ),
             );
             None
         }

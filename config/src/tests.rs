@@ -1182,10 +1182,16 @@ fn log_keys_build_the_relay_settings_and_refuse_what_would_be_ignored() {
         "[[app]]\nname = \"web\"\n{CMD}time = true\nmerge_logs = true\nlog_max_size = \"1M\"\n\
          log_retain = 3\nlog_compress = true\n"
     ));
-    assert_eq!(app.logs.time.as_deref(), Some(crate::defaults::LOG_DATE_FORMAT));
+    assert_eq!(
+        app.logs.time.as_deref(),
+        Some(crate::defaults::LOG_DATE_FORMAT)
+    );
     assert!(app.logs.merge && app.logs.relayed());
     let rotate = app.logs.rotate.unwrap();
-    assert_eq!((rotate.max_size, rotate.retain, rotate.compress), (1 << 20, 3, true));
+    assert_eq!(
+        (rotate.max_size, rotate.retain, rotate.compress),
+        (1 << 20, 3, true)
+    );
     // PM2: a format alone turns timestamps on.
     let app = p.app(&format!(
         "[[app]]\nname = \"web\"\n{CMD}log_date_format = \"%H:%M:%S\"\n"
@@ -1195,16 +1201,25 @@ fn log_keys_build_the_relay_settings_and_refuse_what_would_be_ignored() {
     let plain = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}"));
     assert!(!plain.logs.relayed(), "plain files by default");
     for (line, message) in [
-        ("log_date_format = \"YYYY-MM-DD HH:mm:ss\"", "write \"%Y-%m-%d %H:%M:%S\""),
+        (
+            "log_date_format = \"YYYY-MM-DD HH:mm:ss\"",
+            "write \"%Y-%m-%d %H:%M:%S\"",
+        ),
         ("log_date_format = \"%Q\"", "not a valid strftime format"),
         ("log_retain = 3", "nothing rotates without `log_max_size`"),
-        ("log_compress = true", "nothing rotates without `log_max_size`"),
+        (
+            "log_compress = true",
+            "nothing rotates without `log_max_size`",
+        ),
         ("log_max_size = \"1K\"", "at least 64 KiB"),
         ("log_max_size = true", "a size such as"),
     ] {
         let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{line}\n"));
         assert_eq!(errors.len(), 1, "{errors:#?}");
-        assert!(errors[0].starts_with("4:") && errors[0].contains(message), "{errors:?}");
+        assert!(
+            errors[0].starts_with("4:") && errors[0].contains(message),
+            "{errors:?}"
+        );
     }
     let errors = p.errors(&format!(
         "[[app]]\nname = \"web\"\n{CMD}time = false\nlog_date_format = \"%H\"\n"
