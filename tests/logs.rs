@@ -193,6 +193,30 @@ fn time_and_merge_logs_tag_instances_and_logs_interleaves_by_time() {
         seen.insert((instance, log["stream"].as_str().unwrap().to_owned()));
     }
     assert_eq!(seen.len(), 4, "both instances, both streams: {seen:?}");
+
+    // Restarts give each new process fresh pipes; the old ones close at their end of file,
+    // so the master's descriptors come back to what they were.
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", b.pid())).unwrap().count();
+    let before = fds();
+    for round in 1..=2 {
+        let (code, _, stderr) = b.cli(&["restart", "tick"]);
+        assert_eq!(code, 0, "{stderr}");
+        let deadline = Instant::now() + PATIENCE;
+        while std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .matches("] done ")
+            .count()
+            < 2 + 2 * round
+        {
+            assert!(Instant::now() < deadline, "restarted workers never finished");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while fds() > before {
+        assert!(Instant::now() < deadline, "{} fds, {before} before", fds());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
