@@ -1213,6 +1213,7 @@ fn log_keys_build_the_relay_settings_and_refuse_what_would_be_ignored() {
         ),
         ("log_max_size = \"1K\"", "at least 64 KiB"),
         ("log_max_size = true", "a size such as"),
+        ("log_max_sise = \"1M\"", "did you mean `log_max_size`?"),
     ] {
         let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{line}\n"));
         assert_eq!(errors.len(), 1, "{errors:#?}");

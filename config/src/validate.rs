@@ -259,10 +259,8 @@ fn app(
         .as_ref()
         .map_or("[[app]]".to_owned(), |n| format!("app `{n}`"));
     not_yet(&mut r, NOT_YET_APP_KEYS);
-    r.unknown_keys(&place, APP_KEYS, |key| {
-        env_suffix(key).is_some()
-            || NOT_YET_APP_KEYS.iter().any(|(k, _)| *k == key)
-            || crate::logging::KEYS.contains(&key)
+    r.unknown_keys(&place, &[APP_KEYS, crate::logging::KEYS].concat(), |key| {
+        env_suffix(key).is_some() || NOT_YET_APP_KEYS.iter().any(|(k, _)| *k == key)
     });
 
     let cwd = cwd(&mut r, ctx);
