@@ -196,7 +196,11 @@ fn time_and_merge_logs_tag_instances_and_logs_interleaves_by_time() {
 
     // Restarts give each new process fresh pipes; the old ones close at their end of file,
     // so the master's descriptors come back to what they were.
-    let fds = || std::fs::read_dir(format!("/proc/{}/fd", b.pid())).unwrap().count();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", b.pid()))
+            .unwrap()
+            .count()
+    };
     let before = fds();
     for round in 1..=2 {
         let (code, _, stderr) = b.cli(&["restart", "tick"]);
@@ -208,7 +212,10 @@ fn time_and_merge_logs_tag_instances_and_logs_interleaves_by_time() {
             .count()
             < 2 + 2 * round
         {
-            assert!(Instant::now() < deadline, "restarted workers never finished");
+            assert!(
+                Instant::now() < deadline,
+                "restarted workers never finished"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -29,6 +29,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use balancer_config::{App, Rotation};
@@ -99,6 +100,7 @@ pub fn attach(app: &App, instance: u32, paths: &LogPaths) -> io::Result<Pipes> {
             });
         }
     }
+    ACTIVE.fetch_add(2, Ordering::SeqCst);
     relay.wake.write(1).map_err(io::Error::from)?;
     Ok(Pipes {
         out: out_write,
@@ -106,12 +108,18 @@ pub fn attach(app: &App, instance: u32, paths: &LogPaths) -> io::Result<Pipes> {
     })
 }
 
-/// How much the relay has written since the master started (every app), for tests and `show`.
-pub fn relayed_bytes() -> u64 {
-    RELAYED.load(std::sync::atomic::Ordering::Relaxed)
+/// Waits (at most `within`) until every pipe handed to the relay has reached its end and been
+/// written out: at shutdown, once the workers have exited, what they wrote last is still in
+/// the pipes, and the master must not exit before it is in the files. Blocking.
+pub fn drain(within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while ACTIVE.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
-static RELAYED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Pipes attached and not yet finished.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// A pipe: (read end, non-blocking, for the relay; write end, blocking, for the worker), both
 /// close-on-exec in the master (the spawn hands the write end over as stdio, which clears it).
@@ -135,14 +143,17 @@ struct Prefix {
 /// One open log file and its rotation state, shared by every pipe writing it.
 struct Sink {
     path: PathBuf,
+    /// Only the relay thread writes, so this lock is never contended but by [`sink`]'s
+    /// first open.
     state: Mutex<SinkState>,
+    /// Apart from `state`, so a spawn updating it never waits for a write to a slow disk.
+    rotate: Mutex<Option<Rotation>>,
 }
 
 struct SinkState {
     file: File,
     /// Bytes in the file (as far as this writer knows: a `flush` truncates behind it).
     size: u64,
-    rotate: Option<Rotation>,
     /// Failed writes (disk full, …), for a warning that does not flood the master's log.
     errors: u64,
 }
@@ -156,7 +167,7 @@ fn sink(path: &Path, rotate: Option<Rotation>) -> io::Result<Arc<Sink>> {
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     if let Some(sink) = sinks.get(path).and_then(Weak::upgrade) {
-        sink.state.lock().unwrap_or_else(|p| p.into_inner()).rotate = rotate;
+        *sink.rotate.lock().unwrap_or_else(|p| p.into_inner()) = rotate;
         return Ok(sink);
     }
     sinks.retain(|_, weak| weak.strong_count() > 0);
@@ -167,9 +178,9 @@ fn sink(path: &Path, rotate: Option<Rotation>) -> io::Result<Arc<Sink>> {
         state: Mutex::new(SinkState {
             file,
             size,
-            rotate,
             errors: 0,
         }),
+        rotate: Mutex::new(rotate),
     });
     sinks.insert(path.to_path_buf(), Arc::downgrade(&sink));
     Ok(sink)
@@ -183,10 +194,7 @@ impl Sink {
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match state.file.write_all(bytes) {
-            Ok(()) => {
-                state.size += bytes.len() as u64;
-                RELAYED.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
+            Ok(()) => state.size += bytes.len() as u64,
             Err(e) => {
                 state.errors += 1;
                 if state.errors % 1000 == 1 {
@@ -199,7 +207,8 @@ impl Sink {
                 return;
             }
         }
-        if let Some(rotation) = state.rotate
+        let rotation = *self.rotate.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rotation) = rotation
             && state.size >= rotation.max_size
         {
             self.rotate(&mut state, rotation);
@@ -260,7 +269,7 @@ impl Source {
         scratch.out.clear();
         self.stamp(&mut scratch.stamp);
         let mut rest = chunk;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(pos) = memchr::memchr(b'\n', rest) {
             if self.carry.is_empty() {
                 self.emit(&rest[..pos], &scratch.stamp, &mut scratch.out);
             } else {
@@ -390,6 +399,7 @@ fn run(relay: &'static Relay, epoll: Epoll) {
                     if let Err(e) = epoll.add(source.fd.as_fd(), event) {
                         tracing::error!("log relay: cannot watch a worker's pipe: {e}");
                         free.push(index);
+                        ACTIVE.fetch_sub(1, Ordering::SeqCst);
                         continue;
                     }
                     sources[index] = Some(source);
@@ -417,6 +427,7 @@ fn run(relay: &'static Relay, epoll: Epoll) {
                 let _ = epoll.delete(source.fd.as_fd());
                 sources[index] = None;
                 free.push(index);
+                ACTIVE.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -484,7 +495,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.log");
         let (mut src, _w) = source(&path, Some("%Y-%m-%d %H:%M:%S%.3f"), None);
-        src.sink.state.lock().unwrap().rotate = Some(Rotation {
+        *src.sink.rotate.lock().unwrap() = Some(Rotation {
             max_size: 1000,
             retain: 100,
             compress: false,
