@@ -3,7 +3,8 @@
 #  1. a quiet TCP app (2 Node workers) under a 4-client load of fresh connections, alone;
 #  2. the same load while another app floods stdout at full speed through the relay
 #     (`time = true`, rotated at 10M, 2 kept): requests/s and latency side by side, one run;
-#  3. the flood alone: the master's CPU per MB relayed (CPU from /proc/<master>/stat, the relay
+#  3. the same with the flood paced to 20 MB/s (a heavy but ordinary logger);
+#  4. the flood alone: the master's CPU per MB relayed (CPU from /proc/<master>/stat, the relay
 #     thread's from /proc/<master>/task/<tid>/stat; bytes from the flooding worker's own
 #     /proc/<pid>/io `wchar`, i.e. what it wrote into its pipe).
 set -e
@@ -19,7 +20,17 @@ script = "$ROOT/tests/workers/pid_server.js"
 instances = 2
 listen = ["tcp://127.0.0.1:$PORT"]
 TOML
-mkdir -p $D/flood
+mkdir -p $D/flood $D/paced
+cat > $D/paced/balancer.toml <<TOML
+[[app]]
+name = "paced"
+script = "$ROOT/tests/workers/flood.py"
+instances = 1
+env = { FLOOD_MBPS = "20" }
+time = true
+log_max_size = "10M"
+log_retain = 2
+TOML
 cat > $D/flood/balancer.toml <<TOML
 [[app]]
 name = "flood"
@@ -37,23 +48,30 @@ for i in $(seq 1 300); do $BIN ping >/dev/null 2>&1 && break; sleep 0.2; done
 sleep 2
 HZ=$(getconf CLK_TCK)
 ticks() { awk '{print $14+$15}' /proc/$1/stat; }
-echo "quiet alone:      $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SECS 4)"
+user() { awk '{print $14}' /proc/$1/stat; }
+echo "quiet alone:        $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SECS 4)"
+$BIN start $D/paced/balancer.toml >/dev/null
+sleep 1
+echo "quiet, 20 MB/s log: $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SECS 4)"
+$BIN delete paced >/dev/null
 $BIN start $D/flood/balancer.toml >/dev/null
 FLOOD=$($BIN jlist | python3 -c 'import json,sys; print([w["pid"] for w in json.load(sys.stdin) if w["app"]=="flood"][0])')
 sleep 1
-echo "quiet with flood: $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SECS 4)"
-relay=$(for t in /proc/$MASTER/task/*; do [ "$(cat $t/comm)" = balancer-logs ] && basename $t; done)
+echo "quiet with flood:   $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SECS 4)"
+relay=$(for t in /proc/$MASTER/task/*; do [ "$(cat $t/comm)" = balancer-logs ] && basename $t; done; true)
 wchar() { awk '/^wchar/ {print $2}' /proc/$FLOOD/io; }
-b0=$(wchar); m0=$(ticks $MASTER); r0=$(ticks $MASTER/task/$relay); t0=$(date +%s.%N)
+b0=$(wchar); m0=$(ticks $MASTER); r0=$(ticks $MASTER/task/$relay); u0=$(user $MASTER/task/$relay); t0=$(date +%s.%N)
 sleep $SECS
-b1=$(wchar); m1=$(ticks $MASTER); r1=$(ticks $MASTER/task/$relay); t1=$(date +%s.%N)
+b1=$(wchar); m1=$(ticks $MASTER); r1=$(ticks $MASTER/task/$relay); u1=$(user $MASTER/task/$relay); t1=$(date +%s.%N)
 python3 - <<PY
 mb = ($b1 - $b0) / 1e6
 wall = $t1 - $t0
 master = ($m1 - $m0) / $HZ
 relay = ($r1 - $r0) / $HZ
+user = ($u1 - $u0) / $HZ
 print(f"flood alone: {mb:.0f} MB relayed in {wall:.1f} s ({mb / wall:.0f} MB/s); master {master:.2f} CPU s "
-      f"= {1e3 * master / mb:.2f} CPU ms per MB (relay thread {1e3 * relay / mb:.2f} ms/MB)")
+      f"= {1e3 * master / mb:.2f} CPU ms per MB (relay thread {1e3 * relay / mb:.2f} ms/MB, of which "
+      f"user {1e3 * user / mb:.2f}, kernel {1e3 * (relay - user) / mb:.2f})")
 PY
 ls $BALANCER_HOME/logs/ | sed 's/^/  /'
 head -c 300 $BALANCER_HOME/logs/flood-0-out.log | head -2

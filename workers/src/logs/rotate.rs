@@ -63,6 +63,7 @@ pub(crate) fn submit(job: Job) {
 }
 
 fn housekeep(rx: Receiver<Job>) {
+    super::relay::lower_priority();
     for job in rx {
         run(&job);
     }
