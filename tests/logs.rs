@@ -268,3 +268,25 @@ fn a_flooding_worker_does_not_stop_proxied_traffic() {
     let (_, rest) = stamped(line);
     assert!(rest.starts_with("flood xxx"), "{line:?}");
 }
+
+#[test]
+fn what_workers_write_as_the_master_stops_reaches_the_file() {
+    let mut b = Balancer::start(&quiet_app("last", "last_words.py", 1, "time = true"));
+    b.wait_ready("last", 1);
+    let out = b.home().join("logs/last-0-out.log");
+    let deadline = Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("started 0")
+    {
+        assert!(Instant::now() < deadline, "the worker never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(b.wait_exit().success());
+    // Read when the master has exited: the relay wrote the partial last line, as a line.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let last = text.lines().last().unwrap();
+    assert_eq!(stamped(last).1, "bye 0", "{text:?}");
+    assert!(text.ends_with('\n'));
+}

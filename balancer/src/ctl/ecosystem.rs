@@ -436,6 +436,25 @@ mod tests {
     }
 
     #[test]
+    fn log_keys_map_and_moment_formats_become_strftime() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.js"), "").unwrap();
+        let json = r#"{"apps": [{"name": "api", "script": "app.js", "time": true,
+  "combine_logs": true, "log_date_format": "YYYY-MM-DD HH:mm:ss Z"}]}"#;
+        let got = imported(json, dir.path());
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        let doc: toml::Table = toml::from_str(&got.toml).unwrap();
+        let api = doc["app"].as_array().unwrap()[0].as_table().unwrap();
+        assert_eq!(api["time"].as_bool(), Some(true));
+        assert_eq!(api["merge_logs"].as_bool(), Some(true));
+        assert_eq!(
+            api["log_date_format"].as_str(),
+            Some("%Y-%m-%d %H:%M:%S %:z")
+        );
+        assert!(got.toml.contains("moment.js format"), "{}", got.toml);
+    }
+
+    #[test]
     fn keys_map_and_the_rest_is_named() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("app.js"), "").unwrap();
