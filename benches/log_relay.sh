@@ -1,9 +1,9 @@
 #!/bin/sh
 # By hand, not in `cargo test` (after `cargo build --release`): what relaying logs costs.
 #  1. a quiet TCP app (2 Node workers) under a 4-client load of fresh connections, alone;
-#  2. the same load while another app floods stdout at full speed through the relay
-#     (`time = true`, rotated at 10M, 2 kept): requests/s and latency side by side, one run;
-#  3. the same with the flood paced to 20 MB/s (a heavy but ordinary logger);
+#  2. the same load next to an app logging 20 MB/s (a heavy but ordinary logger) and
+#  3. next to an app flooding stdout at full speed, both through the relay (`time = true`,
+#     rotated at 10M, 2 kept): requests/s and latency side by side, in alternating slices;
 #  4. the flood alone: the master's CPU per MB relayed (CPU from /proc/<master>/stat, the relay
 #     thread's from /proc/<master>/task/<tid>/stat; bytes from the flooding worker's own
 #     /proc/<pid>/io `wchar`, i.e. what it wrote into its pipe).
@@ -49,15 +49,40 @@ sleep 2
 HZ=$(getconf CLK_TCK)
 ticks() { awk '{print $14+$15}' /proc/$1/stat; }
 user() { awk '{print $14}' /proc/$1/stat; }
-echo "quiet alone:        $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SECS 4)"
-$BIN start $D/paced/balancer.toml >/dev/null
-sleep 1
-echo "quiet, 20 MB/s log: $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SECS 4)"
-$BIN delete paced >/dev/null
+# Alternate short slices, so the other load on a shared machine weighs on both sides alike.
+ROUNDS=${ROUNDS:-5}
+SLICE=${SLICE:-3}
 $BIN start $D/flood/balancer.toml >/dev/null
+$BIN start $D/paced/balancer.toml >/dev/null
+for r in $(seq 1 $ROUNDS); do
+  $BIN stop flood >/dev/null; $BIN stop paced >/dev/null; sleep 1
+  echo "alone $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SLICE 4)" >> $D/slices
+  $BIN start paced >/dev/null; sleep 0.5
+  echo "paced $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SLICE 4)" >> $D/slices
+  $BIN stop paced >/dev/null; $BIN start flood >/dev/null; sleep 0.5
+  echo "flood $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SLICE 4)" >> $D/slices
+done
+$BIN delete paced >/dev/null
+python3 - $D/slices $SLICE <<'PY'
+import re, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    kind, rest = line.split(" ", 1)
+    rps = float(re.search(r"([\d.]+) req/s", rest).group(1))
+    failed = int(re.search(r"(\d+) failed", rest).group(1))
+    p50 = float(re.search(r"p50 ([\d.]+)", rest).group(1))
+    p99 = float(re.search(r"p99 ([\d.]+)", rest).group(1))
+    rows.setdefault(kind, []).append((rps, failed, p50, p99))
+names = {"alone": "quiet app alone", "paced": "next to a 20 MB/s logger", "flood": "next to a full-speed flood"}
+base = statistics.median(r[0] for r in rows["alone"])
+for kind in ("alone", "paced", "flood"):
+    r = rows[kind]
+    rps = statistics.median(x[0] for x in r)
+    print(f"{names[kind]:28} median {rps:6.0f} req/s ({100 * rps / base:3.0f} %), "
+          f"p50 {statistics.median(x[2] for x in r):.2f} ms, p99 {statistics.median(x[3] for x in r):.2f} ms, "
+          f"{sum(x[1] for x in r)} failed, {len(r)} slices of {sys.argv[2]} s")
+PY
 FLOOD=$($BIN jlist | python3 -c 'import json,sys; print([w["pid"] for w in json.load(sys.stdin) if w["app"]=="flood"][0])')
-sleep 1
-echo "quiet with flood:   $(python3 $ROOT/benches/tcp_load.py 127.0.0.1:$PORT $SECS 4)"
 relay=$(for t in /proc/$MASTER/task/*; do [ "$(cat $t/comm)" = balancer-logs ] && basename $t; done; true)
 wchar() { awk '/^wchar/ {print $2}' /proc/$FLOOD/io; }
 b0=$(wchar); m0=$(ticks $MASTER); r0=$(ticks $MASTER/task/$relay); u0=$(user $MASTER/task/$relay); t0=$(date +%s.%N)
