@@ -366,7 +366,7 @@ fn relay() -> io::Result<&'static Relay> {
 /// The relay thread: waits on every pipe, reads what is ready (one read per pipe per round,
 /// so a flooding worker does not starve a quiet one), writes it out.
 fn run(relay: &'static Relay, epoll: Epoll) {
-    lower_priority();
+    super::lower_priority();
     let mut sources: Vec<Option<Source>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut events = vec![EpollEvent::empty(); 256];
@@ -433,27 +433,6 @@ fn run(relay: &'static Relay, epoll: Epoll) {
         }
     }
 }
-
-/// Nice this thread (Linux gives each thread its own nice value): when the CPU is short, the
-/// scheduler serves the runtime that proxies first, and a flood of logs slows the flooding
-/// worker (its pipe fills while the relay waits for the CPU) rather than the proxy.
-pub(crate) fn lower_priority() {
-    let tid = nix::unistd::gettid().as_raw();
-    // SAFETY: setpriority(2) takes plain integers and touches no memory of ours.
-    #[allow(unsafe_code)]
-    let done = unsafe {
-        nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid as nix::libc::id_t, RELAY_NICE)
-    };
-    if done != 0 {
-        tracing::debug!(
-            "log relay: cannot lower its priority: {}",
-            io::Error::last_os_error()
-        );
-    }
-}
-
-/// The nice value of the log threads (the proxy's runtime keeps the master's, usually 0).
-const RELAY_NICE: i32 = 10;
 
 #[cfg(test)]
 mod tests {

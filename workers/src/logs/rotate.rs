@@ -63,7 +63,7 @@ pub(crate) fn submit(job: Job) {
 }
 
 fn housekeep(rx: Receiver<Job>) {
-    super::relay::lower_priority();
+    super::lower_priority();
     for job in rx {
         run(&job);
     }
