@@ -8,6 +8,7 @@ mod deploy;
 mod hardening;
 mod http;
 mod lifecycle;
+mod logs;
 mod metrics;
 mod monit;
 mod observe;

@@ -352,13 +352,14 @@ pub struct Pm2Args {
     /// `log_file`: one file for both stdout and stderr (PM2's `-l`; here `-l` is --listen).
     #[arg(long = "log", value_name = "FILE")]
     pub log_file: Option<String>,
-    /// `merge_logs`: not supported yet.
-    #[arg(long)]
+    /// `merge_logs`: every instance writes one file, each line tagged `[<app>-<instance>]`.
+    #[arg(long, visible_alias = "combine-logs")]
     pub merge_logs: bool,
-    /// `time`: not supported yet.
+    /// `time`: each log line starts with a timestamp.
     #[arg(long)]
     pub time: bool,
-    /// `log_date_format`: not supported yet.
+    /// `log_date_format`: the timestamps' strftime format (implies --time; PM2's moment.js
+    /// formats, `YYYY-MM-DD HH:mm:ss`, are translated).
     #[arg(long, value_name = "FORMAT")]
     pub log_date_format: Option<String>,
     /// `watch`: not supported yet.
@@ -384,13 +385,6 @@ impl Pm2Args {
                 found.push((flag, key));
             }
         };
-        check(self.merge_logs, "--merge-logs", "merge_logs");
-        check(self.time, "--time", "time");
-        check(
-            self.log_date_format.is_some(),
-            "--log-date-format",
-            "log_date_format",
-        );
         check(self.watch.is_some(), "--watch", "watch");
         check(
             self.ignore_watch.is_some(),

@@ -139,3 +139,10 @@ pub fn interpreter_for(script: &std::path::Path) -> Option<&'static str> {
         .find(|(e, _)| *e == ext)
         .map(|(_, interpreter)| *interpreter)
 }
+
+/// `log_date_format` when `time = true` names none: RFC 3339 with milliseconds, local time.
+pub const LOG_DATE_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.3f%:z";
+/// `log_retain`: rotated files kept per log file (with `log_max_size`).
+pub const LOG_RETAIN: u32 = 5;
+/// The smallest `log_max_size`: below it the master would rotate (and compress) all the time.
+pub const LOG_MIN_SIZE: u64 = 64 * 1024;

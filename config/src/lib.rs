@@ -26,6 +26,7 @@
 
 pub mod defaults;
 mod error;
+pub mod logging;
 pub mod model;
 mod raw;
 mod validate;

@@ -106,6 +106,39 @@ pub struct App {
     pub out_file: Option<PathBuf>,
     /// The workers' stderr file (`error_file`, or `log_file`), absolute; like `out_file`.
     pub error_file: Option<PathBuf>,
+    /// Timestamps, merging and rotation of the workers' output.
+    pub logs: Logging,
+}
+
+/// How workers' output is written (`time`, `log_date_format`, `merge_logs`, `log_max_size`,
+/// `log_retain`, `log_compress`). The default (all off) lets workers write straight into their
+/// files; anything else needs the master to read their output through pipes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Logging {
+    /// The strftime format of the timestamp each line starts with; `None`: no timestamp.
+    pub time: Option<String>,
+    /// `merge_logs`: every instance writes the same file, each line tagged `[<app>-<instance>]`.
+    pub merge: bool,
+    /// Size rotation, when `log_max_size` is set.
+    pub rotate: Option<Rotation>,
+}
+
+impl Logging {
+    /// Whether the master must relay the output (anything but plain files).
+    pub fn relayed(&self) -> bool {
+        self.time.is_some() || self.merge || self.rotate.is_some()
+    }
+}
+
+/// Size-based rotation of a log file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// The file is rotated once it reaches this many bytes (at a line boundary).
+    pub max_size: u64,
+    /// Rotated files kept; older ones are deleted.
+    pub retain: u32,
+    /// Rotated files are gzipped (off the relay's thread).
+    pub compress: bool,
 }
 
 /// Limits of the UDP flow table.

@@ -505,9 +505,6 @@ fn keys_whose_behaviour_is_not_built_are_refused_where_written() {
         ("ignore_watch", "[\"node_modules\"]"),
         ("watch_delay", "1000"),
         ("cron_restart", "\"0 * * * *\""),
-        ("merge_logs", "true"),
-        ("time", "true"),
-        ("log_date_format", "\"YYYY\""),
     ] {
         let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{key} = {value}\n"));
         assert_one(
@@ -1176,4 +1173,57 @@ fn ready_is_health_by_default_notify_on_request_and_nothing_else() {
         "[[app]]\nname = \"web\"\n{CMD}\nready = \"sd_notify\""
     ));
     assert_one(&errors, "5:9", "unknown readiness \"sd_notify\"");
+}
+
+#[test]
+fn log_keys_build_the_relay_settings_and_refuse_what_would_be_ignored() {
+    let p = Project::new();
+    let app = p.app(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}time = true\nmerge_logs = true\nlog_max_size = \"1M\"\n\
+         log_retain = 3\nlog_compress = true\n"
+    ));
+    assert_eq!(
+        app.logs.time.as_deref(),
+        Some(crate::defaults::LOG_DATE_FORMAT)
+    );
+    assert!(app.logs.merge && app.logs.relayed());
+    let rotate = app.logs.rotate.unwrap();
+    assert_eq!(
+        (rotate.max_size, rotate.retain, rotate.compress),
+        (1 << 20, 3, true)
+    );
+    // PM2: a format alone turns timestamps on.
+    let app = p.app(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}log_date_format = \"%H:%M:%S\"\n"
+    ));
+    assert_eq!(app.logs.time.as_deref(), Some("%H:%M:%S"));
+    assert!(app.logs.rotate.is_none() && !app.logs.merge);
+    let plain = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}"));
+    assert!(!plain.logs.relayed(), "plain files by default");
+    for (line, message) in [
+        (
+            "log_date_format = \"YYYY-MM-DD HH:mm:ss\"",
+            "write \"%Y-%m-%d %H:%M:%S\"",
+        ),
+        ("log_date_format = \"%Q\"", "not a valid strftime format"),
+        ("log_retain = 3", "nothing rotates without `log_max_size`"),
+        (
+            "log_compress = true",
+            "nothing rotates without `log_max_size`",
+        ),
+        ("log_max_size = \"1K\"", "at least 64 KiB"),
+        ("log_max_size = true", "a size such as"),
+        ("log_max_sise = \"1M\"", "did you mean `log_max_size`?"),
+    ] {
+        let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{line}\n"));
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("4:") && errors[0].contains(message),
+            "{errors:?}"
+        );
+    }
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}time = false\nlog_date_format = \"%H\"\n"
+    ));
+    assert_one(&errors, "5:1", "remove one of them");
 }

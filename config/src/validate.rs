@@ -79,12 +79,6 @@ const NOT_YET_APP_KEYS: &[(&str, &str)] = &[
         "cron_restart",
         "run `balancer reload NAME` from cron or a systemd timer",
     ),
-    (
-        "merge_logs",
-        "set `out_file`/`error_file` (or `log_file`) and every instance past the first writes its own copy next to it",
-    ),
-    ("time", "workers can print their own timestamps"),
-    ("log_date_format", "it goes with `time`"),
 ];
 /// Keys of `[balancer]` whose behaviour is not built yet.
 const NOT_YET_BALANCER_KEYS: &[(&str, &str)] = &[];
@@ -265,7 +259,7 @@ fn app(
         .as_ref()
         .map_or("[[app]]".to_owned(), |n| format!("app `{n}`"));
     not_yet(&mut r, NOT_YET_APP_KEYS);
-    r.unknown_keys(&place, APP_KEYS, |key| {
+    r.unknown_keys(&place, &[APP_KEYS, crate::logging::KEYS].concat(), |key| {
         env_suffix(key).is_some() || NOT_YET_APP_KEYS.iter().any(|(k, _)| *k == key)
     });
 
@@ -341,6 +335,7 @@ fn app(
     };
 
     let (out_file, error_file) = log_files(&mut r, cwd.as_deref());
+    let logs = crate::logging::logging(&mut r);
 
     let (program, args) = program?;
     let total: usize = args.iter().map(|a| a.len() + 1).sum::<usize>()
@@ -391,6 +386,7 @@ fn app(
         http,
         out_file,
         error_file,
+        logs,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Building and starting one incarnation of a worker: the worker contract's environment
-//! (`PORT`…, `BALANCER_INSTANCE`, `LISTEN_FDS`…), stdio to its log files, its own process group,
+//! (`PORT`…, `BALANCER_INSTANCE`, `LISTEN_FDS`…), stdio to its log files (or the log relay's
+//! pipes), its own process group,
 //! the socket handover of the reuseport policy (fds 3, 4, …), and the `pre_exec` that ties its
 //! life to the master's (`PR_SET_PDEATHSIG`). The program runs under the worker shim
 //! ([`crate::shim`]), which keeps its whole process tree from outliving it or the master.
@@ -148,10 +149,7 @@ const HANDOVER_STAGING_FD: i32 = 64;
 /// environment, under the shim (which reports the program's pid), tied to the master's life.
 pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
     let app = spec.app;
-    let (out, err) = spec.logs.open().map_err(|source| SpawnError::Logs {
-        path: spec.logs.out.display().to_string(),
-        source,
-    })?;
+    let (out, err) = log_stdio(spec)?;
     let handover = !spec.sockets.is_empty();
     if handover && spec.shim.is_none() {
         return Err(SpawnError::NoShim);
@@ -279,6 +277,23 @@ pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
             Err(SpawnError::Report(e))
         }
     }
+}
+
+/// The worker's stdout and stderr: its log files themselves (the fast default: the master never
+/// sees a byte), or, with `time`, `merge_logs` or `log_max_size`, pipes to the log relay
+/// ([`crate::logs::relay`]).
+fn log_stdio(spec: &SpawnSpec<'_>) -> Result<(Stdio, Stdio), SpawnError> {
+    let failed = |source| SpawnError::Logs {
+        path: spec.logs.out.display().to_string(),
+        source,
+    };
+    if spec.app.logs.relayed() {
+        let pipes =
+            crate::logs::relay::attach(spec.app, spec.instance, spec.logs).map_err(failed)?;
+        return Ok((pipes.out.into(), pipes.err.into()));
+    }
+    let (out, err) = spec.logs.open().map_err(failed)?;
+    Ok((out.into(), err.into()))
 }
 
 /// A pipe for the pid report: (read end, write end at or above [`REPORT_FD_FLOOR`]), both

@@ -58,10 +58,6 @@ const NOT_YET: &[&str] = &[
     "ignoreWatch",
     "watch_delay",
     "cron_restart",
-    "merge_logs",
-    "combine_logs",
-    "time",
-    "log_date_format",
 ];
 
 /// PM2 keys with no balancer equivalent, and what to do instead.
@@ -312,11 +308,40 @@ fn one_app(
                 Ok(t) => tables.push((k.to_owned(), t)),
                 Err(why) => warn(key, why, lines, &mut notes),
             },
+            "merge_logs" | "combine_logs" | "time" => match value.as_bool() {
+                Some(b) => {
+                    let ours = if key == "time" { "time" } else { "merge_logs" };
+                    keys.insert(ours.into(), Value::Boolean(b));
+                }
+                None => warn(
+                    key,
+                    format!("expected true or false, found {value}"),
+                    lines,
+                    &mut notes,
+                ),
+            },
+            // PM2 formats dates with moment.js; balancer.toml takes strftime.
+            "log_date_format" => match value.as_str() {
+                Some(format) => {
+                    let ours = balancer_config::logging::moment_to_strftime(format)
+                        .unwrap_or_else(|| format.to_owned());
+                    if ours != format {
+                        notes.push(format!(
+                            "# log_date_format: PM2's moment.js format {format:?} as strftime"
+                        ));
+                    }
+                    keys.insert("log_date_format".into(), Value::String(ours));
+                }
+                None => warn(
+                    key,
+                    format!("expected a string, found {value}"),
+                    lines,
+                    &mut notes,
+                ),
+            },
             k if NOT_YET.contains(&k) => {
                 let ours = if k == "ignoreWatch" {
                     "ignore_watch"
-                } else if k == "combine_logs" {
-                    "merge_logs"
                 } else {
                     k
                 };
@@ -408,6 +433,25 @@ mod tests {
     fn imported(json: &str, dir: &Path) -> Imported {
         let value: Json = serde_json::from_str(json).unwrap();
         to_toml(&value, json, dir).unwrap()
+    }
+
+    #[test]
+    fn log_keys_map_and_moment_formats_become_strftime() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.js"), "").unwrap();
+        let json = r#"{"apps": [{"name": "api", "script": "app.js", "time": true,
+  "combine_logs": true, "log_date_format": "YYYY-MM-DD HH:mm:ss Z"}]}"#;
+        let got = imported(json, dir.path());
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        let doc: toml::Table = toml::from_str(&got.toml).unwrap();
+        let api = doc["app"].as_array().unwrap()[0].as_table().unwrap();
+        assert_eq!(api["time"].as_bool(), Some(true));
+        assert_eq!(api["merge_logs"].as_bool(), Some(true));
+        assert_eq!(
+            api["log_date_format"].as_str(),
+            Some("%Y-%m-%d %H:%M:%S %:z")
+        );
+        assert!(got.toml.contains("moment.js format"), "{}", got.toml);
     }
 
     #[test]

@@ -390,6 +390,19 @@ fn pm2_keys(app: &mut toml::Table, pm2: &crate::cli::Pm2Args) {
     set("error_file", pm2.error_file.as_deref().map(text));
     set("out_file", pm2.out_file.as_deref().map(text));
     set("log_file", pm2.log_file.as_deref().map(text));
+    if pm2.merge_logs {
+        set("merge_logs", Some(Value::Boolean(true)));
+    }
+    if pm2.time {
+        set("time", Some(Value::Boolean(true)));
+    }
+    set(
+        "log_date_format",
+        pm2.log_date_format.as_deref().map(|f| {
+            // PM2's flag takes moment.js formats; balancer.toml takes strftime.
+            text(&balancer_config::logging::moment_to_strftime(f).unwrap_or_else(|| f.to_owned()))
+        }),
+    );
     if pm2.no_autorestart {
         set("autorestart", Some(Value::Boolean(false)));
     }

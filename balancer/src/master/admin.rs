@@ -374,13 +374,39 @@ struct LogFile {
     instance: u32,
     stream: &'static str,
     path: PathBuf,
+    /// The app's `log_date_format` when its lines carry timestamps (`time`).
+    format: Option<String>,
+    /// `merge_logs`: the file holds every instance, each line tagged `[<app>-<instance>]`.
+    merged: bool,
+}
+
+impl LogFile {
+    /// The time a line of this file starts with, if it has one.
+    fn stamp(&self, line: &str) -> Option<i64> {
+        logs::stamp_of(line, self.format.as_deref()?)
+    }
+
+    /// The instance a line is from: the file's, or in a merged file the line's tag.
+    fn instance_of(&self, line: &str) -> u32 {
+        if !self.merged {
+            return self.instance;
+        }
+        let tag = format!("[{}-", self.app);
+        line.find(&tag)
+            .and_then(|at| {
+                let rest = &line[at + tag.len()..];
+                rest[..rest.find(']')?].parse().ok()
+            })
+            .unwrap_or(self.instance)
+    }
 }
 
 /// The log files `target` names (every app's when `None`).
 fn log_files(master: &Master, target: Option<&str>) -> Result<Vec<LogFile>, ControlError> {
-    let mut files = Vec::new();
+    let mut files: Vec<LogFile> = Vec::new();
     for (sup, t) in master.resolve(target.unwrap_or("all"))? {
-        let name = sup.app().name.clone();
+        let app = sup.app();
+        let name = app.name.clone();
         let wanted: Option<u32> = match t {
             Target::Worker(id) => sup
                 .statuses()
@@ -400,11 +426,17 @@ fn log_files(master: &Master, target: Option<&str>) -> Result<Vec<LogFile>, Cont
                 vec![("out", paths.out), ("err", paths.err)]
             };
             for (stream, path) in streams {
+                // The instances of a `merge_logs` app share their files: read each once.
+                if files.iter().any(|f| f.path == path) {
+                    continue;
+                }
                 files.push(LogFile {
                     app: name.clone(),
                     instance,
                     stream,
                     path,
+                    format: app.logs.time.clone(),
+                    merged: app.logs.merge,
                 });
             }
         }
@@ -447,6 +479,8 @@ async fn flush(master: &Master, target: Option<&str>) -> OpResult {
 }
 
 /// Streams the last `lines` of each log file, then (with `follow`) new lines as they come.
+/// When lines carry timestamps (`time`), the files' lines are interleaved by time, every
+/// instance and both streams together; otherwise they come file by file.
 async fn stream_logs(
     master: &Master,
     target: Option<&str>,
@@ -459,31 +493,61 @@ async fn stream_logs(
         Err(e) => return send(out, &e.into()).await,
     };
     let mut followers = Vec::new();
+    let mut past = Vec::new();
     for file in &files {
         let path = file.path.clone();
         // An unreadable file shows nothing, like an empty one; the others still show.
-        let (past, end) = blocking(move || logs::tail(&path, lines))
+        let (lines, end) = blocking(move || logs::tail(&path, lines))
             .await
             .unwrap_or_default();
-        for line in past {
-            send(out, &log_reply(file, line)).await?;
-        }
-        followers.push(Follower::new(file.path.clone(), end));
+        past.push(lines);
+        followers.push(Some(Follower::new(file.path.clone(), end)));
+    }
+    for (i, line) in in_time_order(&files, past) {
+        send(out, &log_reply(&files[i], line)).await?;
     }
     if !follow {
         return send(out, &Reply::End).await;
     }
     loop {
         tokio::time::sleep(FOLLOW_POLL).await;
-        for (file, follower) in files.iter().zip(followers.iter_mut()) {
-            let mut moved = follower.clone();
-            let (new, state) = blocking(move || (moved.read_new(), moved)).await;
-            *follower = state;
-            for line in new.unwrap_or_default() {
-                send(out, &log_reply(file, line)).await?;
-            }
+        let mut new = Vec::new();
+        for slot in followers.iter_mut() {
+            let Some(mut moved) = slot.take() else {
+                new.push(Vec::new());
+                continue;
+            };
+            let (lines, state) = blocking(move || (moved.read_new(), moved)).await;
+            *slot = Some(state);
+            new.push(lines.unwrap_or_default());
+        }
+        for (i, line) in in_time_order(&files, new) {
+            send(out, &log_reply(&files[i], line)).await?;
         }
     }
+}
+
+/// The lines of `files` (`lines[i]` read from `files[i]`) as `(file index, line)`: merged by
+/// their timestamps when any file has them, else file by file.
+fn in_time_order(files: &[LogFile], lines: Vec<Vec<String>>) -> Vec<(usize, String)> {
+    if files.iter().all(|f| f.format.is_none()) {
+        return lines
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, lines)| lines.into_iter().map(move |l| (i, l)))
+            .collect();
+    }
+    let stamped = lines
+        .into_iter()
+        .zip(files)
+        .map(|(lines, file)| {
+            lines
+                .into_iter()
+                .map(|line| (file.stamp(&line), line))
+                .collect()
+        })
+        .collect();
+    logs::interleave(stamped)
 }
 
 fn log_reply(file: &LogFile, line: String) -> Reply {
@@ -583,7 +647,7 @@ fn read_followed(mut followed: Followed, files: Vec<LogFile>) -> (Followed, Vec<
 fn log_line(file: &LogFile, line: String) -> LogLine {
     LogLine {
         app: file.app.clone(),
-        instance: file.instance,
+        instance: file.instance_of(&line),
         stream: file.stream.to_string(),
         line,
     }

@@ -608,6 +608,11 @@ impl Master {
             stopping.spawn(async move { sup.shutdown().await });
         }
         while stopping.join_next().await.is_some() {}
+        // The workers have exited; what they wrote last may still be in the log relay's pipes.
+        let _ = tokio::task::spawn_blocking(|| {
+            balancer_workers::logs::relay::drain(std::time::Duration::from_secs(3))
+        })
+        .await;
 
         self.connections.close();
         if tokio::time::timeout(LINGER_AFTER_STOP, self.connections.wait())

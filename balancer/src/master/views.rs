@@ -196,5 +196,11 @@ pub fn app_json(app: &App) -> serde_json::Value {
         "reload_batch": app.reload_batch,
         "out_file": app.out_file,
         "error_file": app.error_file,
+        "time": app.logs.time.is_some(),
+        "log_date_format": app.logs.time,
+        "merge_logs": app.logs.merge,
+        "log_max_size": app.logs.rotate.map(|r| r.max_size),
+        "log_retain": app.logs.rotate.map(|r| r.retain),
+        "log_compress": app.logs.rotate.map(|r| r.compress),
     })
 }
