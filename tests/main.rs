@@ -16,3 +16,4 @@ mod soak;
 mod support;
 mod tcp;
 mod udp;
+mod upgrade;

@@ -96,7 +96,19 @@ pub enum Request {
         /// `SIGUSR2`, `USR2` or `usr2`.
         signal: String,
     },
+    /// Replace the master's binary without dropping a connection (`upgrade`): a new master
+    /// takes the listeners and the apps over. Progress replies stream before the final one.
+    Upgrade {
+        /// The new binary (absolute); default: the path the master was started from.
+        binary: Option<PathBuf>,
+        /// How long the new master has to take over before it is killed and the upgrade fails
+        /// (milliseconds); default [`UPGRADE_TIMEOUT_MS`].
+        timeout_ms: Option<u64>,
+    },
 }
+
+/// How long `upgrade` waits for the new master to take over when the request does not say.
+pub const UPGRADE_TIMEOUT_MS: u64 = 60_000;
 
 /// How a balancer.toml is read: the `--env` selection, and the default policy the client
 /// checked it with (so client and master read one file the same way).
@@ -523,6 +535,12 @@ pub mod wire {
             target: String,
             signal: String,
         },
+        Upgrade {
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            binary: Option<PathBuf>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            timeout_ms: Option<u64>,
+        },
     }
 
     fn default_lines() -> usize {
@@ -651,6 +669,10 @@ pub mod wire {
                 Request::Resurrect {} => Self::Resurrect,
                 Request::Reset { target } => Self::Reset { target },
                 Request::SendSignal { target, signal } => Self::Signal { target, signal },
+                Request::Upgrade { binary, timeout_ms } => {
+                    absolute("binary", binary.as_deref())?;
+                    Self::Upgrade { binary, timeout_ms }
+                }
             })
         }
     }
@@ -721,6 +743,9 @@ pub mod wire {
                 super::Request::Resurrect => Request::Resurrect {},
                 super::Request::Reset { target } => Request::Reset { target },
                 super::Request::Signal { target, signal } => Request::SendSignal { target, signal },
+                super::Request::Upgrade { binary, timeout_ms } => {
+                    Request::Upgrade { binary, timeout_ms }
+                }
             }
         }
     }

@@ -193,7 +193,7 @@ pub(super) fn ping(home: &Path) -> Outcome {
     if pong.version.as_deref().is_some_and(|v| v != ours) {
         eprintln!(
             "balancer: the master runs version {version} and this CLI is {ours}; \
-             `balancer kill` and start again to upgrade"
+             `balancer upgrade` replaces it without dropping a connection"
         );
     }
     ok()

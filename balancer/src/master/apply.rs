@@ -138,6 +138,10 @@ impl Master {
                 .iter()
                 .filter(|l| !held.iter().any(|h| same_socket(h, l)))
             {
+                if let Some(socket) = self.upgrade.inherited(l) {
+                    sockets.push((l.clone(), socket));
+                    continue;
+                }
                 let socket = listener::bind(l).map_err(|source| BindError {
                     listener: l.to_string(),
                     app: app.name.clone(),
@@ -256,21 +260,31 @@ impl Master {
                 app.udp.max_flows, self.flow_cap
             );
         }
-        tokio::spawn(listener::serve(
-            config.proto,
-            socket,
-            listener::ServeContext {
-                route: Arc::clone(&route),
-                stop: stop.clone(),
-                abort: self.abort_connections.clone(),
-                tracker: self.connections.clone(),
-                budget: Arc::clone(&self.budget),
-            },
-        ));
+        let dup = match &socket {
+            Bound::Stream(l) => std::os::fd::AsFd::as_fd(l).try_clone_to_owned(),
+            Bound::Datagram(s) => std::os::fd::AsFd::as_fd(s).try_clone_to_owned(),
+        };
+        let ctx = listener::ServeContext {
+            route: Arc::clone(&route),
+            stop: stop.clone(),
+            abort: self.abort_connections.clone(),
+            tracker: self.connections.clone(),
+            budget: Arc::clone(&self.budget),
+        };
+        let (gate, proto, until) = (self.accept_gate.clone(), config.proto, stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = gate.cancelled() => listener::serve(proto, socket, ctx).await,
+                _ = until.cancelled() => {}
+            }
+        });
         ListenerEntry {
             config,
             route,
             stop,
+            socket: dup
+                .inspect_err(|e| tracing::warn!(app = %app.name, "cannot keep the listener for an upgrade: {e}"))
+                .ok(),
         }
     }
 

@@ -1,0 +1,856 @@
+//! `balancer upgrade`: replacing the master's own binary without dropping a connection. Both
+//! sides of the hand-over live here: the old master ([`Master::upgrade`]) starts the new
+//! binary as `balancer take-over 3` with its public sockets and its home lock inherited, and
+//! the new master ([`take_over`]) starts its own workers, waits until they are ready, and only
+//! then takes the admin socket and starts accepting. `balancer/UPGRADE.md` gives the sequence
+//! and what happens if either side dies at each step.
+//!
+//! The handshake is JSON lines over a socketpair (fd 3 in the new master). Every socket
+//! crosses as an inherited descriptor, so the kernel objects never change: a client
+//! connecting at any moment lands in one accept queue, which the old master serves until the
+//! new one has taken over, and both serve for the moment in between (each connection is
+//! accepted once, by one of them, and served whole by it).
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use balancer_config::{Listener, Policy, Proto};
+use balancer_workers::WorkerState;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+use super::dump::Dump;
+use super::{ControlError, Master, MasterError, OpResult};
+use crate::home::{self, HomeLock};
+use crate::listener::Bound;
+
+/// The handshake socket's descriptor in the new master.
+pub const HANDSHAKE_FD: RawFd = 3;
+/// The home lock's descriptor in the new master.
+const LOCK_FD: RawFd = 4;
+/// The first public socket's descriptor in the new master; the others follow in order.
+const FIRST_SOCKET_FD: RawFd = 5;
+/// Descriptors are staged above this before the fork, so that no `dup2` to 3, 4, 5, … can
+/// overwrite a descriptor still to be moved.
+const STAGING_FD: RawFd = 1000;
+/// How long the new master waits for the old one's first message.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// After `go`, how long the old master waits for `took_over` (a rename and a write).
+const TAKE_OVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A failed new master gets this long to exit by itself before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// What the master keeps for `upgrade`, set at boot.
+#[derive(Debug, Default)]
+pub(super) struct Handles {
+    /// The path this binary was started from (what `upgrade` runs by default: re-read from
+    /// disk, so `cargo install` then `balancer upgrade` is the whole upgrade).
+    exe: std::sync::OnceLock<PathBuf>,
+    /// A duplicate of the home lock's descriptor (the same open file description).
+    lock: std::sync::OnceLock<OwnedFd>,
+    /// Set once a successor took over: the shutdown that follows drains differently, and the
+    /// home's files are the successor's.
+    handed_over: AtomicBool,
+    /// In a new master, the sockets the old one passed, until its apps claim them.
+    inherited: Mutex<Vec<(Passed, Bound)>>,
+    /// In a new master, the metrics endpoint's socket, until the config names its address.
+    metrics: Mutex<Option<std::net::TcpListener>>,
+}
+
+impl Handles {
+    /// Whether a successor took over.
+    pub(super) fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
+    }
+
+    /// The inherited socket for `listener`, if the old master passed one for its address.
+    pub(super) fn inherited(&self, listener: &Listener) -> Option<Bound> {
+        let datagram = listener.proto == Proto::Udp;
+        let mut all = self.inherited.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = all
+            .iter()
+            .position(|(p, _)| p.addr == listener.addr && p.datagram == datagram)?;
+        tracing::info!(listener = %listener, "listening on the socket the old master passed");
+        Some(all.remove(pos).1)
+    }
+
+    /// The inherited metrics socket, if it listens on `addr`.
+    pub(super) fn inherited_metrics(&self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let mut slot = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref()?.local_addr().ok()? == addr {
+            return slot.take();
+        }
+        None
+    }
+}
+
+/// One public socket in the handshake: where it listens and which descriptor it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Passed {
+    /// The app that listens on it, for the logs.
+    app: String,
+    /// The listener as configured (`http://127.0.0.1:8080`).
+    listener: String,
+    /// Its address: with `datagram`, what the new master's config is matched by.
+    addr: SocketAddr,
+    /// UDP.
+    datagram: bool,
+    /// Its descriptor in the new master.
+    fd: RawFd,
+}
+
+/// One handshake message (a JSON line).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+enum Message {
+    /// Old → new, first: the state and the descriptors.
+    Hello {
+        /// The old master's pid (to tell, if the handshake breaks, whether it died).
+        pid: u32,
+        /// `$BALANCER_HOME`.
+        home: PathBuf,
+        /// Every app: its origin, worker count, stopped or not (what `save` writes).
+        state: Dump,
+        /// The public sockets.
+        sockets: Vec<Passed>,
+        /// The metrics endpoint's socket, if it serves one.
+        metrics: Option<RawFd>,
+    },
+    /// New → old: a line for the `upgrade` command's output.
+    Progress { line: String },
+    /// New → old: every worker is ready; the new master waits for `go`.
+    Ready { pid: u32, version: String },
+    /// New → old: the new master cannot take over and exits.
+    Failed { error: String },
+    /// Old → new: take the admin socket and start accepting.
+    Go,
+    /// New → old: the admin socket and the pid file are the new master's, and it accepts.
+    TookOver { pid: u32 },
+}
+
+/// Why an upgrade did not happen; the old master carries on either way.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// Something the upgrade needs is not there, or not built yet; nothing was started.
+    #[error("cannot upgrade: {0}")]
+    Refused(String),
+    /// The new binary could not be started.
+    #[error("cannot start {}", binary.display())]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The handshake socket failed.
+    #[error("the hand-over to the new master failed")]
+    Handshake(#[source] io::Error),
+    /// The new master said why it cannot take over.
+    #[error("the new master (pid {pid}) failed: {error}")]
+    Failed {
+        /// Its pid.
+        pid: u32,
+        /// What it said.
+        error: String,
+    },
+    /// The new master exited before taking over.
+    #[error("the new master (pid {pid}) {status} before taking over")]
+    Exited {
+        /// Its pid.
+        pid: u32,
+        /// How it ended.
+        status: String,
+    },
+    /// No hand-over within the timeout: the new master was killed.
+    #[error("the new master (pid {pid}) did not take over within {timeout:?}; killed it")]
+    Timeout {
+        /// Its pid.
+        pid: u32,
+        /// The timeout.
+        timeout: Duration,
+    },
+}
+
+impl Master {
+    /// Remembers, at boot, what an upgrade needs: the binary's path and the home lock.
+    pub(super) fn keep_for_upgrade(&self, exe: Option<PathBuf>, lock: &HomeLock) {
+        if let Some(exe) = exe {
+            let _ = self.upgrade.exe.set(exe);
+        }
+        match lock.file().map(File::try_clone) {
+            Some(Ok(file)) => {
+                let _ = self.upgrade.lock.set(OwnedFd::from(file));
+            }
+            Some(Err(e)) => tracing::warn!("cannot keep the home lock for an upgrade: {e}"),
+            None => {}
+        }
+    }
+
+    /// `upgrade`: starts `binary` (default: the path this master was started from) as the
+    /// new master, hands it the listeners, the lock and the apps, and once it has taken over,
+    /// starts this master's shutdown (drain, then stop the workers). Any failure before the
+    /// take-over leaves this master as it was. `progress` gets a line at each step.
+    pub async fn upgrade(
+        &self,
+        binary: Option<PathBuf>,
+        timeout: Duration,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> OpResult {
+        // No configuration change while the state is in flight to the new master.
+        let _change = self.changes.lock().await;
+        if self.upgrade.handed_over() {
+            return Err(refused("this master has already handed over to a new one"));
+        }
+        let binary = match binary.or_else(|| self.upgrade.exe.get().cloned()) {
+            Some(binary) => binary,
+            None => {
+                return Err(refused(
+                    "this master does not know its binary; pass --binary",
+                ));
+            }
+        };
+        let lock = self
+            .upgrade
+            .lock
+            .get()
+            .ok_or_else(|| refused("this master does not hold the home lock"))?;
+        let state = self.dump();
+        let (sockets, fds) = self.sockets_to_pass(&state)?;
+        let metrics = self
+            .endpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|e| e.socket().map(|s| s.try_clone_to_owned()))
+            .transpose()
+            .map_err(|e| refused(&format!("cannot pass the metrics endpoint: {e}")))?;
+
+        let (ours, theirs) = StdUnixStream::pair().map_err(handshake)?;
+        let mut passed: Vec<BorrowedFd<'_>> = vec![theirs.as_fd(), lock.as_fd()];
+        passed.extend(fds.iter().map(|f| f.as_fd()));
+        if let Some(m) = &metrics {
+            passed.push(m.as_fd());
+        }
+        let metrics_fd = metrics
+            .as_ref()
+            .map(|_| FIRST_SOCKET_FD + sockets.len() as RawFd);
+        ours.set_nonblocking(true).map_err(handshake)?;
+        let ours = UnixStream::from_std(ours).map_err(handshake)?;
+        let mut child = spawn(&binary, &passed)?;
+        drop(passed);
+        drop(theirs);
+        let pid = child.id().unwrap_or_default();
+        progress(format!(
+            "started the new master: {} (pid {pid})",
+            binary.display()
+        ));
+        tracing::info!(pid, binary = %binary.display(), "upgrade: new master started");
+
+        let (read, mut write) = ours.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let hello = Message::Hello {
+            pid: std::process::id(),
+            home: self.home.clone(),
+            state,
+            sockets,
+            metrics: metrics_fd,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outcome = async {
+            send(&mut write, &hello).await?;
+            // Until ready: progress, or why not.
+            let version = loop {
+                match next(&mut lines).await? {
+                    Some(Message::Progress { line }) => progress(format!("new master: {line}")),
+                    Some(Message::Ready { version, .. }) => break version,
+                    Some(Message::Failed { error }) => {
+                        return Err(UpgradeError::Failed { pid, error });
+                    }
+                    Some(other) => {
+                        return Err(handshake(io::Error::other(format!("unexpected {other:?}"))));
+                    }
+                    None => {
+                        return Err(UpgradeError::Exited {
+                            pid,
+                            status: "closed the hand-over".into(),
+                        });
+                    }
+                }
+            };
+            progress(format!(
+                "new master (pid {pid}, version {version}): every worker ready; handing over the admin socket"
+            ));
+            send(&mut write, &Message::Go).await?;
+            match tokio::time::timeout(TAKE_OVER_TIMEOUT, next(&mut lines)).await {
+                Ok(Ok(Some(Message::TookOver { .. }))) => Ok(version),
+                Ok(Ok(Some(Message::Failed { error }))) => Err(UpgradeError::Failed { pid, error }),
+                Ok(Err(e)) => Err(e),
+                _ => Err(UpgradeError::Exited {
+                    pid,
+                    status: "gave no answer to go".into(),
+                }),
+            }
+        };
+        let result = tokio::select! {
+            result = tokio::time::timeout_at(deadline, outcome) => match result {
+                Ok(result) => result,
+                Err(_) => Err(UpgradeError::Timeout { pid, timeout }),
+            },
+            status = child.wait() => Err(UpgradeError::Exited {
+                pid,
+                status: status.map_or_else(|e| format!("could not be waited for ({e})"), describe),
+            }),
+        };
+        match result {
+            Ok(version) => {
+                self.upgrade.handed_over.store(true, Ordering::SeqCst);
+                if let Some(systemd) = super::notify::Notifier::from_env() {
+                    // systemd follows the new master (the unit has NotifyAccess=all).
+                    systemd.send(&format!("MAINPID={pid}"));
+                }
+                tracing::info!(
+                    pid,
+                    "upgrade: the new master took over; draining and exiting"
+                );
+                progress(format!(
+                    "new master (pid {pid}) took over; this master (pid {}) drains its connections and exits",
+                    std::process::id()
+                ));
+                self.request_shutdown();
+                Ok(format!(
+                    "upgraded: master pid {pid} (version {version}) took over from pid {}",
+                    std::process::id()
+                ))
+            }
+            Err(error) => {
+                // A new master that failed, or broke the handshake, is likely exiting: let it,
+                // and say how it ended. One that timed out is killed at once.
+                let dying = !matches!(error, UpgradeError::Timeout { .. });
+                let status = end(&mut child, dying).await;
+                let error = match error {
+                    UpgradeError::Handshake(_) | UpgradeError::Exited { .. } => {
+                        UpgradeError::Exited {
+                            pid,
+                            status: status.clone(),
+                        }
+                    }
+                    other => other,
+                };
+                tracing::warn!(
+                    pid,
+                    "upgrade failed: {}; the new master {status}; this one serves on",
+                    balancer_workers::Chain(&error)
+                );
+                // A new master that died between `go` and `took_over` may have renamed its
+                // admin socket over ours: make sure the path answers here again.
+                if let Err(e) = self.rebind_admin() {
+                    tracing::error!("cannot bind the admin socket again: {e}");
+                }
+                Err(ControlError::Upgrade(error))
+            }
+        }
+    }
+
+    /// The public sockets, in the order they are passed, with their descriptors here.
+    fn sockets_to_pass(&self, state: &Dump) -> Result<(Vec<Passed>, Vec<OwnedFd>), ControlError> {
+        let entries = self.entries();
+        let mut passed = Vec::new();
+        let mut fds = Vec::new();
+        for e in entries.iter() {
+            let app = e.sup.app();
+            if app.policy == Policy::ReusePort {
+                return Err(refused(&format!(
+                    "app {:?} uses policy = \"reuseport\": handing its SO_REUSEPORT group and BPF \
+                     steering to a new master is not supported yet; use policy = \"rr\", or \
+                     restart the master (which drops connections)",
+                    app.name
+                )));
+            }
+            if !state.apps.iter().any(|a| a.name == app.name) {
+                return Err(refused(&format!(
+                    "app {:?} has no origin to start it again from (a `--no-daemon` start); \
+                     start it with `balancer start FILE` or `balancer run FILE`",
+                    app.name
+                )));
+            }
+            for l in &e.listeners {
+                let Some(socket) = &l.socket else {
+                    return Err(refused(&format!("the socket of {} was not kept", l.config)));
+                };
+                let fd = socket
+                    .try_clone()
+                    .map_err(|e| refused(&format!("cannot pass {}: {e}", l.config)))?;
+                passed.push(Passed {
+                    app: app.name.clone(),
+                    listener: l.config.to_string(),
+                    addr: l.config.addr,
+                    datagram: l.config.proto == Proto::Udp,
+                    fd: FIRST_SOCKET_FD + fds.len() as RawFd,
+                });
+                fds.push(fd);
+            }
+        }
+        Ok((passed, fds))
+    }
+
+    /// Binds the admin socket at its path again (after a failed take-over), serving it until
+    /// shutdown. The first listener keeps serving its own (maybe unlinked) socket.
+    fn rebind_admin(&self) -> io::Result<()> {
+        let path = home::admin_socket(&self.home);
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return Ok(());
+        };
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            // Someone answers there; the only other candidate is us.
+            return Ok(());
+        }
+        let listener = bind_admin_over(&path)?;
+        tokio::spawn(super::admin::serve(listener, me, self.shutdown.clone()));
+        Ok(())
+    }
+}
+
+fn refused(why: &str) -> ControlError {
+    ControlError::Upgrade(UpgradeError::Refused(why.to_owned()))
+}
+
+fn handshake(e: io::Error) -> UpgradeError {
+    UpgradeError::Handshake(e)
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with exit code {code}"),
+        (_, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => format!("ended ({status})"),
+    }
+}
+
+/// Ends a new master that will not take over: it gets [`EXIT_GRACE`] to exit by itself when
+/// it said it failed, and is killed otherwise (or after that). Its workers die with it (their
+/// shims watch their master).
+async fn end(child: &mut tokio::process::Child, said_so: bool) -> String {
+    if said_so && let Ok(Ok(status)) = tokio::time::timeout(EXIT_GRACE, child.wait()).await {
+        return describe(status);
+    }
+    let _ = child.start_kill();
+    match child.wait().await {
+        Ok(status) => describe(status),
+        Err(e) => format!("could not be waited for ({e})"),
+    }
+}
+
+/// Starts `binary take-over 3` with `fds` as its descriptors 3, 4, 5, …, everything else
+/// close-on-exec as usual. Its stdio is ours: a daemon's goes on to `balancer.log`.
+fn spawn(binary: &Path, fds: &[BorrowedFd<'_>]) -> Result<tokio::process::Child, ControlError> {
+    let fail = |source| {
+        ControlError::Upgrade(UpgradeError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })
+    };
+    let staged = fds
+        .iter()
+        .map(|fd| {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(STAGING_FD))
+                .map_err(io::Error::from)
+        })
+        .collect::<io::Result<Vec<RawFd>>>()
+        .map_err(fail)?;
+    // SAFETY: each fd was just returned by F_DUPFD_CLOEXEC and is owned by nobody else.
+    #[allow(unsafe_code)]
+    let _staged_owned: Vec<OwnedFd> = staged
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.arg("take-over")
+        .arg(HANDSHAKE_FD.to_string())
+        // systemd's watchdog names the old master; absent, the new one pings as the main pid.
+        .env_remove("WATCHDOG_PID")
+        .stdin(std::process::Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: dup2(2) is. It allocates nothing (the staged list
+    // was built before the fork) and touches no lock.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, &fd) in staged.iter().enumerate() {
+                // dup2 clears close-on-exec on the new fd: the new master inherits it.
+                if nix::libc::dup2(fd, HANDSHAKE_FD + i as RawFd) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(fail)
+}
+
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    message: &Message,
+) -> Result<(), UpgradeError> {
+    let mut line = serde_json::to_vec(message).map_err(|e| handshake(io::Error::other(e)))?;
+    line.push(b'\n');
+    write.write_all(&line).await.map_err(handshake)
+}
+
+async fn next(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+) -> Result<Option<Message>, UpgradeError> {
+    match lines.next_line().await.map_err(handshake)? {
+        None => Ok(None),
+        Some(line) => serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| handshake(io::Error::other(format!("bad message {line:?}: {e}")))),
+    }
+}
+
+/// Binds a unix socket at a temporary name next to `path` and renames it over `path`, so
+/// the path always names a socket someone answers on: the old one until the rename, this one
+/// after.
+pub(super) fn bind_admin_over(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    let tmp = path.with_extension(format!("sock.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+// ---- The new master's side ----
+
+/// What the new master was handed before its runtime started.
+pub struct Inheritance {
+    stream: StdUnixStream,
+    lock: File,
+    old_pid: u32,
+    home: PathBuf,
+    state: Dump,
+    sockets: Vec<(Passed, StdSocket)>,
+    metrics: Option<std::net::TcpListener>,
+}
+
+/// An inherited public socket, before the runtime that will serve it exists.
+enum StdSocket {
+    Stream(std::net::TcpListener),
+    Datagram(std::net::UdpSocket),
+}
+
+impl StdSocket {
+    /// On the runtime.
+    fn into_bound(self) -> io::Result<Bound> {
+        Ok(match self {
+            StdSocket::Stream(l) => Bound::Stream(tokio::net::TcpListener::from_std(l)?),
+            StdSocket::Datagram(s) => Bound::Datagram(tokio::net::UdpSocket::from_std(s)?),
+        })
+    }
+}
+
+/// `balancer take-over FD` before its runtime exists: takes the descriptors the old master
+/// passed (close-on-exec from now on, so no worker inherits them) and reads its hello.
+pub fn inherit(fd: RawFd) -> Result<Inheritance, MasterError> {
+    let bad = |what: &str, e: io::Error| MasterError::Setup {
+        what: leak(format!("hand-over ({what})")),
+        source: e,
+    };
+    // SAFETY: the old master passed these descriptors to this process alone, at fixed numbers
+    // (see `spawn`); nothing else in this process owns them.
+    #[allow(unsafe_code)]
+    let stream = unsafe { StdUnixStream::from_raw_fd(fd) };
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    let lock = unsafe { File::from_raw_fd(LOCK_FD) };
+    for f in [stream.as_raw_fd(), lock.as_raw_fd()] {
+        cloexec(f).map_err(|e| bad("descriptors", e))?;
+    }
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(|e| bad("socket", e))?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| bad("reading the state", e))?;
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| bad("socket", e))?;
+    let Ok(Message::Hello {
+        pid,
+        home,
+        state,
+        sockets,
+        metrics,
+    }) = serde_json::from_str(&line)
+    else {
+        return Err(bad(
+            "reading the state",
+            io::Error::other(format!("not a hello: {line:?}")),
+        ));
+    };
+    let mut bound = Vec::new();
+    for p in sockets {
+        cloexec(p.fd).map_err(|e| bad("descriptors", e))?;
+        // SAFETY: as above; each passed fd number is given once.
+        #[allow(unsafe_code)]
+        let owned = unsafe { OwnedFd::from_raw_fd(p.fd) };
+        let socket = if p.datagram {
+            let std = std::net::UdpSocket::from(owned);
+            std.set_nonblocking(true)
+                .map_err(|e| bad("descriptors", e))?;
+            StdSocket::Datagram(std)
+        } else {
+            let std = std::net::TcpListener::from(owned);
+            std.set_nonblocking(true)
+                .map_err(|e| bad("descriptors", e))?;
+            StdSocket::Stream(std)
+        };
+        bound.push((p, socket));
+    }
+    let metrics = match metrics {
+        Some(fd) => {
+            cloexec(fd).map_err(|e| bad("descriptors", e))?;
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            Some(unsafe { std::net::TcpListener::from_raw_fd(fd) })
+        }
+        None => None,
+    };
+    Ok(Inheritance {
+        stream,
+        lock,
+        old_pid: pid,
+        home,
+        state,
+        sockets: bound,
+        metrics,
+    })
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+fn cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fd is open for the duration of this call (the caller owns it).
+    #[allow(unsafe_code)]
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// `balancer take-over FD`: the new master's life. It starts every app of the state handed
+/// over on the inherited sockets, without accepting; once every worker is ready it says so,
+/// and on `go` it renames its admin socket over the old one, takes the pid file and starts
+/// accepting. Before `go`, any failure is reported and this process exits 1, having accepted
+/// nothing.
+pub fn take_over(inheritance: Inheritance) -> Result<(), MasterError> {
+    super::run::with_runtime(None, false, |mut opts| async move {
+        opts.home = inheritance.home.clone();
+        take_over_on_runtime(inheritance, opts).await
+    })
+}
+
+async fn take_over_on_runtime(
+    inheritance: Inheritance,
+    opts: super::run::MasterOptions,
+) -> Result<(), MasterError> {
+    let Inheritance {
+        stream,
+        lock,
+        old_pid,
+        home,
+        state,
+        sockets,
+        metrics,
+    } = inheritance;
+    let _ = opts.phase.send(super::Phase::Starting);
+    let setup = |what: &'static str| move |source| MasterError::Setup { what, source };
+    stream
+        .set_nonblocking(true)
+        .map_err(setup("hand-over socket"))?;
+    let stream = UnixStream::from_std(stream).map_err(setup("hand-over socket"))?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let reaper = super::reaper::spawn_if_init();
+    super::run::raise_fd_limit();
+    let master = super::run::new_master(&opts, true);
+    {
+        let mut inherited = master
+            .upgrade
+            .inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (passed, socket) in sockets {
+            inherited.push((
+                passed,
+                socket.into_bound().map_err(setup("inherited socket"))?,
+            ));
+        }
+    }
+    *master
+        .upgrade
+        .metrics
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = metrics;
+    let upkeep_stop = CancellationToken::new();
+    tokio::spawn(super::metrics::upkeep(upkeep_stop.clone()));
+
+    let apps = state.apps.len();
+    let _ = send(
+        &mut write,
+        &Message::Progress {
+            line: format!(
+                "pid {}, version {}: starting {apps} apps",
+                std::process::id(),
+                env!("CARGO_PKG_VERSION")
+            ),
+        },
+    )
+    .await;
+    let started = master.resurrect_from(state).await;
+    let unclaimed = std::mem::take(
+        &mut *master
+            .upgrade
+            .inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    for (passed, _) in unclaimed {
+        tracing::warn!(
+            app = %passed.app, listener = %passed.listener,
+            "the configuration no longer has this listener; this master does not serve it"
+        );
+    }
+    let ready = match started {
+        Ok(done) => not_ready(&master).map_or(Ok(done), Err),
+        Err(e) => Err(balancer_workers::Chain(&e).to_string()),
+    };
+    let done = match ready {
+        Ok(done) => done,
+        Err(error) => {
+            tracing::error!("cannot take over: {error}");
+            let _ = send(
+                &mut write,
+                &Message::Failed {
+                    error: error.clone(),
+                },
+            )
+            .await;
+            master.shutdown().await;
+            return Err(MasterError::TakeOver(error));
+        }
+    };
+    let _ = send(&mut write, &Message::Progress { line: done }).await;
+    let _ = send(
+        &mut write,
+        &Message::Ready {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+    )
+    .await;
+    match next(&mut lines).await {
+        Ok(Some(Message::Go)) => {}
+        other => {
+            if old_master_alive(old_pid) {
+                // The old master went on without us (a timeout, or the upgrade was dropped).
+                tracing::warn!("the old master called the upgrade off ({other:?}); exiting");
+                master.shutdown().await;
+                return Err(MasterError::TakeOver("called off by the old master".into()));
+            }
+            // It died mid-hand-over: this master has everything, so it serves.
+            tracing::warn!("the old master (pid {old_pid}) died during the hand-over; taking over");
+        }
+    }
+    let path = home::admin_socket(&home);
+    let admin = match bind_admin_over(&path) {
+        Ok(admin) => admin,
+        Err(e) => {
+            let error = format!("cannot bind the admin socket {}: {e}", path.display());
+            let _ = send(
+                &mut write,
+                &Message::Failed {
+                    error: error.clone(),
+                },
+            )
+            .await;
+            master.shutdown().await;
+            return Err(MasterError::TakeOver(error));
+        }
+    };
+    let mut lock = HomeLock::inherit(&home, lock)?;
+    lock.write_pid()?;
+    master.keep_for_upgrade(std::env::current_exe().ok(), &lock);
+    master.accept_gate.cancel();
+    let _ = send(
+        &mut write,
+        &Message::TookOver {
+            pid: std::process::id(),
+        },
+    )
+    .await;
+    drop(write);
+    drop(lines);
+    tracing::info!(old = old_pid, "took over from the old master");
+    super::run::live(
+        master,
+        lock,
+        admin,
+        opts,
+        super::run::Running {
+            reaper,
+            upkeep_stop,
+        },
+    )
+    .await
+}
+
+/// Why the new master's apps are not all serving: a worker that should run and is not ready.
+fn not_ready(master: &Master) -> Option<String> {
+    let bad: Vec<String> = master
+        .apps()
+        .iter()
+        .flat_map(|(_, workers)| workers)
+        .filter(|w| !matches!(w.state, WorkerState::Ready | WorkerState::Stopped))
+        .map(|w| {
+            format!(
+                "{} worker {} is {:?}{}",
+                w.app,
+                w.id,
+                w.state,
+                w.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    (!bad.is_empty()).then(|| format!("workers not ready: {}", bad.join("; ")))
+}
+
+fn old_master_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}

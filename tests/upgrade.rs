@@ -1,0 +1,251 @@
+//! `balancer upgrade`: the master's binary replaced under a continuous load of fresh TCP
+//! connections and keep-alive (and fresh) HTTP requests, counting every failure; the
+//! rollbacks (a binary that exits 1, one that hangs); SIGUSR2; reuseport refused by name.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::http::{HttpLoad, Kind};
+use crate::support::*;
+
+/// A TCP app (`pid_server.js`) and an HTTP app (`http_server.js`), two workers each.
+fn two_apps(tcp: u16, http: u16) -> String {
+    format!(
+        "{}{}",
+        pid_app("tcp", tcp, 2, ""),
+        app_toml(
+            "web",
+            "http_server.js",
+            &format!("http://127.0.0.1:{http}"),
+            2,
+            "health = { check = \"http\", path = \"/pid\" }",
+        )
+    )
+}
+
+/// The master answering on `home`'s admin socket, by `ping`.
+fn master_pid(home: &std::path::Path) -> u32 {
+    let (code, out, err) = cli(home, &["ping"]);
+    assert_eq!(code, 0, "ping: {out}{err}");
+    out.split("pid ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"))
+}
+
+/// Every worker pid `jlist` shows.
+fn worker_pids(home: &std::path::Path) -> Vec<u32> {
+    jlist(home)
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect()
+}
+
+/// Kills a master the test did not start itself (the one an upgrade started) when dropped.
+struct Reap(Vec<u32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if alive(pid) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Both loads at once: fresh TCP connections, and HTTP keep-alive and fresh GETs.
+struct Loads {
+    tcp: Load,
+    http: HttpLoad,
+}
+
+impl Loads {
+    fn start(tcp: SocketAddr, http: SocketAddr) -> Loads {
+        Loads {
+            tcp: Load::start(tcp, 2),
+            http: HttpLoad::start(
+                http,
+                &[Kind::KeepAliveGet, Kind::KeepAliveGet, Kind::FreshGet],
+            ),
+        }
+    }
+
+    /// (tcp ok, tcp failed, http ok, http failed), after asserting nothing failed.
+    fn finish(self, what: &str) -> (u64, u64, u64, u64) {
+        let (tok, tfailed, _) = self.tcp.finish();
+        let (hok, hfailed, seen, errors) = self.http.finish();
+        eprintln!(
+            "{what}: TCP {tok} ok, {tfailed} failed; HTTP {hok} ok, {hfailed} failed ({} pids)",
+            seen.len()
+        );
+        assert_eq!(tfailed, 0, "{what}: failed TCP connections");
+        assert_eq!(hfailed, 0, "{what}: failed HTTP requests: {errors:?}");
+        assert!(tok > 50 && hok > 50, "{what}: the load really ran");
+        (tok, tfailed, hok, hfailed)
+    }
+}
+
+/// Waits until the master answering on `home` is not `old`; returns it.
+fn wait_new_master(home: &std::path::Path, old: u32) -> u32 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let pid = master_pid(home);
+        if pid != old {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no new master after {old}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Checks one completed hand-over from `old` (with `old_workers`) to `new`: the old master
+/// and every one of its workers gone, the new master serving with workers of its own.
+fn handed_over(home: &std::path::Path, old: u32, old_workers: &[u32], new: u32) {
+    assert_ne!(new, old);
+    assert_eq!(
+        wait_dead(&[old], PATIENCE),
+        Vec::<u32>::new(),
+        "old master gone"
+    );
+    assert_eq!(
+        wait_dead(old_workers, PATIENCE),
+        Vec::<u32>::new(),
+        "no orphaned worker of the old master"
+    );
+    let now = worker_pids(home);
+    assert_eq!(now.len(), 4, "{now:?}");
+    assert!(now.iter().all(|p| !old_workers.contains(p)), "{now:?}");
+    let pid_file = std::fs::read_to_string(home.join("balancer.pid")).expect("pid file");
+    assert_eq!(
+        pid_file.trim(),
+        new.to_string(),
+        "the pid file names the new master"
+    );
+}
+
+#[test]
+fn upgrade_then_sigusr2_under_load_fail_no_request_and_leave_no_orphan() {
+    let (tcp, http) = (free_port(), free_port());
+    let mut b = Balancer::start(&two_apps(tcp, http));
+    b.wait_ready("tcp", 2);
+    b.wait_ready("web", 2);
+    b.wait_running();
+    let home = b.home();
+    let first = b.pid();
+    let first_workers = worker_pids(&home);
+    let loads = Loads::start(loopback(tcp), loopback(http));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (code, out, err) = b.cli(&["upgrade"]);
+    assert_eq!(code, 0, "upgrade: {out}{err}");
+    assert!(out.contains("every worker ready"), "progress: {out}");
+    assert!(out.contains("took over"), "{out}");
+    let second = wait_new_master(&home, first);
+    let mut reap = Reap(vec![second]);
+    assert!(out.contains(&format!("master pid {second}")), "{out}");
+    assert_eq!(b.wait_exit().code(), Some(0), "the old master exits 0");
+    handed_over(&home, first, &first_workers, second);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // SIGUSR2 to the new master: the same, from the signal.
+    let second_workers = worker_pids(&home);
+    kill(Pid::from_raw(second as i32), Signal::SIGUSR2).expect("SIGUSR2");
+    let third = wait_new_master(&home, second);
+    reap.0.push(third);
+    handed_over(&home, second, &second_workers, third);
+    std::thread::sleep(Duration::from_millis(300));
+    loads.finish("upgrade, then SIGUSR2");
+
+    let (code, _, err) = cli(&home, &["kill"]);
+    assert_eq!(code, 0, "kill: {err}");
+    assert_eq!(wait_dead(&[third], PATIENCE), Vec::<u32>::new());
+}
+
+#[test]
+fn upgrade_to_a_copied_binary_and_two_that_fail_keep_every_request() {
+    let (tcp, http) = (free_port(), free_port());
+    let mut b = Balancer::start(&two_apps(tcp, http));
+    b.wait_ready("tcp", 2);
+    b.wait_ready("web", 2);
+    b.wait_running();
+    let home = b.home();
+    let first = b.pid();
+    let first_workers = worker_pids(&home);
+    let exits = write_file(
+        b.dir.path(),
+        "exits.sh",
+        "#!/bin/sh\necho 'not a balancer' >&2\nexit 1\n",
+    );
+    let hangs = write_file(b.dir.path(), "hangs.sh", "#!/bin/sh\nexec sleep 600\n");
+    for script in [&exits, &hangs] {
+        std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let copy = b.dir.path().join("balancer-copy");
+    std::fs::copy(binary(), &copy).expect("copy the binary");
+    let loads = Loads::start(loopback(tcp), loopback(http));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (code, out, err) = b.cli(&["upgrade", "--binary", exits.to_str().unwrap()]);
+    assert_eq!(code, 1, "a binary that exits 1: {out}{err}");
+    assert!(err.contains("exited with exit code 1"), "{err}");
+    assert_eq!(master_pid(&home), first, "the old master serves on");
+
+    let started = Instant::now();
+    let (code, out, err) = b.cli(&[
+        "upgrade",
+        "--binary",
+        hangs.to_str().unwrap(),
+        "--timeout",
+        "2s",
+    ]);
+    assert_eq!(code, 1, "a binary that hangs: {out}{err}");
+    assert!(err.contains("did not take over within 2s"), "{err}");
+    assert!(started.elapsed() < PATIENCE, "bounded by its timeout");
+    assert_eq!(master_pid(&home), first, "the old master serves on");
+    assert_eq!(worker_pids(&home), first_workers, "and its workers too");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (code, out, err) = b.cli(&["upgrade", "--binary", copy.to_str().unwrap()]);
+    assert_eq!(code, 0, "upgrade --binary COPY: {out}{err}");
+    let second = wait_new_master(&home, first);
+    let _reap = Reap(vec![second]);
+    let exe = std::fs::read_link(format!("/proc/{second}/exe")).expect("exe");
+    assert_eq!(exe, copy, "the new master runs the copy");
+    assert_eq!(b.wait_exit().code(), Some(0));
+    handed_over(&home, first, &first_workers, second);
+    std::thread::sleep(Duration::from_millis(300));
+    loads.finish("two failed upgrades, then --binary COPY");
+
+    let (code, _, err) = cli(&home, &["kill"]);
+    assert_eq!(code, 0, "kill: {err}");
+    assert_eq!(wait_dead(&[second], PATIENCE), Vec::<u32>::new());
+}
+
+#[test]
+fn upgrade_with_a_reuseport_app_is_refused_by_name_and_changes_nothing() {
+    let port = free_port();
+    let b = Balancer::start(&app_toml(
+        "rp",
+        "fd_server.js",
+        &format!("tcp://127.0.0.1:{port}"),
+        1,
+        "policy = \"reuseport\"",
+    ));
+    b.wait_ready("rp", 1);
+    b.wait_running();
+    let (code, out, err) = b.cli(&["upgrade"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("reuseport") && err.contains("not supported yet"),
+        "{err}"
+    );
+    assert_eq!(master_pid(&b.home()), b.pid());
+    greeting(loopback(port)).expect("still served");
+}
