@@ -249,3 +249,72 @@ fn upgrade_with_a_reuseport_app_is_refused_by_name_and_changes_nothing() {
     assert_eq!(master_pid(&b.home()), b.pid());
     greeting(loopback(port)).expect("still served");
 }
+
+#[test]
+fn upgrade_under_udp_load_loses_no_request_and_flows_move_to_the_new_workers() {
+    use crate::udp::{Client, free_udp_port, udp_app};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let port = free_udp_port();
+    let mut b = Balancer::start(&udp_app("dns", "udp_echo.py", port, 2, ""));
+    b.wait_ready("dns", 2);
+    b.wait_running();
+    let home = b.home();
+    let first = b.pid();
+    let old_workers = worker_pids(&home);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..3)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let client = Client::new(port);
+                let started = Instant::now();
+                let (mut ok, mut lost, mut last) = (0u32, 0u32, None);
+                // Bounded in count and time whatever happens.
+                for seq in 0..10_000 {
+                    if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(60) {
+                        break;
+                    }
+                    match client.ask(format!("c{i} #{seq}").as_bytes(), Duration::from_secs(1)) {
+                        Some(pid) => {
+                            ok += 1;
+                            last = Some(pid);
+                        }
+                        None => {
+                            lost += 1;
+                            eprintln!("client {i}: request #{seq} got no answer");
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                (ok, lost, last)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, out, err) = b.cli(&["upgrade"]);
+    assert_eq!(code, 0, "upgrade: {out}{err}");
+    let second = wait_new_master(&home, first);
+    let _reap = Reap(vec![second]);
+    assert_eq!(b.wait_exit().code(), Some(0));
+    assert_eq!(wait_dead(&old_workers, PATIENCE), Vec::<u32>::new());
+    let new_workers: Vec<String> = worker_pids(&home).iter().map(u32::to_string).collect();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<_> = load.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok: u32 = results.iter().map(|r| r.0).sum();
+    let lost: u32 = results.iter().map(|r| r.1).sum();
+    eprintln!("upgrade under UDP load: {ok} answered, {lost} lost; per client {results:?}");
+    assert_eq!(lost, 0, "requests lost during the upgrade");
+    for (i, (ok, _, last)) in results.iter().enumerate() {
+        assert!(*ok > 10, "client {i} got only {ok} answers");
+        let last = last.as_ref().expect("an answer");
+        assert!(
+            new_workers.contains(last),
+            "client {i} last served by {last}, not a new worker"
+        );
+    }
+    let (code, _, err) = cli(&home, &["kill"]);
+    assert_eq!(code, 0, "kill: {err}");
+}

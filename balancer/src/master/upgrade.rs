@@ -347,9 +347,13 @@ impl Master {
                     }
                     other => other,
                 };
+                let how = match &error {
+                    UpgradeError::Exited { .. } => String::new(),
+                    _ => format!("; the new master {status}"),
+                };
                 tracing::warn!(
                     pid,
-                    "upgrade failed: {}; the new master {status}; this one serves on",
+                    "upgrade failed: {}{how}; this master serves on",
                     balancer_workers::Chain(&error)
                 );
                 // A new master that died between `go` and `took_over` may have renamed its
