@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -130,10 +131,34 @@ fn handed_over(home: &std::path::Path, old: u32, old_workers: &[u32], new: u32) 
     );
 }
 
+/// Stands in for systemd: reads sd_notify datagrams as they come (a sender blocks once ten
+/// are queued), keeping every message.
+fn fake_systemd(socket: UnixDatagram) -> Lines {
+    let (tx, rx) = std::os::unix::net::UnixStream::pair().expect("pair");
+    std::thread::spawn(move || {
+        let mut tx = tx;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).replace('\n', " ");
+            if std::io::Write::write_all(&mut tx, format!("{text}\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    Lines::collect(rx, "systemd")
+}
+
 #[test]
 fn upgrade_then_sigusr2_under_load_fail_no_request_and_leave_no_orphan() {
     let (tcp, http) = (free_port(), free_port());
-    let mut b = Balancer::start(&two_apps(tcp, http));
+    let systemd_dir = tempfile::tempdir().expect("tempdir");
+    let notify = systemd_dir.path().join("notify.sock");
+    let systemd = fake_systemd(UnixDatagram::bind(&notify).expect("bind the notify socket"));
+    let notify = notify.display().to_string();
+    let mut b = Balancer::start_with(
+        &two_apps(tcp, http),
+        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")],
+    );
     b.wait_ready("tcp", 2);
     b.wait_ready("web", 2);
     b.wait_running();
@@ -152,6 +177,16 @@ fn upgrade_then_sigusr2_under_load_fail_no_request_and_leave_no_orphan() {
     assert!(out.contains(&format!("master pid {second}")), "{out}");
     assert_eq!(b.wait_exit().code(), Some(0), "the old master exits 0");
     handed_over(&home, first, &first_workers, second);
+    // systemd is told the new main pid, never that the service stops, and the watchdog
+    // pings go on once the old master is gone.
+    let mainpid = format!("MAINPID={second}");
+    systemd.wait_for(1, "MAINPID= for the new master", |m| m == mainpid);
+    let told = systemd.all();
+    assert!(told.iter().all(|m| !m.contains("STOPPING=1")), "{told:?}");
+    let pings = told.iter().filter(|m| *m == "WATCHDOG=1").count();
+    systemd.wait_for(pings + 3, "watchdog pings after the hand-over", |m| {
+        m == "WATCHDOG=1"
+    });
     std::thread::sleep(Duration::from_millis(300));
 
     // SIGUSR2 to the new master: the same, from the signal.
