@@ -175,6 +175,11 @@ fn upgrade_then_sigusr2_under_load_fail_no_request_and_leave_no_orphan() {
     let second = wait_new_master(&home, first);
     let mut reap = Reap(vec![second]);
     assert!(out.contains(&format!("master pid {second}")), "{out}");
+    let (_, ls, _) = cli(&home, &["ls"]);
+    assert!(
+        ls.contains(&format!("master pid {second}, version ")),
+        "{ls}"
+    );
     assert_eq!(b.wait_exit().code(), Some(0), "the old master exits 0");
     handed_over(&home, first, &first_workers, second);
     // systemd is told the new main pid, never that the service stops, and the watchdog

@@ -103,6 +103,16 @@ pub(super) fn ls(home: &Path, output: Output) -> Outcome {
         }
         Ok(Reply::Workers(workers)) => {
             print(ui::table::workers(&workers, output));
+            // Which master answered: after `upgrade`, the new pid and version show here.
+            if let Ok(Reply::Pong(pong)) =
+                client::request_within(home, &Request::Ping, PING_TIMEOUT)
+            {
+                print(format!(
+                    "master pid {}, version {}",
+                    pong.pid,
+                    pong.version.as_deref().unwrap_or("?")
+                ));
+            }
             ok()
         }
         Ok(Reply::Failed { error, code }) => failed(code, error),
