@@ -358,3 +358,69 @@ fn upgrade_under_udp_load_loses_no_request_and_flows_move_to_the_new_workers() {
     let (code, _, err) = cli(&home, &["kill"]);
     assert_eq!(code, 0, "kill: {err}");
 }
+
+#[test]
+fn a_daemon_is_upgraded_to_a_daemon_that_keeps_its_command_line_app_and_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let port = free_port();
+    let (code, out, err) = cli(
+        &home,
+        &[
+            "start",
+            &worker("pid_server.js"),
+            "-n",
+            "web",
+            "-i",
+            "1",
+            "-l",
+            &port.to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "start: {out}{err}");
+    let old = master_pid(&home);
+    let mut reap = Reap(vec![old]);
+    let (code, out, err) = cli(&home, &["scale", "web", "2"]);
+    assert_eq!(code, 0, "scale: {out}{err}");
+    let old_workers = worker_pids(&home);
+    let load = Load::start(loopback(port), 2);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (code, out, err) = cli(&home, &["upgrade"]);
+    assert_eq!(code, 0, "upgrade: {out}{err}");
+    let new = wait_new_master(&home, old);
+    reap.0.push(new);
+    assert_eq!(
+        wait_dead(&[old], PATIENCE),
+        Vec::<u32>::new(),
+        "old daemon gone"
+    );
+    assert_eq!(
+        wait_dead(&old_workers, PATIENCE),
+        Vec::<u32>::new(),
+        "no orphan"
+    );
+    let workers = jlist(&home);
+    assert_eq!(
+        ready_pids(&workers, "web").len(),
+        2,
+        "the scale held: {workers:?}"
+    );
+    // Still a daemon: in the old one's session (no terminal), logging to balancer.log.
+    let sid = nix::unistd::getsid(Some(Pid::from_raw(new as i32))).unwrap();
+    assert_eq!(sid.as_raw(), old as i32, "the daemon's session");
+    let log = std::fs::read_to_string(home.join("balancer.log")).unwrap();
+    assert!(
+        log.contains(&format!("master running (pid {new})")),
+        "{log}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed, _) = load.finish();
+    eprintln!("daemon upgrade: TCP {ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "failed connections");
+    assert!(ok > 50, "the load really ran: {ok}");
+
+    let (code, _, err) = cli(&home, &["kill"]);
+    assert_eq!(code, 0, "kill: {err}");
+    assert_eq!(wait_dead(&[new], PATIENCE), Vec::<u32>::new());
+}

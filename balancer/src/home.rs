@@ -267,6 +267,33 @@ mod tests {
 }
 
 #[cfg(test)]
+mod handover_tests {
+    use super::*;
+
+    #[test]
+    fn a_duplicate_of_the_lock_holds_it_across_a_hand_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let mut old = HomeLock::acquire(&home).unwrap();
+        let dup = old.file().unwrap().try_clone().unwrap();
+        let mut new = HomeLock::inherit(&home, dup).expect("the same description holds it");
+        // A fresh open of the pid file is another description: it is not the lock.
+        let stranger = File::open(home.join(PID_FILE)).unwrap();
+        assert!(HomeLock::inherit(&home, stranger).is_err());
+        old.hand_over();
+        drop(old);
+        assert!(home.join(PID_FILE).exists(), "the successor's files stay");
+        assert!(
+            matches!(HomeLock::acquire(&home), Err(LockError::Taken { .. })),
+            "still held, by the successor"
+        );
+        new.write_pid().unwrap();
+        drop(new);
+        HomeLock::acquire(&home).expect("free once the successor is gone");
+    }
+}
+
+#[cfg(test)]
 mod safety_tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

@@ -925,6 +925,23 @@ mod tests {
         );
         assert!(request(r#"{"cmd":"reload","file":"/a.toml","progress":true}"#).is_err());
         assert_eq!(
+            request(r#"{"cmd":"upgrade"}"#),
+            Ok(Request::Upgrade {
+                binary: None,
+                timeout_ms: None
+            })
+        );
+        assert_eq!(
+            request(r#"{"cmd":"upgrade","binary":"/opt/b","timeout_ms":5000}"#),
+            Ok(Request::Upgrade {
+                binary: Some("/opt/b".into()),
+                timeout_ms: Some(5000)
+            })
+        );
+        let relative = request(r#"{"cmd":"upgrade","binary":"b"}"#).unwrap_err();
+        assert!(relative.contains("absolute"), "{relative}");
+        assert!(request(r#"{"cmd":"upgrade","bin":"/b"}"#).is_err());
+        assert_eq!(
             serde_json::from_str::<Reply>(r#"{"ok":true,"progress":"web: 1/2 ready"}"#).unwrap(),
             Reply::Progress("web: 1/2 ready".into())
         );
