@@ -1,6 +1,7 @@
 //! `balancer upgrade`: the master's binary replaced under a continuous load of fresh TCP
 //! connections and keep-alive (and fresh) HTTP requests, counting every failure; the
-//! rollbacks (a binary that exits 1, one that hangs); SIGUSR2; reuseport refused by name.
+//! rollbacks (a binary that exits 1, one that hangs); SIGUSR2; systemd's MAINPID=; a daemon;
+//! UDP flows; a reuseport group's steering across the hand-over.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -269,25 +270,61 @@ fn upgrade_to_a_copied_binary_and_two_that_fail_keep_every_request() {
 }
 
 #[test]
-fn upgrade_with_a_reuseport_app_is_refused_by_name_and_changes_nothing() {
+fn a_reuseport_group_keeps_steering_across_an_upgrade_and_after_it() {
     let port = free_port();
-    let b = Balancer::start(&app_toml(
-        "rp",
-        "fd_server.js",
-        &format!("tcp://127.0.0.1:{port}"),
-        1,
-        "policy = \"reuseport\"",
-    ));
-    b.wait_ready("rp", 1);
-    b.wait_running();
-    let (code, out, err) = b.cli(&["upgrade"]);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(
-        err.contains("reuseport") && err.contains("not supported yet"),
-        "{err}"
+    let mut b = Balancer::start_with(
+        &app_toml(
+            "rp",
+            "fd_server.js",
+            &format!("tcp://127.0.0.1:{port}"),
+            2,
+            "policy = \"reuseport\"",
+        ),
+        &[("BALANCER_LOG", "info,balancer_workers=debug,balancer=debug")],
     );
-    assert_eq!(master_pid(&b.home()), b.pid());
-    greeting(loopback(port)).expect("still served");
+    b.wait_ready("rp", 2);
+    b.wait_running();
+    let home = b.home();
+    let first = b.pid();
+    let old_workers = worker_pids(&home);
+    let load = Load::start(loopback(port), 3);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (code, out, err) = b.cli(&["upgrade"]);
+    assert_eq!(code, 0, "upgrade: {out}{err}");
+    let second = wait_new_master(&home, first);
+    let _reap = Reap(vec![second]);
+    assert_eq!(b.wait_exit().code(), Some(0));
+    assert_eq!(
+        wait_dead(&old_workers, PATIENCE),
+        Vec::<u32>::new(),
+        "no orphan"
+    );
+    b.log.wait_for(1, "the old sockets left", |l| {
+        l.contains("its reuseport sockets have left their groups")
+    });
+    // The new master steers the group alone now: a reload and a scale lose nothing either.
+    let (code, out, err) = cli(&home, &["reload", "rp"]);
+    assert_eq!(code, 0, "reload after the upgrade: {out}{err}");
+    let (code, out, err) = cli(&home, &["scale", "rp", "3"]);
+    assert_eq!(code, 0, "scale after the upgrade: {out}{err}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed, seen) = load.finish();
+    eprintln!(
+        "reuseport upgrade, reload, scale 3: TCP {ok} ok, {failed} failed, {} pids",
+        seen.len()
+    );
+    assert_eq!(failed, 0, "failed connections");
+    assert!(ok > 50, "the load really ran: {ok}");
+    let now: Vec<String> = worker_pids(&home).iter().map(u32::to_string).collect();
+    assert_eq!(now.len(), 3, "{now:?}");
+    let pid = greeting(loopback(port)).expect("served");
+    assert!(
+        now.iter().any(|p| pid.starts_with(p.as_str())),
+        "{pid} from {now:?}"
+    );
+    let (code, _, err) = cli(&home, &["kill"]);
+    assert_eq!(code, 0, "kill: {err}");
 }
 
 #[test]

@@ -142,12 +142,16 @@ impl Master {
                     sockets.push((l.clone(), socket));
                     continue;
                 }
-                let socket = listener::bind(l).map_err(|source| BindError {
+                // Under reuseport the master holds no socket (`bind_for`): each worker gets its
+                // own in the group.
+                let socket = bind_for(app, l).map_err(|source| BindError {
                     listener: l.to_string(),
                     app: app.name.clone(),
                     source,
                 })?;
-                sockets.push((l.clone(), socket));
+                if let Some(socket) = socket {
+                    sockets.push((l.clone(), socket));
+                }
             }
             fresh.push(sockets);
         }

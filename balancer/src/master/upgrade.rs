@@ -18,12 +18,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use balancer_config::{Listener, Policy, Proto};
 use balancer_workers::WorkerState;
+use balancer_workers::reuseport::Group;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -65,7 +66,16 @@ pub(super) struct Handles {
     inherited: Mutex<Vec<(Passed, Bound)>>,
     /// In a new master, the metrics endpoint's socket, until the config names its address.
     metrics: Mutex<Option<std::net::TcpListener>>,
+    /// In an old master that handed over: the handshake, kept open until this process exits,
+    /// which is how the new master learns that every old descriptor is closed.
+    successor: Mutex<Option<Handshake>>,
 }
+
+/// Both halves of the handshake socket (dropping the write half alone would shut it down).
+type Handshake = (
+    tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    tokio::net::unix::OwnedWriteHalf,
+);
 
 impl Handles {
     /// Whether a successor took over.
@@ -105,6 +115,10 @@ struct Passed {
     addr: SocketAddr,
     /// UDP.
     datagram: bool,
+    /// A member of a reuseport group (its worker's socket, in the group's kernel order)
+    /// rather than a master's own listener.
+    #[serde(default)]
+    reuseport: bool,
     /// Its descriptor in the new master.
     fd: RawFd,
 }
@@ -226,7 +240,7 @@ impl Master {
             .get()
             .ok_or_else(|| refused("this master does not hold the home lock"))?;
         let state = self.dump();
-        let (sockets, fds) = self.sockets_to_pass(&state)?;
+        let (sockets, fds, groups) = self.sockets_to_pass(&state)?;
         let metrics = self
             .endpoint
             .lock()
@@ -247,7 +261,18 @@ impl Master {
             .map(|_| FIRST_SOCKET_FD + sockets.len() as RawFd);
         ours.set_nonblocking(true).map_err(handshake)?;
         let ours = UnixStream::from_std(ours).map_err(handshake)?;
-        let mut child = spawn(&binary, &passed)?;
+        // The new master steers the reuseport groups from its first worker on (see
+        // UPGRADE.md): two masters writing one group's program would undo each other.
+        for g in &groups {
+            g.freeze();
+        }
+        let mut child = match spawn(&binary, &passed) {
+            Ok(child) => child,
+            Err(e) => {
+                groups.iter().for_each(|g| g.thaw());
+                return Err(e);
+            }
+        };
         drop(passed);
         drop(theirs);
         let pid = child.id().unwrap_or_default();
@@ -315,6 +340,11 @@ impl Master {
         match result {
             Ok(version) => {
                 self.upgrade.handed_over.store(true, Ordering::SeqCst);
+                *self
+                    .upgrade
+                    .successor
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some((lines, write));
                 if let Some(systemd) = super::notify::Notifier::from_env() {
                     // systemd follows the new master (the unit has NotifyAccess=all).
                     systemd.send(&format!("MAINPID={pid}"));
@@ -338,6 +368,8 @@ impl Master {
                 // and say how it ended. One that timed out is killed at once.
                 let dying = !matches!(error, UpgradeError::Timeout { .. });
                 let status = end(&mut child, dying).await;
+                // Its sockets are closed with it: this master steers its groups again.
+                groups.iter().for_each(|g| g.thaw());
                 let error = match error {
                     UpgradeError::Handshake(_) | UpgradeError::Exited { .. } => {
                         UpgradeError::Exited {
@@ -366,20 +398,37 @@ impl Master {
         }
     }
 
-    /// The public sockets, in the order they are passed, with their descriptors here.
-    fn sockets_to_pass(&self, state: &Dump) -> Result<(Vec<Passed>, Vec<OwnedFd>), ControlError> {
+    /// The public sockets (and the reuseport groups' member sockets), in the order they are
+    /// passed, with their descriptors here, and the reuseport groups.
+    #[allow(clippy::type_complexity)]
+    fn sockets_to_pass(
+        &self,
+        state: &Dump,
+    ) -> Result<(Vec<Passed>, Vec<OwnedFd>, Vec<Arc<Group>>), ControlError> {
         let entries = self.entries();
         let mut passed = Vec::new();
         let mut fds = Vec::new();
+        let mut groups = Vec::new();
         for e in entries.iter() {
             let app = e.sup.app();
             if app.policy == Policy::ReusePort {
-                return Err(refused(&format!(
-                    "app {:?} uses policy = \"reuseport\": handing its SO_REUSEPORT group and BPF \
-                     steering to a new master is not supported yet; use policy = \"rr\", or \
-                     restart the master (which drops connections)",
-                    app.name
-                )));
+                for group in e.sup.groups() {
+                    let members = group
+                        .sockets()
+                        .map_err(|e| refused(&format!("cannot pass {}: {e}", group.listener())))?;
+                    for fd in members {
+                        passed.push(Passed {
+                            app: app.name.clone(),
+                            listener: group.listener().to_string(),
+                            addr: group.listener().addr,
+                            datagram: false,
+                            reuseport: true,
+                            fd: FIRST_SOCKET_FD + fds.len() as RawFd,
+                        });
+                        fds.push(fd);
+                    }
+                    groups.push(group);
+                }
             }
             if !state.apps.iter().any(|a| a.name == app.name) {
                 return Err(refused(&format!(
@@ -400,12 +449,13 @@ impl Master {
                     listener: l.config.to_string(),
                     addr: l.config.addr,
                     datagram: l.config.proto == Proto::Udp,
+                    reuseport: false,
                     fd: FIRST_SOCKET_FD + fds.len() as RawFd,
                 });
                 fds.push(fd);
             }
         }
-        Ok((passed, fds))
+        Ok((passed, fds, groups))
     }
 
     /// Binds the admin socket at its path again (after a failed take-over), serving it until
@@ -549,6 +599,8 @@ pub struct Inheritance {
     state: Dump,
     sockets: Vec<(Passed, StdSocket)>,
     metrics: Option<std::net::TcpListener>,
+    /// Reuseport groups' member sockets, by public address, in the kernel's order.
+    adopted: Vec<(SocketAddr, Vec<OwnedFd>)>,
 }
 
 /// An inherited public socket, before the runtime that will serve it exists.
@@ -608,11 +660,19 @@ pub fn inherit(fd: RawFd) -> Result<Inheritance, MasterError> {
         ));
     };
     let mut bound = Vec::new();
+    let mut adopted: Vec<(SocketAddr, Vec<OwnedFd>)> = Vec::new();
     for p in sockets {
         cloexec(p.fd).map_err(|e| bad("descriptors", e))?;
         // SAFETY: as above; each passed fd number is given once.
         #[allow(unsafe_code)]
         let owned = unsafe { OwnedFd::from_raw_fd(p.fd) };
+        if p.reuseport {
+            match adopted.iter_mut().find(|(addr, _)| *addr == p.addr) {
+                Some((_, members)) => members.push(owned),
+                None => adopted.push((p.addr, vec![owned])),
+            }
+            continue;
+        }
         let socket = if p.datagram {
             let std = std::net::UdpSocket::from(owned);
             std.set_nonblocking(true)
@@ -643,6 +703,7 @@ pub fn inherit(fd: RawFd) -> Result<Inheritance, MasterError> {
         state,
         sockets: bound,
         metrics,
+        adopted,
     })
 }
 
@@ -686,6 +747,7 @@ async fn take_over_on_runtime(
         state,
         sockets,
         metrics,
+        adopted,
     } = inheritance;
     let _ = opts.phase.send(super::Phase::Starting);
     let setup = |what: &'static str| move |source| MasterError::Setup { what, source };
@@ -716,6 +778,11 @@ async fn take_over_on_runtime(
         .metrics
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = metrics;
+    *master
+        .spawn
+        .adopted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = adopted;
     let upkeep_stop = CancellationToken::new();
     tokio::spawn(super::metrics::upkeep(upkeep_stop.clone()));
 
@@ -805,6 +872,21 @@ async fn take_over_on_runtime(
     let mut lock = HomeLock::inherit(&home, lock)?;
     lock.write_pid()?;
     master.keep_for_upgrade(std::env::current_exe().ok(), &lock);
+    let groups: Vec<Arc<Group>> = master
+        .entries()
+        .iter()
+        .flat_map(|e| e.sup.groups())
+        .collect();
+    for g in &groups {
+        g.release();
+    }
+    // Sockets of groups no app claimed (the configuration dropped them) close here.
+    master
+        .spawn
+        .adopted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     master.accept_gate.cancel();
     let _ = send(
         &mut write,
@@ -813,9 +895,20 @@ async fn take_over_on_runtime(
         },
     )
     .await;
-    drop(write);
-    drop(lines);
     tracing::info!(old = old_pid, "took over from the old master");
+    // The handshake closes when the old master exits, and with it every descriptor of its
+    // reuseport sockets but ours: then they can leave their groups.
+    tokio::spawn(async move {
+        let mut lines = lines;
+        while let Ok(Some(_)) = lines.next_line().await {}
+        drop(write);
+        for g in &groups {
+            g.drop_adopted().await;
+        }
+        if !groups.is_empty() {
+            tracing::info!("the old master is gone; its reuseport sockets have left their groups");
+        }
+    });
     super::run::live(
         master,
         lock,
