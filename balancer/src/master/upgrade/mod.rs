@@ -229,6 +229,13 @@ impl Master {
         if self.upgrade.handed_over() {
             return Err(refused("this master has already handed over to a new one"));
         }
+        if std::process::id() == 1 {
+            // Its exit would end the container (or the PID namespace) and the new master too.
+            return Err(refused(
+                "this master is PID 1 (a container's entry point): its exit would end the \
+                 container; roll out a new image instead",
+            ));
+        }
         let binary = match binary.or_else(|| self.upgrade.exe.get().cloned()) {
             Some(binary) => binary,
             None => {
