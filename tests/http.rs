@@ -229,6 +229,13 @@ impl HttpLoad {
                             Ok(reply) if reply.status == 200 => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                                 *seen.entry(reply.text()).or_default() += 1;
+                                // The server closes after a response that says so (RFC 9112).
+                                if reply
+                                    .header("connection")
+                                    .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                                {
+                                    conn = None;
+                                }
                             }
                             Ok(reply) => {
                                 failed.fetch_add(1, Ordering::Relaxed);

@@ -18,3 +18,4 @@ mod soak;
 mod support;
 mod tcp;
 mod udp;
+mod upgrade;

@@ -233,9 +233,33 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Replace the master's binary without dropping a connection: a new master takes the
+    /// listeners and the apps over, and the old one drains and exits.
+    #[command(
+        after_help = "Examples:\n  cargo install --path . && balancer upgrade\n  \
+                            balancer upgrade --binary /opt/balancer-0.2/bin/balancer --timeout 2m\n\n\
+                      The old master carries on if the new one fails before taking over \
+                      (exit 1 with the reason). `kill -USR2 <master pid>` does the same."
+    )]
+    Upgrade {
+        /// The new binary; default: the path the running master was started from, re-read.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// How long the new master has to take over (its workers ready) before it is killed
+        /// and the upgrade fails; `500ms`, `30s`, `2m`. Default 60s.
+        #[arg(long, value_name = "DURATION", value_parser = balancer_config::parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
     /// The background master itself (what `start` launches).
     #[command(hide = true)]
     Daemon,
+    /// A new master taking over from the one that started it (`upgrade`), handed the state on
+    /// descriptor FD and the sockets after it (see `balancer/UPGRADE.md`).
+    #[command(hide = true, name = "take-over")]
+    TakeOver {
+        /// The hand-over socket.
+        fd: i32,
+    },
     /// Every worker runs under this: it keeps the worker's whole process tree from outliving
     /// the worker or the master, and sets `LISTEN_PID` (see `workers/src/shim.rs`).
     #[command(hide = true, name = "shim")]

@@ -125,7 +125,10 @@ pub fn check_private(dir: &Path) -> Result<(), LockError> {
 #[derive(Debug)]
 pub struct HomeLock {
     home: PathBuf,
-    _lock: Flock<File>,
+    /// Always `Some` until dropped.
+    lock: Option<Flock<File>>,
+    /// Handed to a successor (`balancer upgrade`): the files are its now, not ours to remove.
+    handed_over: bool,
 }
 
 impl HomeLock {
@@ -172,8 +175,52 @@ impl HomeLock {
         write(&mut lock).map_err(|e| LockError::Io(path, e))?;
         Ok(HomeLock {
             home: home.to_path_buf(),
-            _lock: lock,
+            lock: Some(lock),
+            handed_over: false,
         })
+    }
+
+    /// The lock a predecessor handed over (`balancer upgrade`): `file` is a duplicate of its
+    /// locked pid file's descriptor. An `flock` belongs to the open file description, not to a
+    /// process, so holding the duplicate *is* holding the lock: it passes from one master to
+    /// the next without a moment where it is free. Fails if `file` does not hold the lock.
+    pub fn inherit(home: &Path, file: File) -> Result<HomeLock, LockError> {
+        let path = home.join(PID_FILE);
+        // Taking a lock this description already holds succeeds; any other holder makes it
+        // fail, so a stray descriptor cannot pass for the home's lock.
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| LockError::Io(path, errno.into()))?;
+        Ok(HomeLock {
+            home: home.to_path_buf(),
+            lock: Some(lock),
+            handed_over: false,
+        })
+    }
+
+    /// The locked pid file, to hand to a successor.
+    pub fn file(&self) -> Option<&File> {
+        self.lock.as_deref()
+    }
+
+    /// Writes our pid into the pid file (a successor, once it has taken over).
+    pub fn write_pid(&mut self) -> Result<(), LockError> {
+        let path = self.home.join(PID_FILE);
+        let Some(f) = self.lock.as_deref_mut() else {
+            return Ok(());
+        };
+        let written = (|| -> io::Result<()> {
+            f.set_len(0)?;
+            f.rewind()?;
+            writeln!(f, "{}", std::process::id())?;
+            f.sync_all()
+        })();
+        written.map_err(|e| LockError::Io(path, e))
+    }
+
+    /// A successor holds the lock and owns the admin socket and the pid file now: dropping
+    /// this leaves them alone.
+    pub fn hand_over(&mut self) {
+        self.handed_over = true;
     }
 
     /// Where the admin socket goes.
@@ -184,6 +231,14 @@ impl HomeLock {
 
 impl Drop for HomeLock {
     fn drop(&mut self) {
+        if self.handed_over {
+            // Unlocking would unlock the successor too (one open file description): the
+            // descriptor is left to close at exit, which releases nothing while it holds it.
+            if let Some(lock) = self.lock.take() {
+                std::mem::forget(lock);
+            }
+            return;
+        }
         // Remove while still holding the lock, so a new master never loses its fresh files.
         let _ = std::fs::remove_file(admin_socket(&self.home));
         let _ = std::fs::remove_file(self.home.join(PID_FILE));
@@ -208,6 +263,33 @@ mod tests {
         drop(first);
         assert!(!home.join(PID_FILE).exists());
         HomeLock::acquire(&home).expect("free again");
+    }
+}
+
+#[cfg(test)]
+mod handover_tests {
+    use super::*;
+
+    #[test]
+    fn a_duplicate_of_the_lock_holds_it_across_a_hand_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let mut old = HomeLock::acquire(&home).unwrap();
+        let dup = old.file().unwrap().try_clone().unwrap();
+        let mut new = HomeLock::inherit(&home, dup).expect("the same description holds it");
+        // A fresh open of the pid file is another description: it is not the lock.
+        let stranger = File::open(home.join(PID_FILE)).unwrap();
+        assert!(HomeLock::inherit(&home, stranger).is_err());
+        old.hand_over();
+        drop(old);
+        assert!(home.join(PID_FILE).exists(), "the successor's files stay");
+        assert!(
+            matches!(HomeLock::acquire(&home), Err(LockError::Taken { .. })),
+            "still held, by the successor"
+        );
+        new.write_pid().unwrap();
+        drop(new);
+        HomeLock::acquire(&home).expect("free once the successor is gone");
     }
 }
 

@@ -46,6 +46,9 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Daemon => exit(master_run::run_daemon()),
+        Command::TakeOver { fd } => {
+            exit(master::upgrade::inherit(fd).and_then(master::upgrade::take_over))
+        }
         command => match ctl::client(command) {
             Outcome::Exit(code) => code,
             Outcome::Foreground(config) => exit(master_run::foreground(config)),

@@ -112,7 +112,19 @@ pub enum Request {
         /// Also carry the new log lines of this app (or worker id) in each snapshot.
         logs: Option<String>,
     },
+    /// Replace the master's binary without dropping a connection (`upgrade`): a new master
+    /// takes the listeners and the apps over. Progress replies stream before the final one.
+    Upgrade {
+        /// The new binary (absolute); default: the path the master was started from.
+        binary: Option<PathBuf>,
+        /// How long the new master has to take over before it is killed and the upgrade fails
+        /// (milliseconds); default [`UPGRADE_TIMEOUT_MS`].
+        timeout_ms: Option<u64>,
+    },
 }
+
+/// How long `upgrade` waits for the new master to take over when the request does not say.
+pub const UPGRADE_TIMEOUT_MS: u64 = 60_000;
 
 /// How a balancer.toml is read: the `--env` selection, and the default policy the client
 /// checked it with (so client and master read one file the same way).
@@ -599,6 +611,12 @@ pub mod wire {
             #[serde(default, skip_serializing_if = "Option::is_none")]
             logs: Option<String>,
         },
+        Upgrade {
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            binary: Option<PathBuf>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            timeout_ms: Option<u64>,
+        },
     }
 
     fn default_lines() -> usize {
@@ -741,6 +759,10 @@ pub mod wire {
                     }
                     Self::Subscribe { interval_ms, logs }
                 }
+                Request::Upgrade { binary, timeout_ms } => {
+                    absolute("binary", binary.as_deref())?;
+                    Self::Upgrade { binary, timeout_ms }
+                }
             })
         }
     }
@@ -813,6 +835,9 @@ pub mod wire {
                 super::Request::Signal { target, signal } => Request::SendSignal { target, signal },
                 super::Request::Subscribe { interval_ms, logs } => {
                     Request::Subscribe { interval_ms, logs }
+                }
+                super::Request::Upgrade { binary, timeout_ms } => {
+                    Request::Upgrade { binary, timeout_ms }
                 }
             }
         }
@@ -1000,6 +1025,23 @@ mod tests {
             }))
         );
         assert!(request(r#"{"cmd":"reload","file":"/a.toml","progress":true}"#).is_err());
+        assert_eq!(
+            request(r#"{"cmd":"upgrade"}"#),
+            Ok(Request::Upgrade {
+                binary: None,
+                timeout_ms: None
+            })
+        );
+        assert_eq!(
+            request(r#"{"cmd":"upgrade","binary":"/opt/b","timeout_ms":5000}"#),
+            Ok(Request::Upgrade {
+                binary: Some("/opt/b".into()),
+                timeout_ms: Some(5000)
+            })
+        );
+        let relative = request(r#"{"cmd":"upgrade","binary":"b"}"#).unwrap_err();
+        assert!(relative.contains("absolute"), "{relative}");
+        assert!(request(r#"{"cmd":"upgrade","bin":"/b"}"#).is_err());
         assert_eq!(
             serde_json::from_str::<Reply>(r#"{"ok":true,"progress":"web: 1/2 ready"}"#).unwrap(),
             Reply::Progress("web: 1/2 ready".into())

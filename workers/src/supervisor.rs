@@ -94,6 +94,9 @@ pub struct SpawnContext {
     pub rescue: Rescue,
     /// Samples every worker's CPU and memory (one thread for the whole master).
     pub sampler: Arc<Sampler>,
+    /// Reuseport sockets a previous master handed over (`upgrade`), by public address, in
+    /// the kernel's order: the group made for that address adopts them.
+    pub adopted: std::sync::Mutex<Vec<(std::net::SocketAddr, Vec<std::os::fd::OwnedFd>)>>,
 }
 
 impl std::fmt::Debug for SpawnContext {
@@ -115,6 +118,7 @@ impl SpawnContext {
             shim,
             rescue,
             sampler: Arc::new(Sampler::default()),
+            adopted: std::sync::Mutex::new(Vec::new()),
         })
     }
 }
@@ -602,6 +606,14 @@ impl AppSupervisor {
         self.retiring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The app's reuseport socket groups (none under rr), for `upgrade`.
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The socket groups of `app`'s listeners under the reuseport policy (none under rr),
     /// reusing the group of a listener the app already had.
     fn groups_for(&self, app: &App) -> Vec<Arc<Group>> {
@@ -619,6 +631,12 @@ impl AppSupervisor {
                     return Arc::clone(g);
                 }
                 let g = Group::new(l.clone(), Arc::clone(&self.env.rescue));
+                let mut adopted = self.env.adopted.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(pos) = adopted.iter().position(|(addr, _)| *addr == l.addr)
+                    && l.proto != balancer_config::Proto::Udp
+                {
+                    g.adopt(adopted.remove(pos).1);
+                }
                 groups.push(Arc::clone(&g));
                 g
             })

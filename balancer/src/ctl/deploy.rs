@@ -88,7 +88,9 @@ fn quoted(value: &str) -> String {
 /// The unit text. `WatchdogSec` makes the master ping every half of it from its runtime, so a
 /// wedged master is restarted; `KillMode=mixed` sends the stop signal to the master alone,
 /// which drains and stops its workers itself (systemd's default would SIGTERM every worker at
-/// once, with no drain), and SIGKILLs what is left after `TimeoutStopSec`.
+/// once, with no drain), and SIGKILLs what is left after `TimeoutStopSec`. `NotifyAccess=all`
+/// lets the master that `balancer upgrade` (or SIGUSR2) starts speak for the service: the old
+/// master sends `MAINPID=` for it, and from then on its `READY=1` and watchdog pings count.
 pub fn unit(exe: &Path, home: &Path, wanted_by: &str) -> String {
     let exe = quoted(&exe.display().to_string());
     let home = quoted(&format!("BALANCER_HOME={}", home.display()));
@@ -101,7 +103,7 @@ Wants=network-online.target
 
 [Service]
 Type=notify
-NotifyAccess=main
+NotifyAccess=all
 Environment={home}
 ExecStart={exe} run
 ExecReload=/bin/kill -HUP $MAINPID

@@ -19,6 +19,7 @@ pub mod ecosystem;
 mod import;
 mod reply;
 mod start;
+mod upgrade;
 mod verbs;
 
 use std::path::Path;
@@ -78,9 +79,12 @@ fn run(command: Command, home: &Path, output: Output) -> Outcome {
         Command::Resurrect => deploy::resurrect(home, output),
         Command::Startup { init, install } => deploy::startup(home, &init, install),
         Command::Unstartup { init } => deploy::unstartup(&init),
-        Command::Run { .. } | Command::Check { .. } | Command::Daemon | Command::Shim { .. } => {
-            failed(EXIT_USAGE, "this command does not talk to a master")
-        }
+        Command::Upgrade { binary, timeout } => upgrade::upgrade(home, binary, timeout),
+        Command::Run { .. }
+        | Command::Check { .. }
+        | Command::Daemon
+        | Command::TakeOver { .. }
+        | Command::Shim { .. } => failed(EXIT_USAGE, "this command does not talk to a master"),
     }
 }
 

@@ -106,6 +106,16 @@ pub(super) fn ls(home: &Path, output: Output) -> Outcome {
         }
         Ok(Reply::Workers(workers)) => {
             print(ui::table::workers(&workers, output));
+            // Which master answered: after `upgrade`, the new pid and version show here.
+            if let Ok(Reply::Pong(pong)) =
+                client::request_within(home, &Request::Ping, PING_TIMEOUT)
+            {
+                print(format!(
+                    "master pid {}, version {}",
+                    pong.pid,
+                    pong.version.as_deref().unwrap_or("?")
+                ));
+            }
             ok()
         }
         Ok(Reply::Failed { error, code }) => failed(code, error),
@@ -261,7 +271,7 @@ pub(super) fn ping(home: &Path) -> Outcome {
     if pong.version.as_deref().is_some_and(|v| v != ours) {
         eprintln!(
             "balancer: the master runs version {version} and this CLI is {ours}; \
-             `balancer kill` and start again to upgrade"
+             `balancer upgrade` replaces it without dropping a connection"
         );
     }
     ok()

@@ -199,6 +199,9 @@ async fn client(stream: UnixStream, master: &Master) {
                 target,
                 progress: true,
             }) => reload_with_progress(master, &target, &mut out).await,
+            Request::Upgrade { binary, timeout_ms } => {
+                upgrade_with_progress(master, binary, timeout_ms, &mut out).await
+            }
             Request::Kill => {
                 let _ = send(&mut out, &Reply::done("stopping every app and the master")).await;
                 master.request_shutdown();
@@ -224,6 +227,43 @@ async fn reload_with_progress(
         let _ = tx.send(line);
     };
     let work = master.reload_reporting(target, &report);
+    tokio::pin!(work);
+    let mut listening = true;
+    let result = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            Some(line) = rx.recv() => {
+                if listening && send(out, &Reply::Progress(line)).await.is_err() {
+                    listening = false;
+                }
+            }
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        if listening && send(out, &Reply::Progress(line)).await.is_err() {
+            listening = false;
+        }
+    }
+    if !listening {
+        return Err(LinesCodecError::Io(io::ErrorKind::BrokenPipe.into()));
+    }
+    send(out, &outcome(result)).await
+}
+
+/// `upgrade`: a progress reply at each step of the hand-over, then the outcome. The reply
+/// comes from the old master, which only then begins to drain.
+async fn upgrade_with_progress(
+    master: &Master,
+    binary: Option<PathBuf>,
+    timeout_ms: Option<u64>,
+    out: &mut Out,
+) -> Result<(), LinesCodecError> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let report = move |line: String| {
+        let _ = tx.send(line);
+    };
+    let timeout = Duration::from_millis(timeout_ms.unwrap_or(crate::protocol::UPGRADE_TIMEOUT_MS));
+    let work = master.upgrade(binary, timeout, &report);
     tokio::pin!(work);
     let mut listening = true;
     let result = loop {
@@ -362,6 +402,11 @@ async fn handle(master: &Master, request: Request) -> Reply {
         Request::Flush { target } => outcome(flush(master, target.as_deref()).await),
         Request::Reset { target } => outcome(master.reset(&target)),
         Request::Signal { target, signal } => outcome(master.signal(&target, &signal)),
+        Request::Upgrade { binary, timeout_ms } => {
+            let timeout =
+                Duration::from_millis(timeout_ms.unwrap_or(crate::protocol::UPGRADE_TIMEOUT_MS));
+            outcome(master.upgrade(binary, timeout, &|_| {}).await)
+        }
         Request::Logs { .. } | Request::Kill | Request::Subscribe { .. } => {
             bad_request("not a single-reply request".into())
         }

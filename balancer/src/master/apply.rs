@@ -138,12 +138,20 @@ impl Master {
                 .iter()
                 .filter(|l| !held.iter().any(|h| same_socket(h, l)))
             {
-                let socket = listener::bind(l).map_err(|source| BindError {
+                if let Some(socket) = self.upgrade.inherited(l) {
+                    sockets.push((l.clone(), socket));
+                    continue;
+                }
+                // Under reuseport the master holds no socket (`bind_for`): each worker gets its
+                // own in the group.
+                let socket = bind_for(app, l).map_err(|source| BindError {
                     listener: l.to_string(),
                     app: app.name.clone(),
                     source,
                 })?;
-                sockets.push((l.clone(), socket));
+                if let Some(socket) = socket {
+                    sockets.push((l.clone(), socket));
+                }
             }
             fresh.push(sockets);
         }
@@ -256,21 +264,31 @@ impl Master {
                 app.udp.max_flows, self.flow_cap
             );
         }
-        tokio::spawn(listener::serve(
-            config.proto,
-            socket,
-            listener::ServeContext {
-                route: Arc::clone(&route),
-                stop: stop.clone(),
-                abort: self.abort_connections.clone(),
-                tracker: self.connections.clone(),
-                budget: Arc::clone(&self.budget),
-            },
-        ));
+        let dup = match &socket {
+            Bound::Stream(l) => std::os::fd::AsFd::as_fd(l).try_clone_to_owned(),
+            Bound::Datagram(s) => std::os::fd::AsFd::as_fd(s).try_clone_to_owned(),
+        };
+        let ctx = listener::ServeContext {
+            route: Arc::clone(&route),
+            stop: stop.clone(),
+            abort: self.abort_connections.clone(),
+            tracker: self.connections.clone(),
+            budget: Arc::clone(&self.budget),
+        };
+        let (gate, proto, until) = (self.accept_gate.clone(), config.proto, stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = gate.cancelled() => listener::serve(proto, socket, ctx).await,
+                _ = until.cancelled() => {}
+            }
+        });
         ListenerEntry {
             config,
             route,
             stop,
+            socket: dup
+                .inspect_err(|e| tracing::warn!(app = %app.name, "cannot keep the listener for an upgrade: {e}"))
+                .ok(),
         }
     }
 

@@ -182,6 +182,12 @@ impl super::Master {
             Ok(Err(e)) => return Err(super::ControlError::Save(e)),
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
+        self.resurrect_from(dump).await
+    }
+
+    /// Starts what `dump` holds, as [`resurrect`](Self::resurrect) does (also the state an
+    /// `upgrade` hands to the new master).
+    pub async fn resurrect_from(&self, dump: Dump) -> super::OpResult {
         let mut origins: Vec<&Origin> = Vec::new();
         for app in &dump.apps {
             if !origins.contains(&&app.origin) {
@@ -229,7 +235,7 @@ impl super::Master {
             }
         }
         if done.is_empty() && failed.is_empty() {
-            return Ok(format!("nothing to resurrect from {}", path.display()));
+            return Ok("nothing to start".into());
         }
         super::gather(done, failed)
     }

@@ -86,6 +86,8 @@ pub struct Endpoint {
     /// Where it listens (the real port when the config said 0).
     pub addr: SocketAddr,
     stop: CancellationToken,
+    /// A duplicate of the listening socket, for `upgrade` to hand to the next master.
+    socket: Option<std::os::fd::OwnedFd>,
 }
 
 impl Endpoint {
@@ -93,19 +95,36 @@ impl Endpoint {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+
+    /// The listening socket (`upgrade` passes it on, so the endpoint never stops answering).
+    pub fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.socket.as_ref().map(|s| s.as_fd())
+    }
 }
 
 /// Binds `addr` and serves the endpoint for `master` on the runtime. A taken address fails
 /// here, before anything else changes.
 pub fn start(addr: SocketAddr, master: Arc<Master>) -> std::io::Result<Endpoint> {
-    let std = std::net::TcpListener::bind(addr)?;
+    start_on(std::net::TcpListener::bind(addr)?, master)
+}
+
+/// Serves the endpoint on a socket already listening (bound here, or handed over by the
+/// previous master).
+pub fn start_on(std: std::net::TcpListener, master: Arc<Master>) -> std::io::Result<Endpoint> {
+    use std::os::fd::AsFd;
     std.set_nonblocking(true)?;
+    let socket = std.as_fd().try_clone_to_owned()?;
     let listener = TcpListener::from_std(std)?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     tokio::spawn(serve(listener, master, stop.clone()));
     tracing::info!(%addr, "metrics endpoint listening");
-    Ok(Endpoint { addr, stop })
+    Ok(Endpoint {
+        addr,
+        stop,
+        socket: Some(socket),
+    })
 }
 
 async fn serve(listener: TcpListener, master: Arc<Master>, stop: CancellationToken) {

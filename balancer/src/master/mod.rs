@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 mod reaper;
 pub mod run;
+pub mod upgrade;
 pub mod views;
 
 use std::io;
@@ -74,6 +75,9 @@ pub enum MasterError {
     /// The metrics endpoint could not listen; nothing was started.
     #[error("cannot serve metrics on {0}")]
     Metrics(std::net::SocketAddr, #[source] io::Error),
+    /// A new master (`take-over`) could not take over; the old one serves on.
+    #[error("cannot take over from the old master: {0}")]
+    TakeOver(String),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot set up the master's {what}")]
     Setup {
@@ -164,6 +168,9 @@ pub enum ControlError {
     /// `resurrect` found no dump.
     #[error("no dump at {} (write one with `balancer save`)", .0.display())]
     NoDump(PathBuf),
+    /// `upgrade` did not happen; this master carries on.
+    #[error(transparent)]
+    Upgrade(#[from] upgrade::UpgradeError),
     /// The operation touched several apps and more than one failed.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<ControlError>),
@@ -258,6 +265,9 @@ struct ListenerEntry {
     config: Listener,
     route: Arc<Route>,
     stop: CancellationToken,
+    /// A duplicate of the public socket (close-on-exec), for `upgrade` to hand over (`None`:
+    /// the duplicate could not be made, out of descriptors; `upgrade` says so).
+    socket: Option<std::os::fd::OwnedFd>,
 }
 
 /// One app: its supervisor, listeners and origin.
@@ -291,6 +301,12 @@ pub struct Master {
     endpoint: Mutex<Option<metrics::Endpoint>>,
     /// This master, for the endpoint's tasks (set by [`run`] once it is in an `Arc`).
     me: std::sync::OnceLock<std::sync::Weak<Master>>,
+    /// Listeners wait for this before their first accept: open at once, except in a master
+    /// that is taking over from another (`upgrade.rs`), which must not take a connection
+    /// until it is committed to serve it.
+    accept_gate: CancellationToken,
+    /// What `upgrade` needs from the boot: the binary's path and the home lock's descriptor.
+    upgrade: upgrade::Handles,
 }
 
 /// Descriptors kept out of the connection budget: the admin socket and its clients, health
@@ -337,6 +353,12 @@ impl Master {
             origins: Mutex::new(Vec::new()),
             endpoint: Mutex::new(None),
             me: std::sync::OnceLock::new(),
+            accept_gate: {
+                let open = CancellationToken::new();
+                open.cancel();
+                open
+            },
+            upgrade: upgrade::Handles::default(),
         }
     }
 
@@ -351,7 +373,10 @@ impl Master {
         let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
             return Err(io::Error::other("the master is not running"));
         };
-        let fresh = metrics::start(addr, me)?;
+        let fresh = match self.upgrade.inherited_metrics(addr) {
+            Some(socket) => metrics::start_on(socket, me)?,
+            None => metrics::start(addr, me)?,
+        };
         if let Some(old) = endpoint.replace(fresh) {
             old.stop();
         }
@@ -594,11 +619,37 @@ impl Master {
     }
 
     /// Stop accepting, drain and stop every app, then end the connections clients still hold.
+    ///
+    /// After an `upgrade` handed everything over, the order changes: the workers stay in their
+    /// pools while this master's own client connections finish (up to the longest
+    /// `drain_timeout`; an idle HTTP keep-alive connection gets its next answer with
+    /// `Connection: close`), since a request on them still needs a worker here.
     async fn shutdown(&self) {
+        let handed_over = self.upgrade.handed_over();
         tracing::info!("shutting down: no longer accepting; draining connections");
+        if handed_over {
+            crate::proxy::http::close_keep_alive_on_stop();
+        }
         let entries = std::mem::take(&mut *self.entries());
         for l in entries.iter().flat_map(|e| &e.listeners) {
             l.stop.cancel();
+        }
+        if handed_over {
+            let longest = entries
+                .iter()
+                .map(|e| e.sup.app().drain_timeout)
+                .max()
+                .unwrap_or_default();
+            self.connections.close();
+            if tokio::time::timeout(longest, self.connections.wait())
+                .await
+                .is_err()
+            {
+                tracing::info!(
+                    open = self.connections.len(),
+                    "drain_timeout reached with client connections still open"
+                );
+            }
         }
         // Each supervisor drains its workers (≤ drain_timeout: live connections finish) and then
         // stops them (kill_signal, kill_timeout, SIGKILL). Apps shut down side by side.

@@ -39,6 +39,8 @@ pub struct MasterOptions {
     /// file, as the systemd unit runs it). A missing dump is a warning: the master serves
     /// empty, as a daemon does, and `balancer start` fills it.
     pub resurrect: bool,
+    /// Upgrade the master when this is notified (SIGUSR2 in the binary).
+    pub upgrade: Option<Arc<Notify>>,
 }
 
 /// Runs the master until `opts.shutdown` is cancelled and everything has stopped.
@@ -52,15 +54,8 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     // Before any worker can orphan anything.
     let reaper = super::reaper::spawn_if_init();
     raise_fd_limit();
-    let shim = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer"));
-    let master = Arc::new(Master::new(
-        opts.home.clone(),
-        opts.load.clone(),
-        opts.shutdown.clone(),
-        Some(shim),
-    ));
-
-    let _ = master.me.set(Arc::downgrade(&master));
+    let master = new_master(&opts, false);
+    master.keep_for_upgrade(std::env::current_exe().ok(), &lock);
     master
         .spawn
         .sampler
@@ -82,6 +77,55 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
 
     let admin_path = lock.admin_socket();
     let admin = admin::bind(&admin_path).map_err(|e| MasterError::Admin(admin_path.clone(), e))?;
+    live(
+        master,
+        lock,
+        admin,
+        opts,
+        Running {
+            reaper,
+            upkeep_stop,
+        },
+    )
+    .await
+}
+
+/// A master with no apps yet, for `opts`. `gated`: its listeners wait for
+/// `accept_gate` before their first accept (a master taking over from another).
+pub(super) fn new_master(opts: &MasterOptions, gated: bool) -> Arc<Master> {
+    let shim = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("balancer"));
+    let mut master = Master::new(
+        opts.home.clone(),
+        opts.load.clone(),
+        opts.shutdown.clone(),
+        Some(shim),
+    );
+    if gated {
+        master.accept_gate = CancellationToken::new();
+    }
+    let master = Arc::new(master);
+    let _ = master.me.set(Arc::downgrade(&master));
+    master
+}
+
+/// What a booted master keeps running besides its apps, stopped at its end.
+pub(super) struct Running {
+    /// The PID-1 reaper, when there is one.
+    pub(super) reaper: Option<tokio::task::JoinHandle<()>>,
+    /// Stops the metrics upkeep.
+    pub(super) upkeep_stop: CancellationToken,
+}
+
+/// The master's life once its apps are added and it holds the lock and the admin socket
+/// (booted by [`run`], or taken over from another master): serve the admin socket, answer
+/// signals (SIGHUP reloads, SIGUSR2 upgrades), tell systemd, and shut down in order.
+pub(super) async fn live(
+    master: Arc<Master>,
+    mut lock: HomeLock,
+    admin: tokio::net::UnixListener,
+    opts: MasterOptions,
+    running: Running,
+) -> Result<(), MasterError> {
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&master), admin_stop.clone()));
     if opts.resurrect {
@@ -112,6 +156,9 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
             }
         });
     }
+    if let Some(upgrade) = opts.upgrade.clone() {
+        spawn_upgrade_on_signal(Arc::clone(&master), upgrade);
+    }
     if let Some(systemd) = &systemd {
         spawn_systemd_tasks(Arc::clone(&master), Arc::clone(systemd));
     }
@@ -126,12 +173,16 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
 
     opts.shutdown.cancelled().await;
     let _ = opts.phase.send(Phase::ShuttingDown);
-    if let Some(systemd) = &systemd {
+    let handed_over = master.upgrade.handed_over();
+    if let Some(systemd) = &systemd
+        && !handed_over
+    {
+        // After an upgrade the service is not stopping: its main pid is the new master.
         systemd.send("STOPPING=1");
     }
     master.shutdown().await;
     admin_stop.cancel();
-    upkeep_stop.cancel();
+    running.upkeep_stop.cancel();
     if let Some(endpoint) = master
         .endpoint
         .lock()
@@ -141,13 +192,33 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
         endpoint.stop();
     }
     let _ = admin_task.await;
+    if handed_over {
+        lock.hand_over();
+    }
     drop(lock);
-    if let Some(reaper) = reaper {
+    if let Some(reaper) = running.reaper {
         reaper.abort();
     }
     let _ = opts.phase.send(Phase::Stopped);
     tracing::info!("master stopped");
     Ok(())
+}
+
+/// SIGUSR2 upgrades the master in place, as nginx does: the same as `balancer upgrade` with
+/// its defaults, progress and outcome in the master's log.
+fn spawn_upgrade_on_signal(master: Arc<Master>, signalled: Arc<Notify>) {
+    tokio::spawn(async move {
+        loop {
+            signalled.notified().await;
+            tracing::info!("upgrading the master (SIGUSR2)");
+            let timeout = Duration::from_millis(crate::protocol::UPGRADE_TIMEOUT_MS);
+            let report = |line: String| tracing::info!("upgrade: {line}");
+            match master.upgrade(None, timeout, &report).await {
+                Ok(done) => tracing::info!("{done}"),
+                Err(e) => tracing::error!("upgrade failed: {}", balancer_workers::Chain(&e)),
+            }
+        }
+    });
 }
 
 /// How often the master looks whether its first workers have all settled, for `READY=1`.
@@ -200,7 +271,7 @@ const SMALL_FD_BUDGET: u64 = 4096;
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, as nginx and HAProxy do: the default soft
 /// limit (often 1024) is far below what a proxy needs, and the hard limit is what the
 /// administrator allowed.
-fn raise_fd_limit() {
+pub(super) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
@@ -326,6 +397,20 @@ fn block_on(
     origin: Option<dump::Origin>,
     resurrect: bool,
 ) -> Result<(), MasterError> {
+    with_runtime(origin, resurrect, |opts| run(config, source, opts))
+}
+
+/// Builds the runtime and runs `master` on it with the process's signals wired in
+/// (SIGTERM/SIGINT, SIGHUP, SIGUSR2).
+pub(super) fn with_runtime<F, Fut>(
+    origin: Option<dump::Origin>,
+    resurrect: bool,
+    master: F,
+) -> Result<(), MasterError>
+where
+    F: FnOnce(MasterOptions) -> Fut,
+    Fut: std::future::Future<Output = Result<(), MasterError>>,
+{
     let setup = |what| move |source| MasterError::Setup { what, source };
     one_malloc_arena();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -337,7 +422,11 @@ fn block_on(
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone()).map_err(setup("SIGTERM/SIGINT handler"))?;
         let reload_all = Arc::new(Notify::new());
-        spawn_reload_on_sighup(Arc::clone(&reload_all)).map_err(setup("SIGHUP handler"))?;
+        spawn_notify_on(SignalKind::hangup(), Arc::clone(&reload_all))
+            .map_err(setup("SIGHUP handler"))?;
+        let upgrade = Arc::new(Notify::new());
+        spawn_notify_on(SignalKind::user_defined2(), Arc::clone(&upgrade))
+            .map_err(setup("SIGUSR2 handler"))?;
         let (phase, _) = watch::channel(Phase::Starting);
         let opts = MasterOptions {
             home: home::from_env(),
@@ -347,8 +436,9 @@ fn block_on(
             reload_all: Some(reload_all),
             origin,
             resurrect,
+            upgrade: Some(upgrade),
         };
-        run(config, source, opts).await
+        master(opts).await
     })
 }
 
@@ -377,12 +467,13 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// SIGHUP reloads every app, like HAProxy and nginx.
-fn spawn_reload_on_sighup(reload_all: Arc<Notify>) -> std::io::Result<()> {
-    let mut hup = signal(SignalKind::hangup())?;
+/// SIGHUP reloads every app, like HAProxy and nginx; SIGUSR2 upgrades the master, like nginx.
+/// Each notifies its task; a signal that comes while one runs is kept for after it.
+fn spawn_notify_on(kind: SignalKind, notify: Arc<Notify>) -> std::io::Result<()> {
+    let mut signals = signal(kind)?;
     tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            reload_all.notify_one();
+        while signals.recv().await.is_some() {
+            notify.notify_one();
         }
     });
     Ok(())

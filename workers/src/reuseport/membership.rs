@@ -30,6 +30,11 @@ pub(super) struct Member {
     pub(super) key: MemberKey,
     pub(super) socket: Arc<OwnedFd>,
     pub(super) state: State,
+    /// Another master's socket, handed over by `upgrade` (its worker is not ours).
+    pub(super) adopted: bool,
+    /// Its worker is ready, but the group is held (a master that has not taken over yet):
+    /// it becomes `Ready` on release.
+    pub(super) ready_on_release: bool,
 }
 
 /// The group's sockets in the kernel's order, and the probes in flight.
@@ -56,7 +61,19 @@ impl Members {
             key,
             socket,
             state: State::Starting,
+            adopted: false,
+            ready_on_release: false,
         });
+        key
+    }
+
+    /// Appends a socket of the master before this one, its worker serving (`upgrade`).
+    pub(super) fn adopt(&mut self, socket: Arc<OwnedFd>) -> MemberKey {
+        let key = self.push(socket);
+        if let Some(m) = self.list.last_mut() {
+            m.state = State::Ready;
+            m.adopted = true;
+        }
         key
     }
 

@@ -28,6 +28,7 @@ mod takeover;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +53,12 @@ pub struct Group {
     listener: Listener,
     members: Mutex<Members>,
     rescue: Rescue,
+    /// The steering program belongs to another master now (this one handed over, or is
+    /// handing over, in `upgrade`): nothing is attached from here.
+    frozen: AtomicBool,
+    /// This master has adopted the previous one's sockets and has not taken over yet: its own
+    /// workers get probes only, the previous master's keep the traffic.
+    held: AtomicBool,
 }
 
 impl std::fmt::Debug for Group {
@@ -71,7 +78,81 @@ impl Group {
             listener,
             members: Mutex::new(Members::default()),
             rescue,
+            frozen: AtomicBool::new(false),
+            held: AtomicBool::new(false),
         })
+    }
+
+    /// `upgrade`, old side: from now on another master steers this group; this one attaches
+    /// no program (its own view of the group's order would be wrong once the other's sockets
+    /// join). Its leaving members are still rescued and closed as usual.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// The upgrade failed: this master steers again.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+        let members = self.members();
+        self.steer(&members, None);
+    }
+
+    /// `upgrade`, old side: duplicates of the group's sockets in the kernel's order, for the
+    /// new master to [`adopt`](Self::adopt). UDP groups have no steering and hand nothing
+    /// over (their flows move to the new workers' sockets once).
+    pub fn sockets(&self) -> io::Result<Vec<OwnedFd>> {
+        if self.listener.proto == Proto::Udp {
+            return Ok(Vec::new());
+        }
+        self.members()
+            .list
+            .iter()
+            .map(|m| m.socket.try_clone())
+            .collect()
+    }
+
+    /// `upgrade`, new side, before any worker joins: the previous master's sockets, in the
+    /// kernel's order, as ready members at the front of the group; the group is held until
+    /// [`release`](Self::release).
+    pub fn adopt(&self, sockets: Vec<OwnedFd>) {
+        let mut members = self.members();
+        for socket in sockets {
+            members.adopt(Arc::new(socket));
+        }
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    /// `upgrade`, new side, on taking over: this master's ready workers get the traffic and
+    /// the adopted sockets are steered away from (what is queued there is rescued by
+    /// [`drop_adopted`](Self::drop_adopted), or by the old master while it lives).
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+        let mut members = self.members();
+        for m in &mut members.list {
+            if m.adopted {
+                m.state = State::Leaving;
+            } else if m.ready_on_release {
+                m.state = State::Ready;
+            }
+            m.ready_on_release = false;
+        }
+        self.steer(&members, None);
+    }
+
+    /// `upgrade`, new side, once the old master has exited (so its workers' and its own
+    /// descriptors are closed): rescue what is still queued on the adopted sockets, then
+    /// close them, each leaving the group as any member does.
+    pub async fn drop_adopted(self: &Arc<Self>) {
+        let adopted: Vec<MemberKey> = self
+            .members()
+            .list
+            .iter()
+            .filter(|m| m.adopted)
+            .map(|m| m.key)
+            .collect();
+        for key in adopted {
+            self.leave(key, None).await;
+        }
     }
 
     /// The public listener this group serves.
@@ -106,7 +187,13 @@ impl Group {
         if let Some(i) = members.index(key)
             && members.list[i].state != State::Leaving
         {
-            members.list[i].state = if ready { State::Ready } else { State::Starting };
+            let held = self.held.load(Ordering::SeqCst);
+            members.list[i].state = if ready && !held {
+                State::Ready
+            } else {
+                State::Starting
+            };
+            members.list[i].ready_on_release = ready && held;
             self.steer(&members, None);
         }
     }
@@ -183,7 +270,7 @@ impl Group {
     }
 
     fn steer(&self, members: &Members, also_avoid: Option<usize>) {
-        if self.listener.proto == Proto::Udp {
+        if self.listener.proto == Proto::Udp || self.frozen.load(Ordering::SeqCst) {
             return;
         }
         let (Some(program), Some(anchor)) = (members.program(also_avoid), members.list.first())

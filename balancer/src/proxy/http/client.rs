@@ -12,7 +12,10 @@
 //! - a request in flight (until its response body is sent) is never timed out here.
 //!
 //! On `stop` each connection shuts down gracefully: requests in flight finish, then it closes.
-//! On `abort` it is dropped.
+//! On `abort` it is dropped. A master that handed its listeners to a successor (`upgrade`)
+//! stops differently ([`close_keep_alive_on_stop`]): closing an idle HTTP/1 keep-alive
+//! connection races with the request its client may be sending at that moment, so each one
+//! is instead kept until its next request, whose response says `Connection: close`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -37,6 +40,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::{HttpProxy, ProxyBody};
 use crate::proxy::Route;
+
+/// Set once this process's master has handed over to a successor; see the module docs. One
+/// master runs per process, so a process-wide flag is the master's own.
+static CLOSE_ON_NEXT_RESPONSE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, a stopped listener's HTTP/1 connections are not closed while idle: each
+/// answers its next request with `Connection: close` and then closes (or closes after
+/// `http_idle_timeout`, or on `abort`). For the old master of an `upgrade`, whose workers
+/// still serve while its client connections finish.
+pub fn close_keep_alive_on_stop() {
+    CLOSE_ON_NEXT_RESPONSE.store(true, Ordering::SeqCst);
+}
+
+fn closing_on_next_response() -> bool {
+    CLOSE_ON_NEXT_RESPONSE.load(Ordering::SeqCst)
+}
 
 /// hyper refuses a smaller read buffer.
 const MIN_BUF_SIZE: usize = 8192;
@@ -66,8 +86,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Ht
                 return;
             }
         },
-        // A connection that has said nothing yet has nothing in flight.
-        _ = stop.cancelled() => return,
+        // A connection that has said nothing yet has nothing in flight (after an upgrade it
+        // is about to: its request gets an answer).
+        _ = stop.cancelled(), if !closing_on_next_response() => return,
         _ = abort.cancelled() => return,
     };
     // HTTP/2 clients send frames (pings, settings) between requests: only HTTP/1 heads are timed.
@@ -78,11 +99,24 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Ht
     });
     let service = {
         let activity = Arc::clone(&activity);
+        let stop = stop.clone();
         service_fn(move |req: Request<Incoming>| {
             let active = activity.begin();
             let proxy = Arc::clone(&proxy);
+            let stop = stop.clone();
             async move {
-                let response = proxy.handle(req, peer, local).await;
+                let mut response = proxy.handle(req, peer, local).await;
+                if !h2
+                    && stop.is_cancelled()
+                    && closing_on_next_response()
+                    && response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    // hyper closes the connection after a response that says so.
+                    response.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, Infallible>(response.map(|body| Tracked {
                     body,
                     _active: active,
@@ -96,6 +130,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Ht
         peer,
         stop: &stop,
         abort: &abort,
+        h1: !h2,
     };
     if h2 {
         let conn = http2::Builder::new(TokioExecutor::new())
@@ -142,6 +177,8 @@ struct Watch<'a> {
     peer: SocketAddr,
     stop: &'a CancellationToken,
     abort: &'a CancellationToken,
+    /// HTTP/1 (which can say `Connection: close` on its next response).
+    h1: bool,
 }
 
 impl Watch<'_> {
@@ -152,6 +189,8 @@ impl Watch<'_> {
         C: Future<Output = hyper::Result<()>>,
     {
         let mut closing = false;
+        // Stopped, but left to close itself after its next response (see the module docs).
+        let mut closes_itself = false;
         loop {
             // Read at each check: a reload may change the limits.
             let limits = self.route.settings().http;
@@ -177,9 +216,13 @@ impl Watch<'_> {
                     }
                     return;
                 }
-                _ = self.stop.cancelled(), if !closing => {
-                    closing = true;
-                    graceful(conn.as_mut());
+                _ = self.stop.cancelled(), if !closing && !closes_itself => {
+                    if self.h1 && closing_on_next_response() {
+                        closes_itself = true;
+                    } else {
+                        closing = true;
+                        graceful(conn.as_mut());
+                    }
                 }
                 _ = self.abort.cancelled() => return,
                 _ = sleep_until(at) => {}

@@ -43,7 +43,7 @@ mod headers;
 mod upstream;
 
 pub use body::ProxyBody;
-pub use client::serve_connection;
+pub use client::{close_keep_alive_on_stop, serve_connection};
 pub use upstream::UpstreamBody;
 
 /// How many times a request a worker failed after receiving it is sent again (bodiless
