@@ -106,6 +106,11 @@ pub struct App {
     pub out_file: Option<PathBuf>,
     /// The workers' stderr file (`error_file`, or `log_file`), absolute; like `out_file`.
     pub error_file: Option<PathBuf>,
+    /// `capture`: trap the workers' own `bind()` of the app's public addresses and answer it
+    /// with their private socket (seccomp user notification). `None`: on where the kernel
+    /// allows it; `Some(true)`: required (the app is refused where it cannot be had);
+    /// `Some(false)`: off.
+    pub capture: Option<bool>,
 }
 
 /// Limits of the UDP flow table.

@@ -62,6 +62,7 @@ const APP_KEYS: &[&str] = &[
     "log_file",
     "balance",
     "max_conns",
+    "capture",
 ];
 const BALANCER_KEYS: &[&str] = &["metrics", "sample_interval"];
 /// The shortest `sample_interval`.
@@ -341,6 +342,7 @@ fn app(
     };
 
     let (out_file, error_file) = log_files(&mut r, cwd.as_deref());
+    let capture = r.boolean("capture");
 
     let (program, args) = program?;
     let total: usize = args.iter().map(|a| a.len() + 1).sum::<usize>()
@@ -391,6 +393,7 @@ fn app(
         http,
         out_file,
         error_file,
+        capture,
     })
 }
 

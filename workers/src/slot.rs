@@ -96,6 +96,7 @@ impl Slot {
             shim: spec.shim,
             notify_dir: spec.notify_dir,
             notify: None,
+            capture: None,
             app: spec.app,
             pool: spec.pool,
             sampler: spec.sampler,
@@ -187,6 +188,8 @@ struct SlotTask {
     /// Where notify sockets go, and the current incarnation's (`ready = "notify"`).
     notify_dir: PathBuf,
     notify: Option<crate::notify::NotifySocket>,
+    /// The task answering the current incarnation's captured binds ([`crate::capture`]).
+    capture: Option<JoinHandle<()>>,
 }
 
 impl SlotTask {
@@ -322,6 +325,7 @@ impl SlotTask {
                 }
             }
         }
+        let capture = crate::capture::wanted(&self.app);
         let spec = SpawnSpec {
             app: &self.app,
             instance: status.instance,
@@ -330,6 +334,12 @@ impl SlotTask {
             sockets: &sockets,
             shim: self.shim.as_deref(),
             notify_socket: self.notify.as_ref().map(|n| n.path()),
+            capture,
+        };
+        let redirects = if capture {
+            crate::capture::redirects(&self.app, &addrs, &sockets)
+        } else {
+            Vec::new()
         };
         let process = spawn(&spec).await.map_err(|e| {
             let reason = crate::Chain(&e).to_string();
@@ -337,13 +347,24 @@ impl SlotTask {
             reason
         });
         drop(sockets);
-        let process = match process {
+        let mut process = match process {
             Ok(process) => process,
             Err(reason) => {
                 self.forget_members();
                 return Err(reason);
             }
         };
+        if let Some(old) = self.capture.take() {
+            old.abort();
+        }
+        if let Some(fd) = process.take_capture() {
+            self.capture = Some(crate::capture::notify::spawn(
+                fd,
+                self.app.name.clone(),
+                status.id,
+                redirects,
+            ));
+        }
         let handle = Arc::new(WorkerHandle::new(
             status.id,
             status.instance,
