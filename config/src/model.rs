@@ -169,6 +169,9 @@ pub struct Listener {
     /// Expect a PROXY protocol header (v1 or v2) from the client, as sent by a load balancer in
     /// front, and take the client's address from it.
     pub accept_proxy: bool,
+    /// Not written in `listen`: learned from a worker's own `bind()` (capture), so `ls` and
+    /// `show` can say so.
+    pub captured: bool,
 }
 
 impl Listener {
@@ -180,6 +183,7 @@ impl Listener {
             port_env: port_env.into(),
             proxy_protocol: None,
             accept_proxy: false,
+            captured: false,
         }
     }
 }

@@ -828,6 +828,7 @@ fn listeners(
                 port_env,
                 proxy_protocol: options.proxy_protocol.map(|(v, _)| v),
                 accept_proxy: options.accept_proxy.is_some_and(|(on, _)| on),
+                captured: false,
             },
             env_span,
         ));

@@ -60,6 +60,8 @@ pub(crate) struct SlotSpec {
     pub shim: Option<PathBuf>,
     /// Where `ready = "notify"` workers get their `$NOTIFY_SOCKET` (`$BALANCER_HOME/notify`).
     pub notify_dir: PathBuf,
+    /// Where a learned public address goes (an app with no `listen`; see [`crate::capture`]).
+    pub learn: Option<crate::capture::Learn>,
 }
 
 /// One worker identity and the task that runs it.
@@ -95,6 +97,7 @@ impl Slot {
             members: Vec::new(),
             shim: spec.shim,
             notify_dir: spec.notify_dir,
+            learn: spec.learn,
             notify: None,
             capture: None,
             app: spec.app,
@@ -190,6 +193,8 @@ struct SlotTask {
     notify: Option<crate::notify::NotifySocket>,
     /// The task answering the current incarnation's captured binds ([`crate::capture`]).
     capture: Option<JoinHandle<()>>,
+    /// Where a learned public address goes.
+    learn: Option<crate::capture::Learn>,
 }
 
 impl SlotTask {
@@ -325,7 +330,8 @@ impl SlotTask {
                 }
             }
         }
-        let capture = crate::capture::wanted(&self.app);
+        let mode = crate::capture::mode(&self.app, self.learn.as_ref(), &addrs, &sockets);
+        let capture = mode.is_some();
         let spec = SpawnSpec {
             app: &self.app,
             instance: status.instance,
@@ -335,11 +341,6 @@ impl SlotTask {
             shim: self.shim.as_deref(),
             notify_socket: self.notify.as_ref().map(|n| n.path()),
             capture,
-        };
-        let redirects = if capture {
-            crate::capture::redirects(&self.app, &addrs, &sockets)
-        } else {
-            Vec::new()
         };
         let process = spawn(&spec).await.map_err(|e| {
             let reason = crate::Chain(&e).to_string();
@@ -357,12 +358,12 @@ impl SlotTask {
         if let Some(old) = self.capture.take() {
             old.abort();
         }
-        if let Some(fd) = process.take_capture() {
+        if let (Some(fd), Some(mode)) = (process.take_capture(), mode) {
             self.capture = Some(crate::capture::notify::spawn(
                 fd,
                 self.app.name.clone(),
                 status.id,
-                redirects,
+                mode,
             ));
         }
         let handle = Arc::new(WorkerHandle::new(

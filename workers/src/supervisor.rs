@@ -94,6 +94,9 @@ pub struct SpawnContext {
     pub rescue: Rescue,
     /// Samples every worker's CPU and memory (one thread for the whole master).
     pub sampler: Arc<Sampler>,
+    /// Where "app X wants to listen on ADDR" goes when a worker of an app with no `listen`
+    /// binds a port (the data plane creates the listener: see [`crate::capture::Learn`]).
+    pub learn: std::sync::OnceLock<crate::capture::Learn>,
 }
 
 impl std::fmt::Debug for SpawnContext {
@@ -115,6 +118,7 @@ impl SpawnContext {
             shim,
             rescue,
             sampler: Arc::new(Sampler::default()),
+            learn: std::sync::OnceLock::new(),
         })
     }
 }
@@ -646,6 +650,7 @@ impl AppSupervisor {
             groups: self.groups_for(&app),
             shim: self.env.shim.clone(),
             notify_dir: self.env.home.join("notify"),
+            learn: self.env.learn.get().cloned(),
             pool: Arc::clone(&self.pool),
             app,
         })

@@ -10,6 +10,7 @@
 mod admin;
 mod apply;
 pub mod dump;
+mod learn;
 pub mod metrics;
 pub mod notify;
 mod reaper;
@@ -74,6 +75,9 @@ pub enum MasterError {
     /// The metrics endpoint could not listen; nothing was started.
     #[error("cannot serve metrics on {0}")]
     Metrics(std::net::SocketAddr, #[source] io::Error),
+    /// An app needs capture where there is none (or it is off); nothing was started.
+    #[error(transparent)]
+    Capture(#[from] balancer_workers::capture::CaptureError),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot set up the master's {what}")]
     Setup {
@@ -164,6 +168,9 @@ pub enum ControlError {
     /// `resurrect` found no dump.
     #[error("no dump at {} (write one with `balancer save`)", .0.display())]
     NoDump(PathBuf),
+    /// An app needs capture where there is none (or it is off); nothing changed.
+    #[error(transparent)]
+    Capture(#[from] balancer_workers::capture::CaptureError),
     /// The operation touched several apps and more than one failed.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<ControlError>),
@@ -173,7 +180,7 @@ impl ControlError {
     /// 2 for a request or configuration that is wrong in itself, 1 for an operation that failed.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ControlError::BadConfig(_) | ControlError::BadSignal(_) => 2,
+            ControlError::BadConfig(_) | ControlError::BadSignal(_) | ControlError::Capture(_) => 2,
             ControlError::Several(all) | ControlError::Partial { failed: all, .. } => {
                 all.iter().map(Self::exit_code).max().unwrap_or(1)
             }
@@ -291,6 +298,8 @@ pub struct Master {
     endpoint: Mutex<Option<metrics::Endpoint>>,
     /// This master, for the endpoint's tasks (set by [`run`] once it is in an `Arc`).
     me: std::sync::OnceLock<std::sync::Weak<Master>>,
+    /// Public addresses learned from workers' binds (capture with no `listen`).
+    learned: learn::Learned,
 }
 
 /// Descriptors kept out of the connection budget: the admin socket and its clients, health
@@ -337,6 +346,7 @@ impl Master {
             origins: Mutex::new(Vec::new()),
             endpoint: Mutex::new(None),
             me: std::sync::OnceLock::new(),
+            learned: learn::Learned::default(),
         }
     }
 

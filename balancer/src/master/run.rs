@@ -61,6 +61,13 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     ));
 
     let _ = master.me.set(Arc::downgrade(&master));
+    let _ = master
+        .spawn
+        .learn
+        .set(super::learn::hook(Arc::downgrade(&master)));
+    for app in &config.apps {
+        balancer_workers::capture::check(app)?;
+    }
     master
         .spawn
         .sampler

@@ -42,7 +42,14 @@ pub(super) fn worker_info(app: &App, s: &WorkerStatus) -> WorkerInfo {
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         connections: s.live_connections(),
-        listeners: app.listen.iter().map(|l| l.to_string()).collect(),
+        listeners: app
+            .listen
+            .iter()
+            .map(|l| match l.captured {
+                true => format!("{l} (captured)"),
+                false => l.to_string(),
+            })
+            .collect(),
         private: s.addrs.iter().map(|a| a.to_string()).collect(),
         last_exit: s.last_exit.map(|e| e.to_string()),
         reason: s.reason.clone(),
@@ -147,6 +154,7 @@ pub fn app_json(app: &App) -> serde_json::Value {
             "url": l.to_string(), "port_env": l.port_env,
             "proxy_protocol": l.proxy_protocol.map(|v| v.as_str()),
             "accept_proxy": l.accept_proxy,
+            "captured_from_app": l.captured,
         })).collect::<Vec<_>>(),
         "policy": app.policy.as_str(),
         "balance": app.balance.as_str(),
@@ -169,5 +177,6 @@ pub fn app_json(app: &App) -> serde_json::Value {
         "reload_batch": app.reload_batch,
         "out_file": app.out_file,
         "error_file": app.error_file,
+        "capture": app.capture,
     })
 }

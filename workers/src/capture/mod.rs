@@ -14,9 +14,9 @@ pub mod redirect;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use balancer_config::App;
+use balancer_config::{App, Proto};
 
 use redirect::{Redirect, To};
 
@@ -46,15 +46,94 @@ pub fn available() -> Result<(), Unavailable> {
         .clone()
 }
 
-/// Whether `app`'s workers get the filter: it has public addresses to capture, `capture` is
-/// not off, and the kernel has user notification.
-pub fn wanted(app: &App) -> bool {
-    !app.listen.is_empty() && app.capture != Some(false) && available().is_ok()
+/// The hook through which a worker's slot tells the master "app `APP` wants to listen on
+/// `PROTO://ADDR`" (an app with no `listen`, whose worker just bound that address). It answers
+/// at once whether the address is the app's public one: `true` for the first address learned
+/// (the master then creates that listener and reloads the app onto it, in the background),
+/// and for later binds of the same address; `false` for any other (that bind goes ahead).
+pub type Learn = Arc<dyn Fn(&str, Proto, SocketAddr) -> bool + Send + Sync>;
+
+/// How one worker's binds are answered.
+pub enum Mode {
+    /// The app's public addresses and where each one's bind goes.
+    Redirect(Vec<Redirect>),
+    /// The app has no `listen`: the first bind teaches the master its public address.
+    Learn(Learn),
+}
+
+/// Whether `app` has no `listen` and would need capture to run more than one worker on the
+/// port its program binds: the position where the public address is learned.
+pub fn learns(app: &App) -> bool {
+    app.listen.is_empty() && app.instances > 1
+}
+
+/// Why an app cannot start as configured with capture where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// `capture = true`, or an app that needs it, where there is none (or it is off).
+    #[error("app `{app}`: {why}, so balancer cannot capture its workers' bind(); {instead}")]
+    Needed {
+        /// The app.
+        app: String,
+        /// Off by config, or unavailable and why.
+        why: String,
+        /// What to do.
+        instead: &'static str,
+    },
+}
+
+/// What to do about an app whose workers bind the port themselves.
+const GIVE_LISTEN: &str =
+    "give the app `listen` and make it read $PORT (or accept on fd 3 with policy = \"reuseport\")";
+
+/// Checks at start that `app` can have the capture it needs: `capture = true` where there is
+/// none, and an app with no `listen` and several instances where capture is off or missing, are
+/// refused (the second would otherwise crash-loop on EADDRINUSE, every worker but one).
+pub fn check(app: &App) -> Result<(), CaptureError> {
+    let why = match (app.capture, available()) {
+        (Some(false), _) if learns(app) => format!(
+            "{} instances and no `listen` need capture, which is off (capture = false)",
+            app.instances
+        ),
+        (Some(false), _) => return Ok(()),
+        (_, Err(e)) if app.capture == Some(true) || learns(app) => format!("{e}"),
+        _ => return Ok(()),
+    };
+    Err(CaptureError::Needed {
+        app: app.name.clone(),
+        why,
+        instead: if learns(app) {
+            "give the app `listen` and make it read $PORT, or run one instance"
+        } else {
+            GIVE_LISTEN
+        },
+    })
+}
+
+/// How `app`'s next worker is captured, if at all: the redirects of its public addresses
+/// (`addrs` its private addresses under rr, `sockets` its reuseport sockets), or learning
+/// (no `listen`, several instances, a `learn` hook); `None` with capture off or unavailable.
+pub(crate) fn mode(
+    app: &App,
+    learn: Option<&Learn>,
+    addrs: &[SocketAddr],
+    sockets: &[OwnedFd],
+) -> Option<Mode> {
+    if app.capture == Some(false) || available().is_err() {
+        return None;
+    }
+    if !app.listen.is_empty() {
+        return Some(Mode::Redirect(redirects(app, addrs, sockets)));
+    }
+    match learn {
+        Some(learn) if learns(app) => Some(Mode::Learn(Arc::clone(learn))),
+        _ => None,
+    }
 }
 
 /// What each of the app's public addresses becomes when a worker binds it: its private
 /// address (rr, `addrs`) or its socket in the reuseport group (`sockets`, duplicated).
-pub(crate) fn redirects(app: &App, addrs: &[SocketAddr], sockets: &[OwnedFd]) -> Vec<Redirect> {
+fn redirects(app: &App, addrs: &[SocketAddr], sockets: &[OwnedFd]) -> Vec<Redirect> {
     let to: Vec<To> = if sockets.is_empty() {
         addrs.iter().map(|a| To::Private(*a)).collect()
     } else {

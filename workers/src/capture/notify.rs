@@ -13,23 +13,23 @@ use nix::libc;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use balancer_config::Proto;
+
+use super::Mode;
 use super::redirect::{self, Redirect, To};
 
 /// Answers the notifications on `fd` for worker `id` of `app` until the worker is gone.
-pub(crate) fn spawn(
-    fd: OwnedFd,
-    app: String,
-    id: u32,
-    redirects: Vec<Redirect>,
-) -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn(fd: OwnedFd, app: String, id: u32, mode: Mode) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = serve(fd, &app, id, &redirects).await {
+        if let Err(e) = serve(fd, &app, id, &mode).await {
             tracing::warn!(%app, id, "bind capture stopped: {e}");
         }
     })
 }
 
-async fn serve(fd: OwnedFd, app: &str, id: u32, redirects: &[Redirect]) -> io::Result<()> {
+async fn serve(fd: OwnedFd, app: &str, id: u32, mode: &Mode) -> io::Result<()> {
     // SAFETY: the fd is owned by the AsyncFd from here on and closed only when it drops.
     #[allow(unsafe_code)]
     let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE)? };
@@ -39,7 +39,10 @@ async fn serve(fd: OwnedFd, app: &str, id: u32, redirects: &[Redirect]) -> io::R
         match pending(raw)? {
             Pending::Notification => {
                 if let Some(notif) = receive(raw)? {
-                    answer(raw, &notif, app, id, redirects);
+                    match mode {
+                        Mode::Redirect(redirects) => answer(raw, &notif, app, id, redirects),
+                        Mode::Learn(learn) => learn_from(raw, &notif, app, id, learn),
+                    }
                 }
             }
             Pending::Gone => return Ok(()),
@@ -170,6 +173,67 @@ fn answer(fd: RawFd, notif: &libc::seccomp_notif, app: &str, id: u32, redirects:
         }
         Err(e) => {
             tracing::warn!(%app, id, %addr, "cannot redirect a captured bind: {e}");
+            respond(
+                fd,
+                notif.id,
+                -e.raw_os_error().unwrap_or(libc::EADDRINUSE),
+                false,
+            );
+        }
+    }
+}
+
+/// The address a learned bind makes public: the one bound, but `[::]` (Node's default, a
+/// dual-stack bind) becomes `0.0.0.0`, because the master's IPv6 listeners are IPv6-only and
+/// the app's clients are IPv4 ones first; an app that wants both says so in `listen`.
+fn public_of(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv4Addr::UNSPECIFIED, addr.port()).into(),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => (v4, addr.port()).into(),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// Learning (an app with no `listen`): a bind of a fixed TCP or UDP port is offered to the
+/// master as the app's public address. When it is that address, this worker's socket is bound
+/// to a private port instead (the master, which takes the public port, reloads the app onto
+/// it, and this worker is replaced); any other bind goes ahead.
+fn learn_from(fd: RawFd, notif: &libc::seccomp_notif, app: &str, id: u32, learn: &super::Learn) {
+    let bind = redirect::read_bind(notif);
+    if !still_valid(fd, notif.id) {
+        return;
+    }
+    let Some(addr) = bind.addr.filter(|a| a.port() != 0) else {
+        return respond(fd, notif.id, 0, true);
+    };
+    let Ok(taken) = redirect::take(bind.tid, bind.fd) else {
+        return respond(fd, notif.id, 0, true);
+    };
+    let proto = match socket2::SockRef::from(&taken.socket).r#type() {
+        Ok(t) if t == socket2::Type::STREAM => Proto::Tcp,
+        Ok(t) if t == socket2::Type::DGRAM => Proto::Udp,
+        _ => return respond(fd, notif.id, 0, true),
+    };
+    let public = public_of(addr);
+    if !learn(app, proto, public) {
+        return respond(fd, notif.id, 0, true);
+    }
+    let private = crate::spawn::private_port(proto)
+        .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .and_then(|private| redirect::bind_private(&taken, private).map(|()| private));
+    match private {
+        Ok(private) => {
+            tracing::info!(
+                %app, id, %addr, %private,
+                "captured the worker's bind; its public address is learned"
+            );
+            respond(fd, notif.id, 0, false);
+        }
+        Err(e) => {
+            tracing::warn!(%app, id, %addr, "cannot redirect a learned bind: {e}");
             respond(
                 fd,
                 notif.id,
