@@ -1177,3 +1177,20 @@ fn ready_is_health_by_default_notify_on_request_and_nothing_else() {
     ));
     assert_one(&errors, "5:9", "unknown readiness \"sd_notify\"");
 }
+
+#[test]
+fn capture_is_unset_on_or_off_and_only_a_boolean() {
+    let p = Project::new();
+    let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}"));
+    assert_eq!(app.capture, None, "unset: on where the kernel has it");
+    for (value, want) in [("true", Some(true)), ("false", Some(false))] {
+        let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}capture = {value}\n"));
+        assert_eq!(app.capture, want);
+    }
+    let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}capture = \"auto\"\n"));
+    assert_one(
+        &errors,
+        "4:11",
+        "`capture`: expected a boolean (true or false), found string",
+    );
+}

@@ -1,7 +1,8 @@
 /* Test worker that knows nothing of balancer, built by the test (statically when it can be):
  * a TCP server on the hard-coded port in APP_PORT (never $PORT), on 0.0.0.0, greeting each
- * connection with "<pid>\n" and closing it. No libc wrapper can be swapped under a static
- * binary: only the kernel sees its bind(). */
+ * connection with "<pid>\n", then echoing what it reads until the client closes (one
+ * connection at a time). No libc wrapper can be swapped under a static binary: only the kernel
+ * sees its bind(). Also the worker of `benches/capture_cost.rs`. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -30,7 +31,13 @@ int main(void) {
     for (;;) {
         int c = accept(s, NULL, NULL);
         if (c < 0) continue;
-        (void)write(c, line, (size_t)n);
+        if (write(c, line, (size_t)n) == n) {
+            char buf[4096];
+            ssize_t got;
+            while ((got = read(c, buf, sizeof buf)) > 0) {
+                if (write(c, buf, (size_t)got) != got) break;
+            }
+        }
         close(c);
     }
 }
