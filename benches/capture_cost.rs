@@ -82,7 +82,11 @@ fn setup() -> Setup {
     let private = loop {
         assert!(Instant::now() < deadline, "the workers never became ready");
         std::thread::sleep(Duration::from_millis(200));
-        let Ok(out) = Command::new(BINARY).arg("jlist").env("BALANCER_HOME", &home).output() else {
+        let Ok(out) = Command::new(BINARY)
+            .arg("jlist")
+            .env("BALANCER_HOME", &home)
+            .output()
+        else {
             continue;
         };
         let Ok(workers) = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout) else {
@@ -119,12 +123,87 @@ fn setup() -> Setup {
 fn fresh_connection(addr: SocketAddr) {
     let stream = TcpStream::connect(addr).expect("connect");
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).expect("greeting");
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .expect("greeting");
     assert!(!line.is_empty());
+}
+
+/// `reps` alternating runs of `n` round trips on each target, back to back, so both see the
+/// same moments of a shared machine; prints each side's median and the median of the per-rep
+/// ratios (the figure to quote: criterion's groups below run one side after the other).
+fn interleaved(what: &str, reps: usize, n: usize, mut off: impl FnMut(), mut on: impl FnMut()) {
+    let run = |op: &mut dyn FnMut()| {
+        let started = Instant::now();
+        for _ in 0..n {
+            op();
+        }
+        started.elapsed().as_secs_f64()
+    };
+    let (mut offs, mut ons, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        // ABBA: every other rep starts with the captured side, so a drift in the machine's
+        // load does not favour the side that always runs first.
+        let (a, b) = if rep % 2 == 0 {
+            let a = run(&mut off);
+            (a, run(&mut on))
+        } else {
+            let b = run(&mut on);
+            (run(&mut off), b)
+        };
+        offs.push(a);
+        ons.push(b);
+        ratios.push(b / a);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (off_m, on_m, ratio_m) = (median(&mut offs), median(&mut ons), median(&mut ratios));
+    println!(
+        "interleaved {what}, {reps} reps x {n}: uncaptured {:.0}/s, captured {:.0}/s; \
+         median per-rep ratio captured/uncaptured throughput {:.4} (time ratio {:.4})",
+        n as f64 / off_m,
+        n as f64 / on_m,
+        1.0 / ratio_m,
+        ratio_m
+    );
 }
 
 fn bench(c: &mut Criterion) {
     let s = setup();
+    let connect = |addr| {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut line = String::new();
+        BufReader::new(&mut stream)
+            .read_line(&mut line)
+            .expect("greeting");
+        stream
+    };
+    let round_trip = |stream: &mut TcpStream| {
+        let payload = [7u8; 64];
+        let mut back = [0u8; 64];
+        stream.write_all(&payload).expect("write");
+        stream.read_exact(&mut back).expect("read");
+    };
+    {
+        let (mut off, mut on) = (connect(s.uncaptured), connect(s.captured));
+        interleaved(
+            "64 B round trips",
+            31,
+            5000,
+            || round_trip(&mut off),
+            || round_trip(&mut on),
+        );
+    }
+    interleaved(
+        "fresh connections",
+        31,
+        300,
+        || fresh_connection(s.uncaptured),
+        || fresh_connection(s.captured),
+    );
     let targets = [("uncaptured", s.uncaptured), ("captured", s.captured)];
     let mut group = c.benchmark_group("worker_fresh_connection");
     for (name, addr) in targets {
@@ -139,7 +218,9 @@ fn bench(c: &mut Criterion) {
         let mut stream = TcpStream::connect(addr).expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         let mut line = String::new();
-        BufReader::new(&mut stream).read_line(&mut line).expect("greeting");
+        BufReader::new(&mut stream)
+            .read_line(&mut line)
+            .expect("greeting");
         let payload = [7u8; 64];
         let mut back = [0u8; 64];
         group.bench_function(BenchmarkId::from_parameter(name), |b| {

@@ -1184,10 +1184,14 @@ fn capture_is_unset_on_or_off_and_only_a_boolean() {
     let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}"));
     assert_eq!(app.capture, None, "unset: on where the kernel has it");
     for (value, want) in [("true", Some(true)), ("false", Some(false))] {
-        let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}capture = {value}\n"));
+        let app = p.app(&format!(
+            "[[app]]\nname = \"web\"\n{CMD}capture = {value}\n"
+        ));
         assert_eq!(app.capture, want);
     }
-    let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}capture = \"auto\"\n"));
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}capture = \"auto\"\n"
+    ));
     assert_one(
         &errors,
         "4:11",
