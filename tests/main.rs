@@ -2,6 +2,7 @@
 //! loopback. Every test picks free ports, bounds its waits, and kills what it started.
 
 mod balance;
+mod capture;
 mod cli;
 mod config_errors;
 mod deploy;

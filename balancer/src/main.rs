@@ -80,7 +80,11 @@ fn exit(result: Result<(), master::MasterError>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("balancer: {}", Chain(&e));
-            ExitCode::from(EXIT_FAILED)
+            // An app that cannot have the capture it needs is a configuration to change.
+            match e {
+                master::MasterError::Capture(_) => ExitCode::from(EXIT_USAGE),
+                _ => ExitCode::from(EXIT_FAILED),
+            }
         }
     }
 }

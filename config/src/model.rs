@@ -108,6 +108,11 @@ pub struct App {
     pub error_file: Option<PathBuf>,
     /// Timestamps, merging and rotation of the workers' output.
     pub logs: Logging,
+    /// `capture`: trap the workers' own `bind()` of the app's public addresses and answer it
+    /// with their private socket (seccomp user notification). `None`: on where the kernel
+    /// allows it; `Some(true)`: required (the app is refused where it cannot be had);
+    /// `Some(false)`: off.
+    pub capture: Option<bool>,
 }
 
 /// How workers' output is written (`time`, `log_date_format`, `merge_logs`, `log_max_size`,
@@ -197,6 +202,9 @@ pub struct Listener {
     /// Expect a PROXY protocol header (v1 or v2) from the client, as sent by a load balancer in
     /// front, and take the client's address from it.
     pub accept_proxy: bool,
+    /// Not written in `listen`: learned from a worker's own `bind()` (capture), so `ls` and
+    /// `show` can say so.
+    pub captured: bool,
 }
 
 impl Listener {
@@ -208,6 +216,7 @@ impl Listener {
             port_env: port_env.into(),
             proxy_protocol: None,
             accept_proxy: false,
+            captured: false,
         }
     }
 }

@@ -1227,3 +1227,24 @@ fn log_keys_build_the_relay_settings_and_refuse_what_would_be_ignored() {
     ));
     assert_one(&errors, "5:1", "remove one of them");
 }
+
+#[test]
+fn capture_is_unset_on_or_off_and_only_a_boolean() {
+    let p = Project::new();
+    let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}"));
+    assert_eq!(app.capture, None, "unset: on where the kernel has it");
+    for (value, want) in [("true", Some(true)), ("false", Some(false))] {
+        let app = p.app(&format!(
+            "[[app]]\nname = \"web\"\n{CMD}capture = {value}\n"
+        ));
+        assert_eq!(app.capture, want);
+    }
+    let errors = p.errors(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}capture = \"auto\"\n"
+    ));
+    assert_one(
+        &errors,
+        "4:11",
+        "`capture`: expected a boolean (true or false), found string",
+    );
+}

@@ -62,6 +62,7 @@ const APP_KEYS: &[&str] = &[
     "log_file",
     "balance",
     "max_conns",
+    "capture",
 ];
 const BALANCER_KEYS: &[&str] = &["metrics", "sample_interval"];
 /// The shortest `sample_interval`.
@@ -336,6 +337,7 @@ fn app(
 
     let (out_file, error_file) = log_files(&mut r, cwd.as_deref());
     let logs = crate::logging::logging(&mut r);
+    let capture = r.boolean("capture");
 
     let (program, args) = program?;
     let total: usize = args.iter().map(|a| a.len() + 1).sum::<usize>()
@@ -387,6 +389,7 @@ fn app(
         out_file,
         error_file,
         logs,
+        capture,
     })
 }
 
@@ -821,6 +824,7 @@ fn listeners(
                 port_env,
                 proxy_protocol: options.proxy_protocol.map(|(v, _)| v),
                 accept_proxy: options.accept_proxy.is_some_and(|(on, _)| on),
+                captured: false,
             },
             env_span,
         ));

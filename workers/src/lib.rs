@@ -5,6 +5,7 @@
 //! here knows about listeners or proxies. The worker state machine is in `LIFECYCLE.md`, with a
 //! map of which module owns which part of it.
 
+pub mod capture;
 pub mod children;
 pub mod error;
 pub mod health;

@@ -65,6 +65,8 @@ pub struct Process {
     shim: bool,
     started: Instant,
     exit: Option<Exit>,
+    /// The bind capture's notification fd, until the slot takes it.
+    capture: Option<std::os::fd::OwnedFd>,
 }
 
 impl Drop for Process {
@@ -91,7 +93,18 @@ impl Process {
             shim: false,
             started: Instant::now(),
             exit: None,
+            capture: None,
         }
+    }
+
+    /// Keeps the worker's bind capture fd for the slot ([`crate::capture`]).
+    pub(crate) fn set_capture(&mut self, fd: Option<std::os::fd::OwnedFd>) {
+        self.capture = fd;
+    }
+
+    /// The worker's bind capture fd, once.
+    pub(crate) fn take_capture(&mut self) -> Option<std::os::fd::OwnedFd> {
+        self.capture.take()
     }
 
     /// The child is a shim whose program has this pid.

@@ -12,6 +12,9 @@
 //!   (the program dies with the shim), sets `LISTEN_PID` to the program's own pid when sockets
 //!   were handed over (systemd's contract), and reports that pid to the master on a pipe, so
 //!   `ls` shows the program, not the shim;
+//! - when the master asks (`BALANCER_SHIM_CAPTURE`), installs the bind capture filter in the
+//!   program's process just before `exec` and sends its notification fd to the master
+//!   ([`crate::capture`]);
 //! - forwards the signals the master sends (`kill_signal`, SIGHUP, …) to the program's group;
 //! - when the program exits, kills every remaining descendant, then exits the way the program
 //!   did (same code, or the same signal), so the master sees the program's own exit;
@@ -81,6 +84,14 @@ pub fn run(argv: &[OsString]) -> ! {
         std::process::exit(1);
     }
     let report = env_number(REPORT_ENV);
+    let capture = env_number(crate::capture::CHANNEL_ENV);
+    if let Some(fd) = capture {
+        // Only the forked child uses the capture channel, and the program must not inherit it.
+        let _ = nix::fcntl::fcntl(
+            borrowed(fd),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
     if let Some(fd) = report {
         // The program must not inherit the report pipe.
         let _ = nix::fcntl::fcntl(
@@ -93,8 +104,13 @@ pub fn run(argv: &[OsString]) -> ! {
     // and call anything before it execs.
     #[allow(unsafe_code)]
     let child = match unsafe { nix::unistd::fork() } {
-        Ok(ForkResult::Child) => exec_program(program, args, &old_mask),
-        Ok(ForkResult::Parent { child }) => child,
+        Ok(ForkResult::Child) => exec_program(program, args, &old_mask, capture),
+        Ok(ForkResult::Parent { child }) => {
+            if let Some(fd) = capture {
+                let _ = nix::unistd::close(fd);
+            }
+            child
+        }
         Err(e) => {
             eprintln!("balancer shim: cannot fork: {e}");
             std::process::exit(1);
@@ -109,8 +125,14 @@ pub fn run(argv: &[OsString]) -> ! {
 }
 
 /// In the forked child: a process group of its own, death with the shim, the signal mask the
-/// shim inherited, `LISTEN_PID` when sockets were handed over; then exec.
-fn exec_program(program: &OsString, args: &[OsString], old_mask: &libc::sigset_t) -> ! {
+/// shim inherited, `LISTEN_PID` when sockets were handed over, the bind capture filter when
+/// the master asked for it (last, so nothing of the shim's own runs under it); then exec.
+fn exec_program(
+    program: &OsString,
+    args: &[OsString],
+    old_mask: &libc::sigset_t,
+    capture: Option<i32>,
+) -> ! {
     let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // SAFETY: restores a mask read by `block` before the fork.
@@ -119,9 +141,15 @@ fn exec_program(program: &OsString, args: &[OsString], old_mask: &libc::sigset_t
         libc::sigprocmask(libc::SIG_SETMASK, old_mask, std::ptr::null_mut());
     }
     let mut cmd = Command::new(program);
-    cmd.args(args).env_remove(REPORT_ENV).env_remove(MASTER_ENV);
+    cmd.args(args)
+        .env_remove(REPORT_ENV)
+        .env_remove(MASTER_ENV)
+        .env_remove(crate::capture::CHANNEL_ENV);
     if std::env::var_os("LISTEN_FDS").is_some() {
         cmd.env("LISTEN_PID", std::process::id().to_string());
+    }
+    if let Some(fd) = capture {
+        crate::capture::install_in_child(fd);
     }
     let err = cmd.exec();
     eprintln!(

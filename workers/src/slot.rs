@@ -60,6 +60,8 @@ pub(crate) struct SlotSpec {
     pub shim: Option<PathBuf>,
     /// Where `ready = "notify"` workers get their `$NOTIFY_SOCKET` (`$BALANCER_HOME/notify`).
     pub notify_dir: PathBuf,
+    /// Where a learned public address goes (an app with no `listen`; see [`crate::capture`]).
+    pub learn: Option<crate::capture::Learn>,
 }
 
 /// One worker identity and the task that runs it.
@@ -95,7 +97,9 @@ impl Slot {
             members: Vec::new(),
             shim: spec.shim,
             notify_dir: spec.notify_dir,
+            learn: spec.learn,
             notify: None,
+            capture: None,
             app: spec.app,
             pool: spec.pool,
             sampler: spec.sampler,
@@ -187,6 +191,10 @@ struct SlotTask {
     /// Where notify sockets go, and the current incarnation's (`ready = "notify"`).
     notify_dir: PathBuf,
     notify: Option<crate::notify::NotifySocket>,
+    /// The task answering the current incarnation's captured binds ([`crate::capture`]).
+    capture: Option<JoinHandle<()>>,
+    /// Where a learned public address goes.
+    learn: Option<crate::capture::Learn>,
 }
 
 impl SlotTask {
@@ -322,6 +330,8 @@ impl SlotTask {
                 }
             }
         }
+        let mode = crate::capture::mode(&self.app, self.learn.as_ref(), &addrs, &sockets);
+        let capture = mode.is_some();
         let spec = SpawnSpec {
             app: &self.app,
             instance: status.instance,
@@ -330,6 +340,7 @@ impl SlotTask {
             sockets: &sockets,
             shim: self.shim.as_deref(),
             notify_socket: self.notify.as_ref().map(|n| n.path()),
+            capture,
         };
         let process = spawn(&spec).await.map_err(|e| {
             let reason = crate::Chain(&e).to_string();
@@ -337,13 +348,24 @@ impl SlotTask {
             reason
         });
         drop(sockets);
-        let process = match process {
+        let mut process = match process {
             Ok(process) => process,
             Err(reason) => {
                 self.forget_members();
                 return Err(reason);
             }
         };
+        if let Some(old) = self.capture.take() {
+            old.abort();
+        }
+        if let (Some(fd), Some(mode)) = (process.take_capture(), mode) {
+            self.capture = Some(crate::capture::notify::spawn(
+                fd,
+                self.app.name.clone(),
+                status.id,
+                mode,
+            ));
+        }
         let handle = Arc::new(WorkerHandle::new(
             status.id,
             status.instance,

@@ -132,6 +132,9 @@ pub struct SpawnSpec<'a> {
     pub shim: Option<&'a Path>,
     /// `ready = "notify"`: the worker's own `$NOTIFY_SOCKET`.
     pub notify_socket: Option<&'a Path>,
+    /// Trap the program's `bind()` calls ([`crate::capture`]; needs the shim): the
+    /// notification fd is then in [`Process::take_capture`].
+    pub capture: bool,
 }
 
 /// How long a shim has to report its program's pid.
@@ -224,6 +227,15 @@ pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
         cmd.env(crate::shim::REPORT_ENV, fd.to_string())
             .env(crate::shim::MASTER_ENV, master.as_raw().to_string());
     }
+    // The capture channel, like the report pipe: inherited by this child only.
+    let capture = match (spec.capture, spec.shim) {
+        (true, Some(_)) => Some(capture_channel().map_err(exec_error)?),
+        _ => None,
+    };
+    let capture_fd = capture.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
+    if let Some(fd) = capture_fd {
+        cmd.env(crate::capture::CHANNEL_ENV, fd.to_string());
+    }
     let death_signal = match spec.shim {
         Some(_) => crate::shim::master_gone_signal(),
         None => nix::libc::SIGKILL,
@@ -248,10 +260,10 @@ pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
                     return Err(io::Error::last_os_error());
                 }
             }
-            if let Some(fd) = report_fd
-                && nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0
-            {
-                return Err(io::Error::last_os_error());
+            for fd in [report_fd, capture_fd].into_iter().flatten() {
+                if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -264,9 +276,25 @@ pub async fn spawn(spec: &SpawnSpec<'_>) -> Result<Process, SpawnError> {
     };
     drop(write);
     let mut process = Process::new(child, None);
-    match read_report(read).await {
+    let capture = capture.map(|(ours, theirs)| {
+        drop(theirs);
+        ours
+    });
+    let (report, capture) = tokio::join!(read_report(read), async move {
+        match capture {
+            Some(ours) => tokio::time::timeout(REPORT_TIMEOUT, crate::capture::receive(ours))
+                .await
+                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no fd in time")))
+                .map_err(|e| tracing::warn!("no bind capture for this worker: {e}"))
+                .ok()
+                .flatten(),
+            None => None,
+        }
+    });
+    match report {
         Ok(pid) => {
             process.set_program_pid(pid);
+            process.set_capture(capture);
             Ok(process)
         }
         Err(e) => {
@@ -309,6 +337,27 @@ fn report_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     #[allow(unsafe_code)]
     let high = unsafe { OwnedFd::from_raw_fd(high) };
     Ok((read, high))
+}
+
+/// The capture channel: (the master's end, the child's end at or above
+/// [`REPORT_FD_FLOOR`]), both close-on-exec.
+fn capture_channel() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    let high = nix::fcntl::fcntl(
+        &theirs,
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(REPORT_FD_FLOOR),
+    )?;
+    drop(theirs);
+    // SAFETY: `high` was just returned by F_DUPFD_CLOEXEC and is owned by nobody else.
+    #[allow(unsafe_code)]
+    let high = unsafe { OwnedFd::from_raw_fd(high) };
+    Ok((ours, high))
 }
 
 /// Reads the program pid the shim writes (one decimal line), within [`REPORT_TIMEOUT`].

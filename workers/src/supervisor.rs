@@ -97,6 +97,9 @@ pub struct SpawnContext {
     /// Reuseport sockets a previous master handed over (`upgrade`), by public address, in
     /// the kernel's order: the group made for that address adopts them.
     pub adopted: std::sync::Mutex<Vec<(std::net::SocketAddr, Vec<std::os::fd::OwnedFd>)>>,
+    /// Where "app X wants to listen on ADDR" goes when a worker of an app with no `listen`
+    /// binds a port (the data plane creates the listener: see [`crate::capture::Learn`]).
+    pub learn: std::sync::OnceLock<crate::capture::Learn>,
 }
 
 impl std::fmt::Debug for SpawnContext {
@@ -119,6 +122,7 @@ impl SpawnContext {
             rescue,
             sampler: Arc::new(Sampler::default()),
             adopted: std::sync::Mutex::new(Vec::new()),
+            learn: std::sync::OnceLock::new(),
         })
     }
 }
@@ -664,6 +668,7 @@ impl AppSupervisor {
             groups: self.groups_for(&app),
             shim: self.env.shim.clone(),
             notify_dir: self.env.home.join("notify"),
+            learn: self.env.learn.get().cloned(),
             pool: Arc::clone(&self.pool),
             app,
         })

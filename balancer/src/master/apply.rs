@@ -128,6 +128,9 @@ impl Master {
 
     /// [`apply`](Self::apply), for a caller that holds `changes`.
     async fn apply_locked(&self, config: Config, source: Source, mode: Apply) -> OpResult {
+        for app in &config.apps {
+            balancer_workers::capture::check(app)?;
+        }
         // Bind first: every listener that no current app already holds.
         let mut fresh = Vec::new();
         for app in &config.apps {
@@ -309,7 +312,7 @@ impl Master {
 
     /// After a reload changed `app`: keep the listeners it still has (re-pointed at the right
     /// private port), serve the newly bound ones, close the ones it dropped.
-    fn rewire_listeners(
+    pub(super) fn rewire_listeners(
         &self,
         sup: &Arc<AppSupervisor>,
         app: &App,

@@ -10,6 +10,7 @@
 mod admin;
 mod apply;
 pub mod dump;
+mod learn;
 pub mod metrics;
 pub mod notify;
 mod reaper;
@@ -78,6 +79,9 @@ pub enum MasterError {
     /// A new master (`take-over`) could not take over; the old one serves on.
     #[error("cannot take over from the old master: {0}")]
     TakeOver(String),
+    /// An app needs capture where there is none (or it is off); nothing was started.
+    #[error(transparent)]
+    Capture(#[from] balancer_workers::capture::CaptureError),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot set up the master's {what}")]
     Setup {
@@ -171,6 +175,9 @@ pub enum ControlError {
     /// `upgrade` did not happen; this master carries on.
     #[error(transparent)]
     Upgrade(#[from] upgrade::UpgradeError),
+    /// An app needs capture where there is none (or it is off); nothing changed.
+    #[error(transparent)]
+    Capture(#[from] balancer_workers::capture::CaptureError),
     /// The operation touched several apps and more than one failed.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<ControlError>),
@@ -180,7 +187,7 @@ impl ControlError {
     /// 2 for a request or configuration that is wrong in itself, 1 for an operation that failed.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ControlError::BadConfig(_) | ControlError::BadSignal(_) => 2,
+            ControlError::BadConfig(_) | ControlError::BadSignal(_) | ControlError::Capture(_) => 2,
             ControlError::Several(all) | ControlError::Partial { failed: all, .. } => {
                 all.iter().map(Self::exit_code).max().unwrap_or(1)
             }
@@ -307,6 +314,8 @@ pub struct Master {
     accept_gate: CancellationToken,
     /// What `upgrade` needs from the boot: the binary's path and the home lock's descriptor.
     upgrade: upgrade::Handles,
+    /// Public addresses learned from workers' binds (capture with no `listen`).
+    learned: learn::Learned,
 }
 
 /// Descriptors kept out of the connection budget: the admin socket and its clients, health
@@ -359,6 +368,7 @@ impl Master {
                 open
             },
             upgrade: upgrade::Handles::default(),
+            learned: learn::Learned::default(),
         }
     }
 

@@ -56,6 +56,9 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
     raise_fd_limit();
     let master = new_master(&opts, false);
     master.keep_for_upgrade(std::env::current_exe().ok(), &lock);
+    for app in &config.apps {
+        balancer_workers::capture::check(app)?;
+    }
     master
         .spawn
         .sampler
@@ -105,6 +108,10 @@ pub(super) fn new_master(opts: &MasterOptions, gated: bool) -> Arc<Master> {
     }
     let master = Arc::new(master);
     let _ = master.me.set(Arc::downgrade(&master));
+    let _ = master
+        .spawn
+        .learn
+        .set(super::learn::hook(Arc::downgrade(&master)));
     master
 }
 

@@ -69,7 +69,14 @@ pub(super) fn worker_info(app: &App, s: &WorkerStatus) -> WorkerInfo {
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         connections: s.live_connections(),
-        listeners: app.listen.iter().map(|l| l.to_string()).collect(),
+        listeners: app
+            .listen
+            .iter()
+            .map(|l| match l.captured {
+                true => format!("{l} (captured)"),
+                false => l.to_string(),
+            })
+            .collect(),
         private: s.addrs.iter().map(|a| a.to_string()).collect(),
         last_exit: s.last_exit.map(|e| e.to_string()),
         reason: s.reason.clone(),
@@ -174,6 +181,7 @@ pub fn app_json(app: &App) -> serde_json::Value {
             "url": l.to_string(), "port_env": l.port_env,
             "proxy_protocol": l.proxy_protocol.map(|v| v.as_str()),
             "accept_proxy": l.accept_proxy,
+            "captured_from_app": l.captured,
         })).collect::<Vec<_>>(),
         "policy": app.policy.as_str(),
         "balance": app.balance.as_str(),
@@ -202,5 +210,6 @@ pub fn app_json(app: &App) -> serde_json::Value {
         "log_max_size": app.logs.rotate.map(|r| r.max_size),
         "log_retain": app.logs.rotate.map(|r| r.retain),
         "log_compress": app.logs.rotate.map(|r| r.compress),
+        "capture": app.capture,
     })
 }
