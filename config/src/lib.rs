@@ -28,6 +28,7 @@ pub mod defaults;
 mod error;
 pub mod model;
 mod raw;
+mod triggers;
 mod validate;
 mod values;
 
@@ -38,6 +39,7 @@ use std::path::Path;
 
 pub use error::{ConfigErrors, Diagnostic};
 pub use model::*;
+pub use triggers::parse_cron;
 pub use validate::in_path;
 pub use values::{parse_duration, parse_listen_url, parse_signal, parse_size};
 

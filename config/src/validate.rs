@@ -52,6 +52,10 @@ const APP_KEYS: &[&str] = &[
     "exp_backoff_restart_delay",
     "max_memory_restart",
     "reload_batch",
+    "watch",
+    "ignore_watch",
+    "watch_delay",
+    "cron_restart",
     "max_flows",
     "udp_idle_timeout",
     "http_header_timeout",
@@ -69,16 +73,6 @@ const MIN_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// PM2 keys of `[[app]]` whose behaviour is not built yet: refused where they are written,
 /// never accepted and ignored, with what to do meanwhile.
 const NOT_YET_APP_KEYS: &[(&str, &str)] = &[
-    (
-        "watch",
-        "reload on deploy with `balancer reload NAME` or `balancer reload balancer.toml`",
-    ),
-    ("ignore_watch", "it goes with `watch`"),
-    ("watch_delay", "it goes with `watch`"),
-    (
-        "cron_restart",
-        "run `balancer reload NAME` from cron or a systemd timer",
-    ),
     (
         "merge_logs",
         "set `out_file`/`error_file` (or `log_file`) and every instance past the first writes its own copy next to it",
@@ -341,6 +335,7 @@ fn app(
     };
 
     let (out_file, error_file) = log_files(&mut r, cwd.as_deref());
+    let (watch, cron_restart) = crate::triggers::triggers(&mut r, cwd.as_deref());
 
     let (program, args) = program?;
     let total: usize = args.iter().map(|a| a.len() + 1).sum::<usize>()
@@ -391,6 +386,8 @@ fn app(
         http,
         out_file,
         error_file,
+        watch,
+        cron_restart,
     })
 }
 
