@@ -1188,7 +1188,7 @@ fn watch_resolves_paths_against_cwd_and_keeps_its_options() {
     let dir = p.dir.path().to_path_buf();
     let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}watch = true\n"));
     let watch = app.watch.expect("watched");
-    assert_eq!(watch.paths, [dir.clone()], "true is the cwd");
+    assert_eq!(watch.paths, vec![dir.clone()], "true is the cwd");
     assert!(watch.ignore.is_empty(), "the defaults are applied by the watcher");
     assert_eq!(watch.delay, defaults::WATCH_DELAY);
 
