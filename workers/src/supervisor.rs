@@ -8,8 +8,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use balancer_config::{App, Policy, Signal};
@@ -22,6 +22,7 @@ use crate::reuseport::{Group, Rescue};
 use crate::slot::{Slot, SlotSpec};
 use crate::stats::{MEMORY_SAMPLES, Sampler};
 use crate::status::{RestartCounts, RestartReason, Target, WorkerState, WorkerStatus};
+use crate::triggers::{TriggerStatus, Triggers};
 
 /// Why an operation on an app did not (entirely) succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -134,6 +135,11 @@ pub struct AppSupervisor {
     /// Slots replaced by a reload or removed by a scale-down, still draining: shown by `ls`.
     retiring: Mutex<Vec<watch::Receiver<WorkerStatus>>>,
     ops: tokio::sync::Mutex<()>,
+    /// `watch` and `cron_restart`, armed while the app runs (`triggers.rs`).
+    triggers: Mutex<Triggers>,
+    /// Set by [`shutdown`](Self::shutdown): nothing re-arms the triggers after it.
+    shut: AtomicBool,
+    me: Weak<AppSupervisor>,
 }
 
 impl AppSupervisor {
@@ -141,7 +147,7 @@ impl AppSupervisor {
     /// [`wait_started`](Self::wait_started)).
     pub fn start(app: App, env: Arc<SpawnContext>) -> Arc<Self> {
         let instances = app.instances;
-        let sup = Arc::new(AppSupervisor {
+        let sup = Arc::new_cyclic(|me| AppSupervisor {
             app: ArcSwap::from_pointee(app),
             env,
             pool: Arc::new(Pool::new()),
@@ -149,11 +155,15 @@ impl AppSupervisor {
             slots: Mutex::new(Vec::new()),
             retiring: Mutex::new(Vec::new()),
             ops: tokio::sync::Mutex::new(()),
+            triggers: Mutex::new(Triggers::default()),
+            shut: AtomicBool::new(false),
+            me: me.clone(),
         });
         let slots: Vec<Slot> = (0..instances)
             .map(|instance| sup.spawn_slot(None, instance, RestartCounts::default(), None, false))
             .collect();
         sup.slots().extend(slots);
+        sup.sync_triggers();
         tokio::spawn(guard_memory(Arc::downgrade(&sup), sup.env.sampler.ticks()));
         sup
     }
@@ -256,7 +266,9 @@ impl AppSupervisor {
         let _op = self.ops.lock().await;
         let to = app.instances;
         self.app.store(Arc::new(app));
-        self.scale_locked(to).await
+        let result = self.scale_locked(to).await;
+        self.sync_triggers();
+        result
     }
 
     /// Zero-downtime replacement of the targeted workers, `reload_batch` at a time: start the
@@ -279,7 +291,57 @@ impl AppSupervisor {
     ) -> Result<String, OpError> {
         let _op = self.ops.lock().await;
         let cause = (RestartReason::Reload, "reload".to_owned());
-        self.reload_locked(new, target, cause, progress).await
+        let result = self.reload_locked(new, target, cause, progress).await;
+        // A new configuration may watch other paths, or none.
+        self.sync_triggers();
+        result
+    }
+
+    /// A reload asked for by the app's own `watch` or `cron_restart` (see `triggers.rs`),
+    /// counted as `reason`. `None` when they were disarmed while it waited for another
+    /// operation (the app was stopped or deleted): nothing is reloaded then.
+    pub(crate) async fn reload_for(
+        &self,
+        reason: RestartReason,
+        why: String,
+        armed: &tokio_util::sync::CancellationToken,
+    ) -> Option<Result<String, OpError>> {
+        let _op = self.ops.lock().await;
+        if armed.is_cancelled() {
+            return None;
+        }
+        Some(
+            self.reload_locked(None, Target::All, (reason, why), &|_| {})
+                .await,
+        )
+    }
+
+    /// What `watch` and `cron_restart` are doing, for `show`.
+    pub fn triggers(&self) -> TriggerStatus {
+        let app = self.app();
+        lock(&self.triggers).status(&app)
+    }
+
+    /// Arms the triggers while some worker is not stopped (and the app was not shut down),
+    /// disarms them otherwise, re-arms them when their configuration changed.
+    fn sync_triggers(&self) {
+        let app = self.app();
+        let running = !self.shut.load(Ordering::SeqCst) && {
+            let slots = self.slots();
+            slots.is_empty() || slots.iter().any(|s| s.state() != WorkerState::Stopped)
+        };
+        let logs = self
+            .log_paths()
+            .into_iter()
+            .flat_map(|(_, p)| [p.out, p.err])
+            .collect();
+        let ctx = crate::triggers::Context {
+            sup: self.me.clone(),
+            running,
+            home: self.env.home.clone(),
+            logs,
+        };
+        lock(&self.triggers).sync(&app, ctx);
     }
 
     /// `max_memory_restart`: replaces worker `id` the way [`reload`](Self::reload) does, counted
@@ -409,6 +471,8 @@ impl AppSupervisor {
         for mut status in watches {
             let _ = status.wait_for(|s| s.state.is_down()).await.map(|_| ());
         }
+        // Every worker stopped: so is watching and the schedule, until `start`.
+        self.sync_triggers();
         Ok(format!(
             "stopped {} worker(s) of {}",
             stopped,
@@ -450,6 +514,7 @@ impl AppSupervisor {
                 old.stop().await;
             }
         }
+        self.sync_triggers();
         first_outcomes(watches).await?;
         Ok(format!(
             "started {} worker(s) of {}",
@@ -540,6 +605,8 @@ impl AppSupervisor {
     /// Drains and stops every worker (concurrently), then returns.
     pub async fn shutdown(&self) {
         let _op = self.ops.lock().await;
+        self.shut.store(true, Ordering::SeqCst);
+        self.sync_triggers();
         let slots = std::mem::take(&mut *self.slots());
         self.retire(slots).await;
     }
@@ -694,6 +761,10 @@ async fn guard_memory(sup: std::sync::Weak<AppSupervisor>, mut ticks: watch::Rec
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Bytes as MiB with one decimal, for messages.
