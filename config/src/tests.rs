@@ -1189,7 +1189,10 @@ fn watch_resolves_paths_against_cwd_and_keeps_its_options() {
     let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}watch = true\n"));
     let watch = app.watch.expect("watched");
     assert_eq!(watch.paths, vec![dir.clone()], "true is the cwd");
-    assert!(watch.ignore.is_empty(), "the defaults are applied by the watcher");
+    assert!(
+        watch.ignore.is_empty(),
+        "the defaults are applied by the watcher"
+    );
     assert_eq!(watch.delay, defaults::WATCH_DELAY);
 
     let app = p.app(&format!(
@@ -1207,7 +1210,11 @@ fn watch_resolves_paths_against_cwd_and_keeps_its_options() {
     let watch = app.watch.expect("watched");
     assert_eq!(
         (watch.paths, watch.ignore, watch.delay),
-        (vec![dir.join("src")], vec!["*.tmp".to_owned()], Duration::ZERO)
+        (
+            vec![dir.join("src")],
+            vec!["*.tmp".to_owned()],
+            Duration::ZERO
+        )
     );
     let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}watch = false\n"));
     assert_eq!(app.watch, None);
@@ -1218,9 +1225,17 @@ fn watch_resolves_paths_against_cwd_and_keeps_its_options() {
 fn bad_watch_keys_are_refused_where_written() {
     let p = Project::new();
     let app = |body: &str| p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{body}\n"));
-    assert_one(&app("watch = [\"nowhere\"]"), "4:9", "`watch`: `nowhere` not found");
+    assert_one(
+        &app("watch = [\"nowhere\"]"),
+        "4:9",
+        "`watch`: `nowhere` not found",
+    );
     assert_one(&app("watch = []"), "4:9", "an empty list watches nothing");
-    assert_one(&app("watch = 3"), "4:9", "`watch`: expected true (the app's cwd)");
+    assert_one(
+        &app("watch = 3"),
+        "4:9",
+        "`watch`: expected true (the app's cwd)",
+    );
     assert_one(
         &app("ignore_watch = [\"*.log\"]"),
         "4:1",
@@ -1247,16 +1262,30 @@ fn bad_watch_keys_are_refused_where_written() {
 fn cron_restart_takes_five_or_six_fields_and_refuses_the_rest() {
     let p = Project::new();
     let cron = |pattern: &str| {
-        p.app(&format!("[[app]]\nname = \"web\"\n{CMD}cron_restart = \"{pattern}\"\n"))
-            .cron_restart
-            .map(|c| c.pattern)
+        p.app(&format!(
+            "[[app]]\nname = \"web\"\n{CMD}cron_restart = \"{pattern}\"\n"
+        ))
+        .cron_restart
+        .map(|c| c.pattern)
     };
     assert_eq!(cron("0 3 * * *").as_deref(), Some("0 3 * * *"));
     assert_eq!(cron("*/5 * * * * *").as_deref(), Some("*/5 * * * * *"));
     assert_eq!(cron("@daily").as_deref(), Some("@daily"));
     let app = |body: &str| p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{body}\n"));
-    assert_one(&app("cron_restart = \"0 25 * * *\""), "4:16", "`cron_restart`: ");
-    assert_one(&app("cron_restart = \"often\""), "4:16", "expected 5 fields");
+    assert_one(
+        &app("cron_restart = \"0 25 * * *\""),
+        "4:16",
+        "`cron_restart`: ",
+    );
+    assert_one(
+        &app("cron_restart = \"often\""),
+        "4:16",
+        "expected 5 fields",
+    );
     assert_one(&app("cron_restart = \"0 0 30 2 *\""), "4:16", "never comes");
-    assert_one(&app("cron_restart = 5"), "4:16", "`cron_restart`: expected a string");
+    assert_one(
+        &app("cron_restart = 5"),
+        "4:16",
+        "`cron_restart`: expected a string",
+    );
 }

@@ -149,16 +149,18 @@ fn cron_restart(r: &mut Reader<'_, '_, '_, '_>) -> Option<CronRestart> {
 /// `croner` parser, the Rust port of the one PM2 uses). The error says what was expected.
 pub fn parse_cron(pattern: &str) -> Result<croner::Cron, String> {
     use croner::errors::CronError;
-    croner::parser::CronParser::new().parse(pattern).map_err(|e| {
-        let why = match &e {
-            CronError::InvalidPattern(m)
-            | CronError::IllegalCharacters(m)
-            | CronError::ComponentError(m) => m.trim_end_matches('.').to_owned(),
-            other => other.to_string().trim_end_matches('.').to_owned(),
-        };
-        format!(
-            "{why} in {pattern:?}; expected 5 fields (minute hour day month weekday, e.g. \
+    croner::parser::CronParser::new()
+        .parse(pattern)
+        .map_err(|e| {
+            let why = match &e {
+                CronError::InvalidPattern(m)
+                | CronError::IllegalCharacters(m)
+                | CronError::ComponentError(m) => m.trim_end_matches('.').to_owned(),
+                other => other.to_string().trim_end_matches('.').to_owned(),
+            };
+            format!(
+                "{why} in {pattern:?}; expected 5 fields (minute hour day month weekday, e.g. \
              \"0 3 * * *\") or 6 with seconds first (\"*/30 * * * * *\")"
-        )
-    })
+            )
+        })
 }

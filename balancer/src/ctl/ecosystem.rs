@@ -40,6 +40,8 @@ const SAME: &[&str] = &[
     "out_file",
     "error_file",
     "log_file",
+    "watch_delay",
+    "cron_restart",
 ];
 
 /// PM2's other spellings of those keys.
@@ -49,20 +51,11 @@ const RENAMED: &[(&str, &str)] = &[
     ("output", "out_file"),
     ("error", "error_file"),
     ("log", "log_file"),
+    ("cron", "cron_restart"),
 ];
 
 /// PM2 keys balancer.toml knows but whose behaviour is not built yet: carried as a comment.
-const NOT_YET: &[&str] = &[
-    "watch",
-    "ignore_watch",
-    "ignoreWatch",
-    "watch_delay",
-    "cron_restart",
-    "merge_logs",
-    "combine_logs",
-    "time",
-    "log_date_format",
-];
+const NOT_YET: &[&str] = &["merge_logs", "combine_logs", "time", "log_date_format"];
 
 /// PM2 keys with no balancer equivalent, and what to do instead.
 const NONE: &[(&str, &str)] = &[
@@ -253,6 +246,29 @@ fn one_app(
                     &mut notes,
                 ),
             },
+            // `true`, one path, or a list of paths; globs or paths to ignore.
+            "watch" | "ignore_watch" | "ignoreWatch" => {
+                let ours = if key == "watch" {
+                    "watch"
+                } else {
+                    "ignore_watch"
+                };
+                match value {
+                    Json::Bool(_) | Json::String(_) => {
+                        keys.insert(ours.into(), scalar(value).unwrap_or(Value::Boolean(true)));
+                    }
+                    Json::Array(items) if items.iter().all(Json::is_string) => {
+                        let items = items.iter().map(|w| Value::String(text(w))).collect();
+                        keys.insert(ours.into(), Value::Array(items));
+                    }
+                    other => warn(
+                        key,
+                        format!("expected true, a path or a list of paths, found {other}"),
+                        lines,
+                        &mut notes,
+                    ),
+                }
+            }
             "instances" => match instances(value) {
                 Ok(v) => {
                     keys.insert("instances".into(), v);
@@ -313,13 +329,7 @@ fn one_app(
                 Err(why) => warn(key, why, lines, &mut notes),
             },
             k if NOT_YET.contains(&k) => {
-                let ours = if k == "ignoreWatch" {
-                    "ignore_watch"
-                } else if k == "combine_logs" {
-                    "merge_logs"
-                } else {
-                    k
-                };
+                let ours = if k == "combine_logs" { "merge_logs" } else { k };
                 warn(
                     key,
                     format!("balancer.toml's `{ours}` is not supported yet"),
@@ -425,7 +435,11 @@ mod tests {
   "out_file": "./logs/out.log",
   "max_memory_restart": "300M",
   "pid_file": "./x.pid",
-  "watch": true
+  "watch": ["src"],
+  "ignoreWatch": "*.log",
+  "watch_delay": 500,
+  "cron": "0 3 * * *",
+  "merge_logs": true
 }, {"script": "npm", "args": "run start", "instances": 0}]}"#;
         let got = imported(json, dir.path());
         let doc: toml::Table = toml::from_str(&got.toml).unwrap();
@@ -445,15 +459,23 @@ mod tests {
         assert_eq!(npm["instances"].as_str(), Some("max"), "PM2's 0 is max");
         assert_eq!(got.warnings.len(), 2, "{:?}", got.warnings);
         assert!(
-            got.warnings[0].starts_with("`pid_file` (app `api`, line 11)"),
+            got.warnings[1].starts_with("`pid_file` (app `api`, line 11)"),
             "{:?}",
             got.warnings
         );
         assert!(
-            got.warnings[1].contains("`watch` is not supported yet"),
+            got.warnings[0].contains("`merge_logs` is not supported yet"),
             "{:?}",
             got.warnings
         );
+        assert_eq!(api["watch"].as_array().unwrap()[0].as_str(), Some("src"));
+        assert_eq!(api["ignore_watch"].as_str(), Some("*.log"));
+        assert_eq!(
+            api["watch_delay"].as_integer(),
+            Some(500),
+            "milliseconds, as PM2"
+        );
+        assert_eq!(api["cron_restart"].as_str(), Some("0 3 * * *"));
         assert!(
             got.toml
                 .contains("# pid_file = \"./x.pid\"  # not carried over"),

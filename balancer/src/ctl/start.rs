@@ -78,14 +78,9 @@ fn unsupported(args: &StartArgs) -> Option<String> {
         .iter()
         .map(|(flag, key)| format!("{flag} (balancer.toml `{key}`)"))
         .collect();
-    let watch = if found.iter().any(|(_, key)| key.contains("watch")) {
-        " (instead of watching, reload on deploy: `balancer reload NAME`)"
-    } else {
-        ""
-    };
     Some(format!(
         "{} not supported yet: balancer does not have that behaviour, and a flag accepted and \
-         ignored would be worse; drop it{watch}",
+         ignored would be worse; drop it",
         named.join(", ")
     ))
 }
@@ -390,6 +385,31 @@ fn pm2_keys(app: &mut toml::Table, pm2: &crate::cli::Pm2Args) {
     set("error_file", pm2.error_file.as_deref().map(text));
     set("out_file", pm2.out_file.as_deref().map(text));
     set("log_file", pm2.log_file.as_deref().map(text));
+    set(
+        "watch",
+        pm2.watch.as_ref().map(|paths| {
+            if paths.is_empty() {
+                Value::Boolean(true)
+            } else {
+                Value::Array(paths.iter().map(|p| text(p)).collect())
+            }
+        }),
+    );
+    set(
+        "ignore_watch",
+        pm2.ignore_watch
+            .as_ref()
+            .map(|globs| Value::Array(globs.iter().map(|g| text(g)).collect())),
+    );
+    // PM2's `--watch-delay 4` is seconds (its ecosystem key is milliseconds).
+    set(
+        "watch_delay",
+        pm2.watch_delay.as_deref().map(|v| match v.parse::<u64>() {
+            Ok(secs) => text(&format!("{secs}s")),
+            Err(_) => text(v),
+        }),
+    );
+    set("cron_restart", pm2.cron_restart.as_deref().map(text));
     if pm2.no_autorestart {
         set("autorestart", Some(Value::Boolean(false)));
     }
