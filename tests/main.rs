@@ -15,4 +15,5 @@ mod reuseport;
 mod soak;
 mod support;
 mod tcp;
+mod triggers;
 mod udp;
