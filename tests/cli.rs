@@ -299,14 +299,14 @@ fn restart_of_one_worker_says_so_flush_empties_deleted_apps_logs_and_ls_needs_no
 fn pm2_flags_that_balancer_lacks_are_refused_naming_the_key() {
     let home = tempfile::tempdir().unwrap();
     let script = worker("pm2_flags.py");
-    let (code, _, err) = cli(home.path(), &["start", &script, "--watch"]);
+    let (code, _, err) = cli(home.path(), &["start", &script, "--merge-logs"]);
     assert_eq!(code, 2);
     assert!(
-        err.contains("--watch (balancer.toml `watch`) not supported yet"),
+        err.contains("--merge-logs (balancer.toml `merge_logs`) not supported yet"),
         "{err}"
     );
     assert!(
-        !err.contains("-- --watch"),
+        !err.contains("-- --merge-logs"),
         "no tip to pass it to the script: {err}"
     );
     let (code, _, err) = cli(
@@ -315,7 +315,17 @@ fn pm2_flags_that_balancer_lacks_are_refused_naming_the_key() {
     );
     assert_eq!(code, 2);
     assert!(
-        err.contains("`cron_restart`") && err.contains("`time`"),
+        err.contains("`time`") && !err.contains("`cron_restart`"),
+        "--cron-restart is built: {err}"
+    );
+    // --watch and --cron-restart are keys of the app's balancer.toml, checked here like it.
+    let (code, _, err) = cli(
+        home.path(),
+        &["start", &script, "--watch", "--cron-restart", "0 25 * * *"],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`cron_restart`: Number out of bounds in \"0 25 * * *\""),
         "{err}"
     );
     let (code, _, err) = cli(home.path(), &["start", &script, "--no-vizion"]);
@@ -596,7 +606,7 @@ fn the_seeds_pm2_ecosystem_files_start_and_import() {
     // process.json (a comment in it, as PM2 allows): its out_file used, each dropped key named.
     let (code, out, err) = b.cli(&["start", &arg(&process)]);
     assert_eq!(code, 0, "{out}{err}");
-    for key in ["pid_file", "log_date_format", "ignoreWatch", "watch"] {
+    for key in ["pid_file", "log_date_format", "ignoreWatch"] {
         assert!(
             err.contains(&format!("warning: `{key}` (app `jackblog-api`, line")),
             "{key}: {err}"
