@@ -1125,4 +1125,60 @@ mod tests {
         })
         .await;
     }
+
+    /// `triggers.rs`: armed while the app runs, disarmed by `stop` and `shutdown`, armed again
+    /// by `start`; a change under the watched cwd reloads every worker, counted as `watch`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn triggers_follow_the_app_and_a_change_reloads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = "[[app]]\nname = \"t\"\ncommand = \"sleep 1000\"\ninstances = 2\n\
+                    watch = true\nwatch_delay = \"50ms\"\ncron_restart = \"0 3 * * *\"\n";
+        // The home is elsewhere: only the test's own write is in the watched cwd.
+        let home = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(app(dir.path(), toml), context(home.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let t = sup.triggers();
+            assert!(t.armed);
+            assert!(t.cron.as_ref().unwrap().next.is_some(), "{t:?}");
+            // Until the tree is walked the report is not there; then the write counts.
+            while sup.triggers().watch.unwrap().report.is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let before = pids(&sup);
+            std::fs::write(dir.path().join("app.js"), "changed").unwrap();
+            loop {
+                let now = sup.statuses();
+                if now.len() == 2
+                    && now
+                        .iter()
+                        .all(|s| s.restarts_by.watch == 1 && s.state == WorkerState::Ready)
+                {
+                    assert!(now.iter().all(|s| !before.contains(&s.pid.unwrap())));
+                    assert_eq!(
+                        now[0].last_restart.as_deref(),
+                        Some("watch: app.js changed")
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+
+            sup.stop(Target::All).await.unwrap();
+            let t = sup.triggers();
+            assert!(
+                !t.armed && t.cron.unwrap().next.is_none(),
+                "stopped: disarmed"
+            );
+            sup.start_stopped(Target::All).await.unwrap();
+            assert!(sup.triggers().armed, "started: armed again");
+            sup.stop(Target::Worker(sup.statuses()[0].id))
+                .await
+                .unwrap();
+            assert!(sup.triggers().armed, "one worker still runs");
+            sup.shutdown().await;
+            assert!(!sup.triggers().armed);
+        })
+        .await;
+    }
 }
