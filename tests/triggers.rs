@@ -169,13 +169,15 @@ fn an_edit_under_load_reloads_to_the_new_code_with_no_failed_request() {
 #[test]
 fn cron_restart_reloads_on_schedule_under_load_and_stops_with_the_app() {
     let port = free_port();
-    let toml = app_toml(
-        "c",
-        "conn_echo.py",
-        &format!("tcp://127.0.0.1:{port}"),
-        2,
-        "cron_restart = \"*/2 * * * * *\"\n",
-    );
+    let metrics = free_port();
+    let toml = format!("[balancer]\nmetrics = \"127.0.0.1:{metrics}\"\n")
+        + &app_toml(
+            "c",
+            "conn_echo.py",
+            &format!("tcp://127.0.0.1:{port}"),
+            2,
+            "cron_restart = \"*/2 * * * * *\"\n",
+        );
     let b = Balancer::start(&toml);
     b.wait_running();
     b.wait_ready("c", 2);
@@ -193,6 +195,19 @@ fn cron_restart_reloads_on_schedule_under_load_and_stops_with_the_app() {
     eprintln!("cron reloads under load: {ok} ok, {failed} failed");
     assert_eq!(failed, 0, "failed requests during scheduled reloads");
     assert!(ok > 50, "the load ran: {ok}");
+    let text = http_get(loopback(metrics), "/metrics").expect("metrics");
+    let cron: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("balancer_worker_restarts_total") && l.contains("reason=\"cron\"")
+        })
+        .collect();
+    assert_eq!(cron.len(), 2, "one series per worker: {cron:?}");
+    assert!(
+        cron.iter()
+            .all(|l| l.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()) >= Some(2.0)),
+        "{cron:?}"
+    );
 
     let (code, out, err) = b.cli(&["stop", "c"]);
     assert_eq!(code, 0, "{out}{err}");

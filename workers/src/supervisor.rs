@@ -1172,6 +1172,19 @@ mod tests {
             );
             sup.start_stopped(Target::All).await.unwrap();
             assert!(sup.triggers().armed, "started: armed again");
+            // A new configuration without the keys disarms; with other ones, re-arms.
+            let plain = "[[app]]\nname = \"t\"\ncommand = \"sleep 1000\"\ninstances = 2\n";
+            sup.reload(Some(app(dir.path(), plain)), Target::All)
+                .await
+                .unwrap();
+            let t = sup.triggers();
+            assert!(!t.armed && t.watch.is_none() && t.cron.is_none(), "{t:?}");
+            let cron = format!("{plain}cron_restart = \"@daily\"\n");
+            sup.reload(Some(app(dir.path(), &cron)), Target::All)
+                .await
+                .unwrap();
+            let t = sup.triggers();
+            assert!(t.armed && t.watch.is_none() && t.cron.is_some(), "{t:?}");
             sup.stop(Target::Worker(sup.statuses()[0].id))
                 .await
                 .unwrap();
