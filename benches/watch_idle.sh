@@ -48,12 +48,12 @@ measure() {
         2> "$dir/$label.log" &
     pid=$!
     local deadline=$((SECONDS + 120))
-    until grep -q "master running" "$dir/$label.log"; do
+    until grep -qs "master running" "$dir/$label.log"; do
         [ $SECONDS -lt $deadline ] || { echo "no start: $(cat "$dir/$label.log")"; exit 1; }
         sleep 0.2
     done
     if [ -n "$extra" ]; then
-        until grep -q "watching for changes" "$dir/$label.log"; do
+        until grep -qs "watching for changes" "$dir/$label.log"; do
             [ $SECONDS -lt $deadline ] || { echo "no watch: $(cat "$dir/$label.log")"; exit 1; }
             sleep 0.2
         done
