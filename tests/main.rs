@@ -18,5 +18,6 @@ mod reuseport;
 mod soak;
 mod support;
 mod tcp;
+mod triggers;
 mod udp;
 mod upgrade;

@@ -76,7 +76,7 @@ fn ls_jlist_and_show_count_the_whole_process_tree() {
     assert!(h["cpu_max"].as_f64() >= h["cpu_min"].as_f64(), "{h:#}");
     assert_eq!(
         w["restarts_by"],
-        serde_json::json!({"crash": 0, "memory": 0, "reload": 0, "restart": 0})
+        serde_json::json!({"crash": 0, "memory": 0, "reload": 0, "restart": 0, "watch": 0, "cron": 0})
     );
 
     let (code, out, err) = b.cli(&["ls"]);

@@ -386,43 +386,19 @@ pub struct Pm2Args {
     /// formats, `YYYY-MM-DD HH:mm:ss`, are translated).
     #[arg(long, value_name = "FORMAT")]
     pub log_date_format: Option<String>,
-    /// `watch`: not supported yet.
+    /// `watch`: reload when files change under these paths (none given: the app's cwd).
     #[arg(long, value_name = "PATHS", num_args = 0.., value_delimiter = ',')]
     pub watch: Option<Vec<String>>,
-    /// `ignore_watch`: not supported yet.
-    #[arg(long, value_name = "PATHS", num_args = 1.., value_delimiter = ',')]
+    /// `ignore_watch`: globs that changes do not count under (with `--watch`).
+    #[arg(long, value_name = "PATTERNS", num_args = 1.., value_delimiter = ',')]
     pub ignore_watch: Option<Vec<String>>,
-    /// `watch_delay`: not supported yet.
+    /// `watch_delay`: how long changes must stop before the reload (a bare number is seconds,
+    /// as in PM2's flag).
     #[arg(long, value_name = "DURATION")]
     pub watch_delay: Option<String>,
-    /// `cron_restart`: not supported yet.
+    /// `cron_restart`: reload on this schedule ("0 3 * * *"; six fields: seconds first).
     #[arg(long, visible_alias = "cron", value_name = "CRON")]
     pub cron_restart: Option<String>,
-}
-
-impl Pm2Args {
-    /// The flags given whose balancer.toml key has no behaviour yet: `(flag, key)`.
-    pub fn unsupported(&self) -> Vec<(&'static str, &'static str)> {
-        let mut found = Vec::new();
-        let mut check = |given: bool, flag, key| {
-            if given {
-                found.push((flag, key));
-            }
-        };
-        check(self.watch.is_some(), "--watch", "watch");
-        check(
-            self.ignore_watch.is_some(),
-            "--ignore-watch",
-            "ignore_watch",
-        );
-        check(self.watch_delay.is_some(), "--watch-delay", "watch_delay");
-        check(
-            self.cron_restart.is_some(),
-            "--cron-restart",
-            "cron_restart",
-        );
-        found
-    }
 }
 
 /// PM2 `start` flags balancer has no flag for, with the balancer.toml key that does the same
@@ -737,8 +713,12 @@ mod tests {
             panic!("not start");
         };
         assert_eq!(args.pm2.watch, Some(vec![]));
-        assert_eq!(args.pm2.unsupported(), [("--watch", "watch")]);
         assert_eq!(args.pm2.log_file.as_deref(), Some("all.log"));
+        let Command::Start(args) = parse(&["start", "a.js", "--watch", "src,lib", "--time"]) else {
+            panic!("not start");
+        };
+        assert_eq!(args.pm2.watch, Some(vec!["src".into(), "lib".into()]));
+        assert!(args.pm2.time);
     }
 
     #[test]

@@ -424,6 +424,12 @@ pub struct RestartsBy {
     pub reload: u32,
     /// `restart` restarted it.
     pub restart: u32,
+    /// A watched file changed: replaced as a reload replaces.
+    #[serde(default)]
+    pub watch: u32,
+    /// `cron_restart` came due: replaced as a reload replaces.
+    #[serde(default)]
+    pub cron: u32,
 }
 
 /// One app in detail (`show`).
@@ -440,6 +446,48 @@ pub struct AppInfo {
     /// Its queue of connections waiting for a worker (none ready, or all at `max_conns`).
     #[serde(default)]
     pub queue: QueueInfo,
+    /// `watch`, when the app has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchInfo>,
+    /// `cron_restart`, when the app has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<CronInfo>,
+}
+
+/// An app's `watch` in `show`: what is watched and whether all of it could be.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WatchInfo {
+    /// Watching now (false while every worker is stopped).
+    pub active: bool,
+    /// The watched paths.
+    pub paths: Vec<PathBuf>,
+    /// Every ignore pattern in force, the defaults first.
+    pub ignore: Vec<String>,
+    /// `watch_delay`, in milliseconds.
+    pub delay_ms: u64,
+    /// Directories with an inotify watch (null while the tree is being walked).
+    pub directories: Option<usize>,
+    /// How long walking the tree and adding the watches took, in milliseconds.
+    pub setup_ms: Option<u64>,
+    /// Directories left unwatched by the inotify limit (the first few).
+    #[serde(default)]
+    pub unwatched: Vec<PathBuf>,
+    /// How many are unwatched in all.
+    #[serde(default)]
+    pub unwatched_count: usize,
+    /// What went wrong and what to do about it.
+    pub warning: Option<String>,
+}
+
+/// An app's `cron_restart` in `show`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CronInfo {
+    /// As written.
+    pub pattern: String,
+    /// Following its schedule now (false while every worker is stopped).
+    pub active: bool,
+    /// The next reload, RFC 3339 in the machine's local time.
+    pub next: Option<String>,
 }
 
 /// An app's queue in `show`: HAProxy's `qcur`/`qtime`, as counts and milliseconds.

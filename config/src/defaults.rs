@@ -96,6 +96,14 @@ pub const EXP_BACKOFF_RESTART_DELAY: Option<Duration> = Some(Duration::from_mill
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// `max_memory_restart`: no limit.
 pub const MAX_MEMORY_RESTART: Option<u64> = None;
+/// `watch_delay`: a change reloads once nothing more has changed for a second. PM2's default
+/// is 0, but a reload starts new workers: a `git pull` or an editor's save writes several
+/// files, and reloading at the first one would start workers on half a deploy.
+pub const WATCH_DELAY: Duration = Duration::from_secs(1);
+/// What `watch` always ignores, on top of `ignore_watch` (PM2's default `/[\/\\]\.|node_modules/`):
+/// dependency trees and dot-entries (`.git`, editors' swap files) change without the app's
+/// code changing, and `node_modules` alone can hold more directories than inotify may watch.
+pub const WATCH_IGNORE: &[&str] = &["node_modules", ".*"];
 
 /// The env var of the first listener's private port; later ones get `PORT_1`, `PORT_2`, …
 pub const PORT_ENV: &str = "PORT";

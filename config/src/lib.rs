@@ -29,6 +29,7 @@ mod error;
 pub mod logging;
 pub mod model;
 mod raw;
+mod triggers;
 mod validate;
 mod values;
 
@@ -39,6 +40,7 @@ use std::path::Path;
 
 pub use error::{ConfigErrors, Diagnostic};
 pub use model::*;
+pub use triggers::parse_cron;
 pub use validate::in_path;
 pub use values::{parse_duration, parse_listen_url, parse_signal, parse_size};
 

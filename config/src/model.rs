@@ -113,6 +113,10 @@ pub struct App {
     /// allows it; `Some(true)`: required (the app is refused where it cannot be had);
     /// `Some(false)`: off.
     pub capture: Option<bool>,
+    /// `watch`: reload when files change under these paths.
+    pub watch: Option<Watch>,
+    /// `cron_restart`: reload on this schedule.
+    pub cron_restart: Option<CronRestart>,
 }
 
 /// How workers' output is written (`time`, `log_date_format`, `merge_logs`, `log_max_size`,
@@ -144,6 +148,29 @@ pub struct Rotation {
     pub retain: u32,
     /// Rotated files are gzipped (off the relay's thread).
     pub compress: bool,
+}
+
+/// `watch`, `ignore_watch` and `watch_delay`: a change under `paths` (and not ignored) reloads
+/// the app once nothing more has changed for `delay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// What is watched, recursively: absolute files or directories (`true`: the app's cwd).
+    pub paths: Vec<PathBuf>,
+    /// `ignore_watch`: shell globs. One without a `/` matches a file or directory name at any
+    /// depth (`node_modules`, `*.log`); one with a `/` matches the path relative to the app's
+    /// cwd (`src/generated/**`), or the absolute path if it starts with `/`. Always added:
+    /// [`crate::defaults::WATCH_IGNORE`].
+    pub ignore: Vec<String>,
+    /// `watch_delay`: how long changes must stop before the reload (debounce).
+    pub delay: Duration,
+}
+
+/// `cron_restart`: a schedule of reloads, in the machine's local time (as PM2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CronRestart {
+    /// The pattern as written (5 fields, or 6 with seconds first); it parses with
+    /// [`crate::parse_cron`].
+    pub pattern: String,
 }
 
 /// Limits of the UDP flow table.

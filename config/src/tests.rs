@@ -229,8 +229,11 @@ fn typo_key_suggests_the_right_one() {
         "unknown key `health.chek` in app `web`; did you mean `health.check`?",
     );
     let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}wacth = true\n"));
-    assert_one(&errors, "4:1", "unknown key `wacth` in app `web`");
-    assert!(!errors[0].contains("did you mean"), "{errors:?}");
+    assert_one(
+        &errors,
+        "4:1",
+        "unknown key `wacth` in app `web`; did you mean `watch`?",
+    );
 }
 
 #[test]
@@ -495,24 +498,6 @@ fn address_clashes_name_the_holder() {
         p.parse(&format!("[[app]]\nname = \"a\"\n{CMD}listen = [\"tcp://0.0.0.0:53\"]\n[[app]]\nname = \"b\"\n{CMD}listen = [\"udp://0.0.0.0:53\"]\n"))
             .is_ok()
     );
-}
-
-#[test]
-fn keys_whose_behaviour_is_not_built_are_refused_where_written() {
-    let p = Project::new();
-    for (key, value) in [
-        ("watch", "true"),
-        ("ignore_watch", "[\"node_modules\"]"),
-        ("watch_delay", "1000"),
-        ("cron_restart", "\"0 * * * *\""),
-    ] {
-        let errors = p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{key} = {value}\n"));
-        assert_one(
-            &errors,
-            "4:1",
-            &format!("`{key}` is not supported yet (it would be ignored); remove it"),
-        );
-    }
 }
 
 #[test]
@@ -980,8 +965,8 @@ fn typical_mistakes_read_well() {
             format!("[[app]]\nname = \"web\"\n{CMD}listen = [\":8080\", \":8080\"]\n"),
         ),
         (
-            "not_supported_yet",
-            format!("[[app]]\nname = \"web\"\n{CMD}watch = [\"src\"]\n"),
+            "bad_cron_restart",
+            format!("[[app]]\nname = \"web\"\n{CMD}cron_restart = \"0 25 * * *\"\n"),
         ),
     ];
     let dir = p.dir.path().display().to_string();
@@ -1246,5 +1231,114 @@ fn capture_is_unset_on_or_off_and_only_a_boolean() {
         &errors,
         "4:11",
         "`capture`: expected a boolean (true or false), found string",
+    );
+}
+
+#[test]
+fn watch_resolves_paths_against_cwd_and_keeps_its_options() {
+    let p = Project::new();
+    p.file("src/app.js", false).file("config/a.json", false);
+    let dir = p.dir.path().to_path_buf();
+    let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}watch = true\n"));
+    let watch = app.watch.expect("watched");
+    assert_eq!(watch.paths, vec![dir.clone()], "true is the cwd");
+    assert!(
+        watch.ignore.is_empty(),
+        "the defaults are applied by the watcher"
+    );
+    assert_eq!(watch.delay, defaults::WATCH_DELAY);
+
+    let app = p.app(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}watch = [\"src\", \"./config\", \"src\"]\n\
+         ignore_watch = [\"*.log\", \"src/gen/**\"]\nwatch_delay = \"250ms\"\n"
+    ));
+    let watch = app.watch.expect("watched");
+    assert_eq!(watch.paths, [dir.join("src"), dir.join("config")]);
+    assert_eq!(watch.ignore, ["*.log", "src/gen/**"]);
+    assert_eq!(watch.delay, Duration::from_millis(250));
+
+    let app = p.app(&format!(
+        "[[app]]\nname = \"web\"\n{CMD}watch = \"src\"\nignore_watch = \"*.tmp\"\nwatch_delay = 0\n"
+    ));
+    let watch = app.watch.expect("watched");
+    assert_eq!(
+        (watch.paths, watch.ignore, watch.delay),
+        (
+            vec![dir.join("src")],
+            vec!["*.tmp".to_owned()],
+            Duration::ZERO
+        )
+    );
+    let app = p.app(&format!("[[app]]\nname = \"web\"\n{CMD}watch = false\n"));
+    assert_eq!(app.watch, None);
+    assert_eq!(app.cron_restart, None);
+}
+
+#[test]
+fn bad_watch_keys_are_refused_where_written() {
+    let p = Project::new();
+    let app = |body: &str| p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{body}\n"));
+    assert_one(
+        &app("watch = [\"nowhere\"]"),
+        "4:9",
+        "`watch`: `nowhere` not found",
+    );
+    assert_one(&app("watch = []"), "4:9", "an empty list watches nothing");
+    assert_one(
+        &app("watch = 3"),
+        "4:9",
+        "`watch`: expected true (the app's cwd)",
+    );
+    assert_one(
+        &app("ignore_watch = [\"*.log\"]"),
+        "4:1",
+        "`ignore_watch` goes with `watch`, which this app does not set",
+    );
+    assert_one(
+        &app("watch_delay = \"1s\""),
+        "4:1",
+        "`watch_delay` goes with `watch`",
+    );
+    assert_one(
+        &app("watch = true\nignore_watch = [\"[a\"]"),
+        "5:16",
+        "`ignore_watch`: \"[a\" is not a glob",
+    );
+    assert_one(
+        &app("watch = true\nwatch_delay = \"soon\""),
+        "5:15",
+        "`watch_delay`",
+    );
+}
+
+#[test]
+fn cron_restart_takes_five_or_six_fields_and_refuses_the_rest() {
+    let p = Project::new();
+    let cron = |pattern: &str| {
+        p.app(&format!(
+            "[[app]]\nname = \"web\"\n{CMD}cron_restart = \"{pattern}\"\n"
+        ))
+        .cron_restart
+        .map(|c| c.pattern)
+    };
+    assert_eq!(cron("0 3 * * *").as_deref(), Some("0 3 * * *"));
+    assert_eq!(cron("*/5 * * * * *").as_deref(), Some("*/5 * * * * *"));
+    assert_eq!(cron("@daily").as_deref(), Some("@daily"));
+    let app = |body: &str| p.errors(&format!("[[app]]\nname = \"web\"\n{CMD}{body}\n"));
+    assert_one(
+        &app("cron_restart = \"0 25 * * *\""),
+        "4:16",
+        "`cron_restart`: ",
+    );
+    assert_one(
+        &app("cron_restart = \"often\""),
+        "4:16",
+        "expected 5 fields",
+    );
+    assert_one(&app("cron_restart = \"0 0 30 2 *\""), "4:16", "never comes");
+    assert_one(
+        &app("cron_restart = 5"),
+        "4:16",
+        "`cron_restart`: expected a string",
     );
 }

@@ -52,6 +52,10 @@ const APP_KEYS: &[&str] = &[
     "exp_backoff_restart_delay",
     "max_memory_restart",
     "reload_batch",
+    "watch",
+    "ignore_watch",
+    "watch_delay",
+    "cron_restart",
     "max_flows",
     "udp_idle_timeout",
     "http_header_timeout",
@@ -69,18 +73,7 @@ const BALANCER_KEYS: &[&str] = &["metrics", "sample_interval"];
 const MIN_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// PM2 keys of `[[app]]` whose behaviour is not built yet: refused where they are written,
 /// never accepted and ignored, with what to do meanwhile.
-const NOT_YET_APP_KEYS: &[(&str, &str)] = &[
-    (
-        "watch",
-        "reload on deploy with `balancer reload NAME` or `balancer reload balancer.toml`",
-    ),
-    ("ignore_watch", "it goes with `watch`"),
-    ("watch_delay", "it goes with `watch`"),
-    (
-        "cron_restart",
-        "run `balancer reload NAME` from cron or a systemd timer",
-    ),
-];
+const NOT_YET_APP_KEYS: &[(&str, &str)] = &[];
 /// Keys of `[balancer]` whose behaviour is not built yet.
 const NOT_YET_BALANCER_KEYS: &[(&str, &str)] = &[];
 const HEALTH_KEYS: &[&str] = &["check", "path", "interval", "timeout", "rise", "fall"];
@@ -338,6 +331,7 @@ fn app(
     let (out_file, error_file) = log_files(&mut r, cwd.as_deref());
     let logs = crate::logging::logging(&mut r);
     let capture = r.boolean("capture");
+    let (watch, cron_restart) = crate::triggers::triggers(&mut r, cwd.as_deref());
 
     let (program, args) = program?;
     let total: usize = args.iter().map(|a| a.len() + 1).sum::<usize>()
@@ -390,6 +384,8 @@ fn app(
         error_file,
         logs,
         capture,
+        watch,
+        cron_restart,
     })
 }
 

@@ -22,6 +22,8 @@ pub mod spawn;
 pub mod stats;
 pub mod status;
 pub mod supervisor;
+pub mod triggers;
+pub mod watch;
 
 pub use error::Chain;
 pub use pool::{ConnGuard, Pool, PoolSnapshot, Queue, QueueStats, WorkerHandle};

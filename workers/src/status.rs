@@ -141,15 +141,21 @@ pub enum RestartReason {
     Reload,
     /// A `restart` (stop, then start) asked for it.
     Restart,
+    /// A file under `watch` changed (replaced the way a reload replaces).
+    Watch,
+    /// `cron_restart` came due (replaced the way a reload replaces).
+    Cron,
 }
 
 impl RestartReason {
     /// Every reason, in the order metrics and `show` list them.
-    pub const ALL: [RestartReason; 4] = [
+    pub const ALL: [RestartReason; 6] = [
         RestartReason::Crash,
         RestartReason::Memory,
         RestartReason::Reload,
         RestartReason::Restart,
+        RestartReason::Watch,
+        RestartReason::Cron,
     ];
 
     /// The name used in `jlist`, `show` and metric labels.
@@ -159,6 +165,8 @@ impl RestartReason {
             RestartReason::Memory => "memory",
             RestartReason::Reload => "reload",
             RestartReason::Restart => "restart",
+            RestartReason::Watch => "watch",
+            RestartReason::Cron => "cron",
         }
     }
 }
@@ -174,12 +182,16 @@ pub struct RestartCounts {
     pub reload: u32,
     /// `restart` commands.
     pub restart: u32,
+    /// Reloads because a watched file changed.
+    pub watch: u32,
+    /// Reloads because `cron_restart` came due.
+    pub cron: u32,
 }
 
 impl RestartCounts {
     /// All restarts.
     pub fn total(&self) -> u32 {
-        self.crash + self.memory + self.reload + self.restart
+        self.crash + self.memory + self.reload + self.restart + self.watch + self.cron
     }
 
     /// The count for one reason.
@@ -189,6 +201,8 @@ impl RestartCounts {
             RestartReason::Memory => self.memory,
             RestartReason::Reload => self.reload,
             RestartReason::Restart => self.restart,
+            RestartReason::Watch => self.watch,
+            RestartReason::Cron => self.cron,
         }
     }
 
@@ -204,6 +218,8 @@ impl RestartCounts {
             RestartReason::Memory => &mut self.memory,
             RestartReason::Reload => &mut self.reload,
             RestartReason::Restart => &mut self.restart,
+            RestartReason::Watch => &mut self.watch,
+            RestartReason::Cron => &mut self.cron,
         };
         *n = n.saturating_add(1);
     }

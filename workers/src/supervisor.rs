@@ -8,8 +8,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use balancer_config::{App, Policy, Signal};
@@ -22,6 +22,7 @@ use crate::reuseport::{Group, Rescue};
 use crate::slot::{Slot, SlotSpec};
 use crate::stats::{MEMORY_SAMPLES, Sampler};
 use crate::status::{RestartCounts, RestartReason, Target, WorkerState, WorkerStatus};
+use crate::triggers::{TriggerStatus, Triggers};
 
 /// Why an operation on an app did not (entirely) succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +143,11 @@ pub struct AppSupervisor {
     /// Slots replaced by a reload or removed by a scale-down, still draining: shown by `ls`.
     retiring: Mutex<Vec<watch::Receiver<WorkerStatus>>>,
     ops: tokio::sync::Mutex<()>,
+    /// `watch` and `cron_restart`, armed while the app runs (`triggers.rs`).
+    triggers: Mutex<Triggers>,
+    /// Set by [`shutdown`](Self::shutdown): nothing re-arms the triggers after it.
+    shut: AtomicBool,
+    me: Weak<AppSupervisor>,
 }
 
 impl AppSupervisor {
@@ -149,7 +155,7 @@ impl AppSupervisor {
     /// [`wait_started`](Self::wait_started)).
     pub fn start(app: App, env: Arc<SpawnContext>) -> Arc<Self> {
         let instances = app.instances;
-        let sup = Arc::new(AppSupervisor {
+        let sup = Arc::new_cyclic(|me| AppSupervisor {
             app: ArcSwap::from_pointee(app),
             env,
             pool: Arc::new(Pool::new()),
@@ -157,11 +163,15 @@ impl AppSupervisor {
             slots: Mutex::new(Vec::new()),
             retiring: Mutex::new(Vec::new()),
             ops: tokio::sync::Mutex::new(()),
+            triggers: Mutex::new(Triggers::default()),
+            shut: AtomicBool::new(false),
+            me: me.clone(),
         });
         let slots: Vec<Slot> = (0..instances)
             .map(|instance| sup.spawn_slot(None, instance, RestartCounts::default(), None, false))
             .collect();
         sup.slots().extend(slots);
+        sup.sync_triggers();
         tokio::spawn(guard_memory(Arc::downgrade(&sup), sup.env.sampler.ticks()));
         sup
     }
@@ -264,7 +274,9 @@ impl AppSupervisor {
         let _op = self.ops.lock().await;
         let to = app.instances;
         self.app.store(Arc::new(app));
-        self.scale_locked(to).await
+        let result = self.scale_locked(to).await;
+        self.sync_triggers();
+        result
     }
 
     /// Zero-downtime replacement of the targeted workers, `reload_batch` at a time: start the
@@ -287,7 +299,57 @@ impl AppSupervisor {
     ) -> Result<String, OpError> {
         let _op = self.ops.lock().await;
         let cause = (RestartReason::Reload, "reload".to_owned());
-        self.reload_locked(new, target, cause, progress).await
+        let result = self.reload_locked(new, target, cause, progress).await;
+        // A new configuration may watch other paths, or none.
+        self.sync_triggers();
+        result
+    }
+
+    /// A reload asked for by the app's own `watch` or `cron_restart` (see `triggers.rs`),
+    /// counted as `reason`. `None` when they were disarmed while it waited for another
+    /// operation (the app was stopped or deleted): nothing is reloaded then.
+    pub(crate) async fn reload_for(
+        &self,
+        reason: RestartReason,
+        why: String,
+        armed: &tokio_util::sync::CancellationToken,
+    ) -> Option<Result<String, OpError>> {
+        let _op = self.ops.lock().await;
+        if armed.is_cancelled() {
+            return None;
+        }
+        Some(
+            self.reload_locked(None, Target::All, (reason, why), &|_| {})
+                .await,
+        )
+    }
+
+    /// What `watch` and `cron_restart` are doing, for `show`.
+    pub fn triggers(&self) -> TriggerStatus {
+        let app = self.app();
+        lock(&self.triggers).status(&app)
+    }
+
+    /// Arms the triggers while some worker is not stopped (and the app was not shut down),
+    /// disarms them otherwise, re-arms them when their configuration changed.
+    fn sync_triggers(&self) {
+        let app = self.app();
+        let running = !self.shut.load(Ordering::SeqCst) && {
+            let slots = self.slots();
+            slots.is_empty() || slots.iter().any(|s| s.state() != WorkerState::Stopped)
+        };
+        let logs = self
+            .log_paths()
+            .into_iter()
+            .flat_map(|(_, p)| [p.out, p.err])
+            .collect();
+        let ctx = crate::triggers::Context {
+            sup: self.me.clone(),
+            running,
+            home: self.env.home.clone(),
+            logs,
+        };
+        lock(&self.triggers).sync(&app, ctx);
     }
 
     /// `max_memory_restart`: replaces worker `id` the way [`reload`](Self::reload) does, counted
@@ -417,6 +479,8 @@ impl AppSupervisor {
         for mut status in watches {
             let _ = status.wait_for(|s| s.state.is_down()).await.map(|_| ());
         }
+        // Every worker stopped: so is watching and the schedule, until `start`.
+        self.sync_triggers();
         Ok(format!(
             "stopped {} worker(s) of {}",
             stopped,
@@ -458,6 +522,7 @@ impl AppSupervisor {
                 old.stop().await;
             }
         }
+        self.sync_triggers();
         first_outcomes(watches).await?;
         Ok(format!(
             "started {} worker(s) of {}",
@@ -548,6 +613,8 @@ impl AppSupervisor {
     /// Drains and stops every worker (concurrently), then returns.
     pub async fn shutdown(&self) {
         let _op = self.ops.lock().await;
+        self.shut.store(true, Ordering::SeqCst);
+        self.sync_triggers();
         let slots = std::mem::take(&mut *self.slots());
         self.retire(slots).await;
     }
@@ -717,6 +784,10 @@ async fn guard_memory(sup: std::sync::Weak<AppSupervisor>, mut ticks: watch::Rec
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Bytes as MiB with one decimal, for messages.
@@ -1074,6 +1145,75 @@ mod tests {
             assert!(after.iter().all(|s| s.state == WorkerState::Ready));
             assert!(after.iter().all(|s| !before.contains(&s.pid.unwrap())));
             sup.shutdown().await;
+        })
+        .await;
+    }
+
+    /// `triggers.rs`: armed while the app runs, disarmed by `stop` and `shutdown`, armed again
+    /// by `start`; a change under the watched cwd reloads every worker, counted as `watch`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn triggers_follow_the_app_and_a_change_reloads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = "[[app]]\nname = \"t\"\ncommand = \"sleep 1000\"\ninstances = 2\n\
+                    watch = true\nwatch_delay = \"50ms\"\ncron_restart = \"0 3 * * *\"\n";
+        // The home is elsewhere: only the test's own write is in the watched cwd.
+        let home = tempfile::tempdir().unwrap();
+        let sup = AppSupervisor::start(app(dir.path(), toml), context(home.path()));
+        bounded(async {
+            sup.wait_started().await.unwrap();
+            let t = sup.triggers();
+            assert!(t.armed);
+            assert!(t.cron.as_ref().unwrap().next.is_some(), "{t:?}");
+            // Until the tree is walked the report is not there; then the write counts.
+            while sup.triggers().watch.unwrap().report.is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let before = pids(&sup);
+            std::fs::write(dir.path().join("app.js"), "changed").unwrap();
+            loop {
+                let now = sup.statuses();
+                if now.len() == 2
+                    && now
+                        .iter()
+                        .all(|s| s.restarts_by.watch == 1 && s.state == WorkerState::Ready)
+                {
+                    assert!(now.iter().all(|s| !before.contains(&s.pid.unwrap())));
+                    assert_eq!(
+                        now[0].last_restart.as_deref(),
+                        Some("watch: app.js changed")
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+
+            sup.stop(Target::All).await.unwrap();
+            let t = sup.triggers();
+            assert!(
+                !t.armed && t.cron.unwrap().next.is_none(),
+                "stopped: disarmed"
+            );
+            sup.start_stopped(Target::All).await.unwrap();
+            assert!(sup.triggers().armed, "started: armed again");
+            // A new configuration without the keys disarms; with other ones, re-arms.
+            let plain = "[[app]]\nname = \"t\"\ncommand = \"sleep 1000\"\ninstances = 2\n";
+            sup.reload(Some(app(dir.path(), plain)), Target::All)
+                .await
+                .unwrap();
+            let t = sup.triggers();
+            assert!(!t.armed && t.watch.is_none() && t.cron.is_none(), "{t:?}");
+            let cron = format!("{plain}cron_restart = \"@daily\"\n");
+            sup.reload(Some(app(dir.path(), &cron)), Target::All)
+                .await
+                .unwrap();
+            let t = sup.triggers();
+            assert!(t.armed && t.watch.is_none() && t.cron.is_some(), "{t:?}");
+            sup.stop(Target::Worker(sup.statuses()[0].id))
+                .await
+                .unwrap();
+            assert!(sup.triggers().armed, "one worker still runs");
+            sup.shutdown().await;
+            assert!(!sup.triggers().armed);
         })
         .await;
     }

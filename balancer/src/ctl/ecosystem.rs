@@ -13,6 +13,16 @@ use std::path::Path;
 use serde_json::Value as Json;
 use toml::Value;
 
+/// Whether PM2 would watch `app`: `watch` is true, a path or a non-empty list.
+fn watched(app: &serde_json::Map<String, Json>) -> bool {
+    match app.get("watch") {
+        Some(Json::Bool(b)) => *b,
+        Some(Json::String(s)) => s != "false" && !s.is_empty(),
+        Some(Json::Array(items)) => !items.is_empty(),
+        _ => false,
+    }
+}
+
 /// The balancer.toml of an ecosystem file, and what could not be carried over.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Imported {
@@ -40,6 +50,7 @@ const SAME: &[&str] = &[
     "out_file",
     "error_file",
     "log_file",
+    "cron_restart",
 ];
 
 /// PM2's other spellings of those keys.
@@ -49,15 +60,7 @@ const RENAMED: &[(&str, &str)] = &[
     ("output", "out_file"),
     ("error", "error_file"),
     ("log", "log_file"),
-];
-
-/// PM2 keys balancer.toml knows but whose behaviour is not built yet: carried as a comment.
-const NOT_YET: &[&str] = &[
-    "watch",
-    "ignore_watch",
-    "ignoreWatch",
-    "watch_delay",
-    "cron_restart",
+    ("cron", "cron_restart"),
 ];
 
 /// PM2 keys with no balancer equivalent, and what to do instead.
@@ -249,6 +252,73 @@ fn one_app(
                     &mut notes,
                 ),
             },
+            // `true`, one path, or a list of paths (PM2 files often say "true"/"false").
+            "watch" => match value {
+                Json::Bool(b) => {
+                    keys.insert("watch".into(), Value::Boolean(*b));
+                }
+                Json::String(s) if s == "true" || s == "false" => {
+                    keys.insert("watch".into(), Value::Boolean(s == "true"));
+                }
+                Json::String(s) => {
+                    keys.insert("watch".into(), Value::String(s.clone()));
+                }
+                Json::Array(items) if items.iter().all(Json::is_string) => {
+                    let items = items.iter().map(|w| Value::String(text(w))).collect();
+                    keys.insert("watch".into(), Value::Array(items));
+                }
+                other => warn(
+                    key,
+                    format!("expected true, a path or a list of paths, found {other}"),
+                    lines,
+                    &mut notes,
+                ),
+            },
+            // As in PM2, these do nothing unless the app is watched; here they would be refused.
+            "ignore_watch" | "ignoreWatch" | "watch_delay" if !watched(app) => warn(
+                key,
+                "has no effect without `watch` (as in PM2)".into(),
+                lines,
+                &mut notes,
+            ),
+            "watch_delay" => match scalar(value) {
+                Some(v) => {
+                    keys.insert("watch_delay".into(), v);
+                }
+                None => warn(
+                    key,
+                    format!("expected milliseconds, found {value}"),
+                    lines,
+                    &mut notes,
+                ),
+            },
+            "ignore_watch" | "ignoreWatch" => {
+                let items: Vec<&str> = match value {
+                    Json::String(s) => vec![s.as_str()],
+                    Json::Array(items) => items.iter().filter_map(Json::as_str).collect(),
+                    _ => Vec::new(),
+                };
+                // PM2's own default (dot-entries, as a regular expression) is always applied here.
+                let (dots, globs): (Vec<&str>, Vec<&str>) = items
+                    .into_iter()
+                    .partition(|i| i.starts_with("[\\/\\\\]\\."));
+                if !dots.is_empty() {
+                    notes.push(format!(
+                        "# {key}: {dots:?} is PM2's dot-file rule; balancer always ignores dot-entries"
+                    ));
+                }
+                if globs.is_empty() && dots.is_empty() {
+                    warn(
+                        key,
+                        format!("expected globs, found {value}"),
+                        lines,
+                        &mut notes,
+                    );
+                } else if !globs.is_empty() {
+                    let globs = globs.into_iter().map(|g| Value::String(g.into())).collect();
+                    keys.insert("ignore_watch".into(), Value::Array(globs));
+                }
+            }
             "instances" => match instances(value) {
                 Ok(v) => {
                     keys.insert("instances".into(), v);
@@ -339,19 +409,6 @@ fn one_app(
                     &mut notes,
                 ),
             },
-            k if NOT_YET.contains(&k) => {
-                let ours = if k == "ignoreWatch" {
-                    "ignore_watch"
-                } else {
-                    k
-                };
-                warn(
-                    key,
-                    format!("balancer.toml's `{ours}` is not supported yet"),
-                    lines,
-                    &mut notes,
-                );
-            }
             k => {
                 let why = NONE
                     .iter()
@@ -469,7 +526,11 @@ mod tests {
   "out_file": "./logs/out.log",
   "max_memory_restart": "300M",
   "pid_file": "./x.pid",
-  "watch": true
+  "watch": ["src"],
+  "ignoreWatch": "*.log",
+  "watch_delay": 500,
+  "cron": "0 3 * * *",
+  "merge_logs": true
 }, {"script": "npm", "args": "run start", "instances": 0}]}"#;
         let got = imported(json, dir.path());
         let doc: toml::Table = toml::from_str(&got.toml).unwrap();
@@ -489,15 +550,23 @@ mod tests {
         assert_eq!(npm["instances"].as_str(), Some("max"), "PM2's 0 is max");
         assert_eq!(got.warnings.len(), 2, "{:?}", got.warnings);
         assert!(
-            got.warnings[0].starts_with("`pid_file` (app `api`, line 11)"),
+            got.warnings[1].starts_with("`pid_file` (app `api`, line 11)"),
             "{:?}",
             got.warnings
         );
         assert!(
-            got.warnings[1].contains("`watch` is not supported yet"),
+            got.warnings[0].contains("`merge_logs` is not supported yet"),
             "{:?}",
             got.warnings
         );
+        assert_eq!(api["watch"].as_array().unwrap()[0].as_str(), Some("src"));
+        assert_eq!(api["ignore_watch"][0].as_str(), Some("*.log"));
+        assert_eq!(
+            api["watch_delay"].as_integer(),
+            Some(500),
+            "milliseconds, as PM2"
+        );
+        assert_eq!(api["cron_restart"].as_str(), Some("0 3 * * *"));
         assert!(
             got.toml
                 .contains("# pid_file = \"./x.pid\"  # not carried over"),
@@ -523,5 +592,41 @@ mod tests {
         );
         assert!(to_toml(&Json::from(3), "", dir.path()).is_err());
         assert!(to_toml(&serde_json::json!({"apps": []}), "", dir.path()).is_err());
+    }
+
+    #[test]
+    fn watch_keys_follow_pm2s_meaning() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.js"), "").unwrap();
+        let json = r#"{"apps": [
+  {"name": "off", "script": "app.js", "watch": "false", "ignoreWatch": ["node_modules"]},
+  {"name": "on", "script": "app.js", "watch": "true",
+   "ignore_watch": ["[\\/\\\\]\\./", "*.log"], "watch_delay": 250}
+]}"#;
+        let got = imported(json, dir.path());
+        let doc: toml::Table = toml::from_str(&got.toml).unwrap();
+        let apps = doc["app"].as_array().unwrap();
+        assert_eq!(
+            apps[0]["watch"].as_bool(),
+            Some(false),
+            "\"false\" is false"
+        );
+        assert!(apps[0].get("ignore_watch").is_none());
+        assert!(
+            got.warnings[0].contains("`ignoreWatch` (app `off`")
+                && got.warnings[0].contains("no effect without `watch`"),
+            "{:?}",
+            got.warnings
+        );
+        assert_eq!(apps[1]["watch"].as_bool(), Some(true));
+        let ignore: Vec<&str> = apps[1]["ignore_watch"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(ignore, ["*.log"], "PM2's dot-file regex is ours by default");
+        assert_eq!(apps[1]["watch_delay"].as_integer(), Some(250));
+        assert_eq!(got.warnings.len(), 1, "{:?}", got.warnings);
     }
 }

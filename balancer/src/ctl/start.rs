@@ -42,9 +42,6 @@ pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
         // `start` with no argument, as PM2's `pm2 resurrect`: what `save` wrote.
         return super::deploy::resurrect(home, output);
     }
-    if let Some(refusal) = unsupported(&args) {
-        return failed(EXIT_USAGE, refusal);
-    }
     let path = Path::new(&args.target);
     if path.exists() {
         if is_toml(path) && path.is_file() {
@@ -66,28 +63,6 @@ pub(super) fn start(home: &Path, args: StartArgs, output: Output) -> Outcome {
         }
     }
     start_program(home, args, Program::Command, output)
-}
-
-/// The refusal of PM2 flags whose behaviour balancer does not have yet, naming the key.
-fn unsupported(args: &StartArgs) -> Option<String> {
-    let found = args.pm2.unsupported();
-    if found.is_empty() {
-        return None;
-    }
-    let named: Vec<String> = found
-        .iter()
-        .map(|(flag, key)| format!("{flag} (balancer.toml `{key}`)"))
-        .collect();
-    let watch = if found.iter().any(|(_, key)| key.contains("watch")) {
-        " (instead of watching, reload on deploy: `balancer reload NAME`)"
-    } else {
-        ""
-    };
-    Some(format!(
-        "{} not supported yet: balancer does not have that behaviour, and a flag accepted and \
-         ignored would be worse; drop it{watch}",
-        named.join(", ")
-    ))
 }
 
 /// Whether the master knows `target` as an app name, a worker id, or `all`. No master: no.
@@ -403,6 +378,31 @@ fn pm2_keys(app: &mut toml::Table, pm2: &crate::cli::Pm2Args) {
             text(&balancer_config::logging::moment_to_strftime(f).unwrap_or_else(|| f.to_owned()))
         }),
     );
+    set(
+        "watch",
+        pm2.watch.as_ref().map(|paths| {
+            if paths.is_empty() {
+                Value::Boolean(true)
+            } else {
+                Value::Array(paths.iter().map(|p| text(p)).collect())
+            }
+        }),
+    );
+    set(
+        "ignore_watch",
+        pm2.ignore_watch
+            .as_ref()
+            .map(|globs| Value::Array(globs.iter().map(|g| text(g)).collect())),
+    );
+    // PM2's `--watch-delay 4` is seconds (its ecosystem key is milliseconds).
+    set(
+        "watch_delay",
+        pm2.watch_delay.as_deref().map(|v| match v.parse::<u64>() {
+            Ok(secs) => text(&format!("{secs}s")),
+            Err(_) => text(v),
+        }),
+    );
+    set("cron_restart", pm2.cron_restart.as_deref().map(text));
     if pm2.no_autorestart {
         set("autorestart", Some(Value::Boolean(false)));
     }

@@ -8,7 +8,8 @@ use balancer_workers::WorkerStatus;
 
 use super::{ControlError, Master};
 use crate::protocol::{
-    AppInfo, AppSnapshot, QueueInfo, RestartsBy, UsageHistory, WorkerInfo, WorkerSnapshot,
+    AppInfo, AppSnapshot, CronInfo, QueueInfo, RestartsBy, UsageHistory, WatchInfo, WorkerInfo,
+    WorkerSnapshot,
 };
 
 /// Every worker of every app, in start order (`ls`/`jlist`).
@@ -98,6 +99,8 @@ pub(super) fn worker_info(app: &App, s: &WorkerStatus) -> WorkerInfo {
             memory: by.memory,
             reload: by.reload,
             restart: by.restart,
+            watch: by.watch,
+            cron: by.cron,
         },
         last_restart: s.last_restart.clone(),
     }
@@ -141,7 +144,40 @@ pub(super) fn show(master: &Master, target: &str) -> Result<AppInfo, ControlErro
             .collect(),
         workers,
         queue: queue_info(sup.pool().queue().stats()),
-    })
+        watch: None,
+        cron: None,
+    }
+    .with_triggers(sup.triggers()))
+}
+
+impl AppInfo {
+    /// `show`'s view of the app's `watch` and `cron_restart`.
+    fn with_triggers(mut self, t: balancer_workers::triggers::TriggerStatus) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.watch = t.watch.map(|w| {
+            let report = w.report.unwrap_or_default();
+            WatchInfo {
+                active: t.armed,
+                paths: w.paths,
+                ignore: w.ignore,
+                delay_ms: ms(w.delay),
+                directories: report.setup.map(|_| report.watched),
+                setup_ms: report.setup.map(ms),
+                unwatched: report.unwatched,
+                unwatched_count: report.unwatched_count,
+                warning: report.warning,
+            }
+        });
+        self.cron = t.cron.map(|c| CronInfo {
+            pattern: c.pattern,
+            active: t.armed,
+            next: c.next.map(|t| {
+                chrono::DateTime::<chrono::Local>::from(t)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
+            }),
+        });
+        self
+    }
 }
 
 /// The queue's figures in `show`'s units.
@@ -211,5 +247,9 @@ pub fn app_json(app: &App) -> serde_json::Value {
         "log_retain": app.logs.rotate.map(|r| r.retain),
         "log_compress": app.logs.rotate.map(|r| r.compress),
         "capture": app.capture,
+        "watch": app.watch.as_ref().map(|w| w.paths.clone()),
+        "ignore_watch": app.watch.as_ref().map(|w| w.ignore.clone()),
+        "watch_delay": app.watch.as_ref().map(|w| secs(w.delay)),
+        "cron_restart": app.cron_restart.as_ref().map(|c| c.pattern.clone()),
     })
 }

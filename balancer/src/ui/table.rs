@@ -113,6 +113,8 @@ pub fn usage(workers: &[WorkerInfo], output: Output) -> String {
             ("memory", by.memory),
             ("reload", by.reload),
             ("restart", by.restart),
+            ("watch", by.watch),
+            ("cron", by.cron),
         ]
         .iter()
         .filter(|(_, n)| *n > 0)
@@ -197,6 +199,10 @@ pub fn app(app: &AppInfo, output: Output) -> String {
         "queue: {} waiting; {} waited, mean {} ms, max {} ms",
         q.waiting, q.queued, q.wait_mean_ms, q.wait_max_ms
     );
+    for line in trigger_lines(app) {
+        page.push_str(&line);
+        page.push('\n');
+    }
     let _ = write!(page, "\nworkers\n{}\n", workers(&app.workers, output));
     let _ = write!(
         page,
@@ -212,6 +218,60 @@ pub fn app(app: &AppInfo, output: Output) -> String {
         }
     }
     page
+}
+
+/// What `watch` and `cron_restart` do now: what is watched (or why not all of it), and when
+/// the next scheduled reload comes. Nothing for an app that has neither.
+pub fn trigger_lines(app: &AppInfo) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(w) = &app.watch {
+        let paths: Vec<String> = w.paths.iter().map(|p| p.display().to_string()).collect();
+        let mut line = format!(
+            "watch: {} (ignoring {}; delay {} ms)",
+            paths.join(", "),
+            w.ignore.join(", "),
+            w.delay_ms
+        );
+        match (w.active, w.directories) {
+            (false, _) => line += ": paused while every worker is stopped",
+            (true, None) => line += ": setting up",
+            (true, Some(n)) => {
+                let _ = write!(
+                    line,
+                    ": {n} directories watched, set up in {} ms",
+                    w.setup_ms.unwrap_or(0)
+                );
+            }
+        }
+        lines.push(line);
+        if let Some(warning) = &w.warning {
+            lines.push(format!("watch warning: {warning}"));
+        }
+        if w.unwatched_count > 0 {
+            let named: Vec<String> = w
+                .unwatched
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            let more = w.unwatched_count.saturating_sub(named.len());
+            let tail = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            lines.push(format!("not watched: {}{tail}", named.join(", ")));
+        }
+    }
+    if let Some(c) = &app.cron {
+        lines.push(match (&c.next, c.active) {
+            (Some(next), true) => format!("cron_restart: {} (next reload {next})", c.pattern),
+            _ => format!(
+                "cron_restart: {} (paused while every worker is stopped)",
+                c.pattern
+            ),
+        });
+    }
+    lines
 }
 
 /// Turns a JSON value into `(dotted.key, text)` rows: objects and lists of objects recurse
@@ -377,6 +437,8 @@ mod tests {
             )],
             workers: vec![worker(0, 0, "ready"), errored()],
             queue: Default::default(),
+            watch: None,
+            cron: None,
         };
         let text = app(&info, Output::Plain);
         insta::assert_snapshot!("show", text);
@@ -390,5 +452,54 @@ mod tests {
             "\nworker 12 (web #1) errored: 16 unstable restarts (each under \
              min_uptime 1s); last exit: exit status 1; last restart: crash: exited with exit code 1\n"
         ));
+    }
+
+    #[test]
+    fn triggers_say_what_is_watched_what_is_not_and_the_next_reload() {
+        let mut info = AppInfo {
+            name: "web".into(),
+            config: serde_json::json!({}),
+            logs: vec![],
+            workers: vec![],
+            queue: Default::default(),
+            watch: Some(crate::protocol::WatchInfo {
+                active: true,
+                paths: vec!["/srv/web".into()],
+                ignore: vec!["node_modules".into(), ".*".into(), "*.log".into()],
+                delay_ms: 1000,
+                directories: Some(120),
+                setup_ms: Some(35),
+                unwatched: vec!["/srv/web/a".into(), "/srv/web/b".into()],
+                unwatched_count: 7,
+                warning: Some("inotify watch limit reached (…)".into()),
+            }),
+            cron: Some(crate::protocol::CronInfo {
+                pattern: "0 3 * * *".into(),
+                active: true,
+                next: Some("2026-12-02T03:00:00+00:00".into()),
+            }),
+        };
+        assert_eq!(
+            trigger_lines(&info),
+            [
+                "watch: /srv/web (ignoring node_modules, .*, *.log; delay 1000 ms): 120 \
+                 directories watched, set up in 35 ms",
+                "watch warning: inotify watch limit reached (…)",
+                "not watched: /srv/web/a, /srv/web/b and 5 more",
+                "cron_restart: 0 3 * * * (next reload 2026-12-02T03:00:00+00:00)",
+            ]
+        );
+        info.watch.as_mut().unwrap().active = false;
+        info.cron.as_mut().unwrap().active = false;
+        let lines = trigger_lines(&info);
+        assert!(
+            lines[0].ends_with(": paused while every worker is stopped"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines[3],
+            "cron_restart: 0 3 * * * (paused while every worker is stopped)"
+        );
+        assert!(app(&info, Output::Plain).contains("\ncron_restart: 0 3 * * *"));
     }
 }
