@@ -548,17 +548,13 @@ mod tests {
         assert_eq!(npm["name"].as_str(), Some("npm"));
         assert_eq!(npm["command"].as_array().unwrap()[0].as_str(), Some("npm"));
         assert_eq!(npm["instances"].as_str(), Some("max"), "PM2's 0 is max");
-        assert_eq!(got.warnings.len(), 2, "{:?}", got.warnings);
+        assert_eq!(got.warnings.len(), 1, "{:?}", got.warnings);
         assert!(
-            got.warnings[1].starts_with("`pid_file` (app `api`, line 11)"),
+            got.warnings[0].starts_with("`pid_file` (app `api`, line 11)"),
             "{:?}",
             got.warnings
         );
-        assert!(
-            got.warnings[0].contains("`merge_logs` is not supported yet"),
-            "{:?}",
-            got.warnings
-        );
+        assert_eq!(api["merge_logs"].as_bool(), Some(true));
         assert_eq!(api["watch"].as_array().unwrap()[0].as_str(), Some("src"));
         assert_eq!(api["ignore_watch"][0].as_str(), Some("*.log"));
         assert_eq!(
