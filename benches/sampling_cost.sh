@@ -26,7 +26,7 @@ done
 echo "ready workers: $n (master pid $MASTER)"
 sleep 3
 ticks() { awk '{print $14+$15}' /proc/$1/stat; }
-stats_tid=$(for t in /proc/$MASTER/task/*; do [ "$(cat $t/comm)" = balancer-stats ] && basename $t; done)
+stats_tid=$(for t in /proc/$MASTER/task/*; do [ "$(cat $t/comm)" = balancer-stats ] && basename $t; done; true)
 HZ=$(getconf CLK_TCK)
 m0=$(ticks $MASTER); s0=$(ticks $MASTER/task/$stats_tid); t0=$(date +%s.%N)
 sleep 60

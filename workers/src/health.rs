@@ -86,6 +86,8 @@ pub async fn probe(
 
 /// How often a `tcp` probe looks whether its connection was accepted.
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
+/// How long a `tcp` probe waits after connecting before it first looks.
+const FIRST_LOOK: Duration = Duration::from_millis(2);
 
 /// A `tcp` check: the connect must succeed **and the worker must accept it**. The kernel
 /// completes a handshake into the listener's backlog by itself, so a worker that is stopped
@@ -97,11 +99,13 @@ async fn tcp_accepted(addr: SocketAddr) -> Result<(), ProbeError> {
     let Ok(local) = stream.local_addr() else {
         return Ok(());
     };
+    // Most workers accept within a few milliseconds; asking at once would nearly always
+    // find the connection still in the backlog and cost a second query.
+    tokio::time::sleep(FIRST_LOOK).await;
     loop {
-        let lookup = tokio::task::spawn_blocking(move || crate::sockdiag::accepted(addr, local))
-            .await
-            .map_err(|e| ProbeError::Local(format!("tcp probe of {addr}: {e}")))?;
-        match lookup {
+        // An exact sock_diag lookup is a few microseconds of netlink on this thread: cheaper
+        // than handing it to the blocking pool, which cost every probe two thread wake-ups.
+        match crate::sockdiag::accepted(addr, local) {
             Ok(Some(false)) => tokio::time::sleep(ACCEPT_POLL).await,
             // Accepted, or already closed by the worker (which had to accept it to close it).
             Ok(Some(true) | None) => return Ok(()),
