@@ -13,16 +13,13 @@
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
 
-use balancer::proxy::Route;
 use balancer_config::Proto;
 use criterion::{BenchmarkId, Criterion};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use tokio_util::sync::CancellationToken;
 
 mod support;
 
@@ -111,29 +108,18 @@ fn benches(c: &mut Criterion, targets: &[(&'static str, SocketAddr)]) {
 }
 
 fn main() {
-    let started = std::time::SystemTime::now();
-    let runtime = support::runtime();
-    let stop = CancellationToken::new();
-    let (direct, proxied) = runtime.block_on(async {
-        let worker = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the worker");
-        let direct = worker.local_addr().expect("addr");
-        tokio::spawn(serve_http(worker));
-        let route = Route::new("bench", support::pool_of(direct), support::settings());
-        (direct, support::serve(Proto::Http, route, &stop))
-    });
-    let mut c = Criterion::default()
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
-    benches(&mut c, &[("direct", direct), ("balancer_http", proxied)]);
-    c.final_summary();
-    stop.cancel();
-    support::print_ratios(
-        started,
+    support::direct_and_proxied(
+        Proto::Http,
+        "balancer_http",
         &["http_keepalive", "http_new_connection"],
-        "direct",
-        &["balancer_http"],
+        || async {
+            let worker = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind the worker");
+            let direct = worker.local_addr().expect("addr");
+            tokio::spawn(serve_http(worker));
+            direct
+        },
+        benches,
     );
 }

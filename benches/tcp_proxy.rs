@@ -14,9 +14,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
 
-use balancer::listener;
 use balancer::proxy::Route;
 use balancer_config::Proto;
 use balancer_workers::WorkerHandle;
@@ -24,7 +22,6 @@ use balancer_workers::reuseport::Group;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 mod support;
 
@@ -103,21 +100,10 @@ fn setup() -> Setup {
             Route::new("bench", Arc::clone(&pool), support::settings()),
             &stop,
         );
-        // Its listener label is only known once bound, so the metered route is served by hand.
-        let public = listener::tcp::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
-        let metered = public.local_addr().expect("addr");
-        let route = Route::new("bench", pool, support::settings())
-            .for_listener(&format!("tcp://{metered}"));
-        tokio::spawn(listener::tcp::serve(
-            public,
-            listener::ServeContext {
-                budget: balancer::proxy::unlimited_budget(),
-                route: Arc::new(route),
-                stop: stop.clone(),
-                abort: CancellationToken::new(),
-                tracker: TaskTracker::new(),
-            },
-        ));
+        // Labelled with its listener, as the master labels each listener's metrics.
+        let metered = support::serve_with(Proto::Tcp, &stop, |addr| {
+            Route::new("bench", pool, support::settings()).for_listener(&format!("tcp://{addr}"))
+        });
         (direct, proxied, metered, reuseport)
     });
     assert!(
@@ -226,10 +212,7 @@ fn benches(c: &mut Criterion) {
 
 fn main() {
     let started = std::time::SystemTime::now();
-    let mut c = Criterion::default()
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
+    let mut c = support::criterion();
     benches(&mut c);
     c.final_summary();
     support::print_ratios(

@@ -12,10 +12,8 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use balancer::proxy::Route;
 use balancer_config::Proto;
 use criterion::{BenchmarkId, Criterion};
-use tokio_util::sync::CancellationToken;
 
 mod support;
 
@@ -70,29 +68,18 @@ fn benches(c: &mut Criterion, targets: &[(&'static str, SocketAddr)]) {
 }
 
 fn main() {
-    let started = std::time::SystemTime::now();
-    let runtime = support::runtime();
-    let stop = CancellationToken::new();
-    let (direct, proxied) = runtime.block_on(async {
-        let worker = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind the worker");
-        let direct = worker.local_addr().expect("addr");
-        tokio::spawn(serve_echo(worker));
-        let route = Route::new("bench", support::pool_of(direct), support::settings());
-        (direct, support::serve(Proto::Udp, route, &stop))
-    });
-    let mut c = Criterion::default()
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
-    benches(&mut c, &[("direct", direct), ("balancer_udp", proxied)]);
-    c.final_summary();
-    stop.cancel();
-    support::print_ratios(
-        started,
+    support::direct_and_proxied(
+        Proto::Udp,
+        "balancer_udp",
         &["datagram_roundtrip", "udp_new_flow"],
-        "direct",
-        &["balancer_udp"],
+        || async {
+            let worker = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind the worker");
+            let direct = worker.local_addr().expect("addr");
+            tokio::spawn(serve_echo(worker));
+            direct
+        },
+        benches,
     );
 }

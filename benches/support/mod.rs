@@ -54,6 +54,16 @@ pub fn settings() -> RouteSettings {
 /// Binds a public `proto` listener on a free loopback port and serves `route` on it with the
 /// real accept loop, on the current runtime; returns its address. Serves until `stop`.
 pub fn serve(proto: Proto, route: Route, stop: &CancellationToken) -> SocketAddr {
+    serve_with(proto, stop, |_| route)
+}
+
+/// [`serve`], with the route made once the listener's address is known (a route labelled with
+/// its listener, as the master labels the metrics of each).
+pub fn serve_with(
+    proto: Proto,
+    stop: &CancellationToken,
+    route: impl FnOnce(SocketAddr) -> Route,
+) -> SocketAddr {
     let wanted = Listener::new(proto, SocketAddr::from(([127, 0, 0, 1], 0)), "PORT");
     let bound = listener::bind(&wanted).expect("bind a public listener");
     let addr = match &bound {
@@ -66,13 +76,46 @@ pub fn serve(proto: Proto, route: Route, stop: &CancellationToken) -> SocketAddr
         bound,
         listener::ServeContext {
             budget: balancer::proxy::unlimited_budget(),
-            route: Arc::new(route),
+            route: Arc::new(route(addr)),
             stop: stop.clone(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
         },
     ));
     addr
+}
+
+/// A direct worker and the same worker behind one listener of `proto`: sets both up on a new
+/// runtime, runs `benches` over `[("direct", …), (proxied_name, …)]` with the benches'
+/// criterion settings, and prints each group's ratio to `direct`.
+pub fn direct_and_proxied<W: std::future::Future<Output = SocketAddr>>(
+    proto: Proto,
+    proxied_name: &'static str,
+    groups: &[&str],
+    worker: impl FnOnce() -> W,
+    benches: impl FnOnce(&mut criterion::Criterion, &[(&'static str, SocketAddr)]),
+) {
+    let started = SystemTime::now();
+    let runtime = runtime();
+    let stop = CancellationToken::new();
+    let (direct, proxied) = runtime.block_on(async {
+        let direct = worker().await;
+        let route = Route::new("bench", pool_of(direct), settings());
+        (direct, serve(proto, route, &stop))
+    });
+    let mut c = criterion();
+    benches(&mut c, &[("direct", direct), (proxied_name, proxied)]);
+    c.final_summary();
+    stop.cancel();
+    print_ratios(started, groups, "direct", &[proxied_name]);
+}
+
+/// The criterion settings every proxy bench uses (command-line arguments applied).
+pub fn criterion() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args()
 }
 
 /// Prints, for each group, every path's mean time as a ratio to `baseline`'s in the same run
