@@ -35,6 +35,44 @@ pub(crate) fn udp_app(name: &str, script: &str, port: u16, instances: u32, extra
     )
 }
 
+/// `clients` threads, each its own client address, asking every 10 ms until `stop` (at most
+/// 10,000 requests or 60 s); each ends with (answered, lost, the pid that answered last).
+pub(crate) fn udp_load(
+    port: u16,
+    clients: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(u32, u32, Option<String>)>> {
+    use std::sync::atomic::Ordering;
+    (0..clients)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let client = Client::new(port);
+                let started = Instant::now();
+                let (mut ok, mut lost, mut last) = (0u32, 0u32, None);
+                // Bounded in count and time whatever happens.
+                for seq in 0..10_000 {
+                    if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(60) {
+                        break;
+                    }
+                    match client.ask(format!("c{i} #{seq}").as_bytes(), Duration::from_secs(1)) {
+                        Some(pid) => {
+                            ok += 1;
+                            last = Some(pid);
+                        }
+                        None => {
+                            lost += 1;
+                            eprintln!("client {i}: request #{seq} got no answer");
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                (ok, lost, last)
+            })
+        })
+        .collect()
+}
+
 /// One client address: a socket connected to the public port, so it only accepts datagrams
 /// that come back from the public address.
 pub(crate) struct Client {
@@ -306,34 +344,7 @@ fn a_reload_under_udp_load_loses_no_request() {
     let old = b.ready_pids("dns");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..4)
-        .map(|i| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let client = Client::new(port);
-                let started = Instant::now();
-                let (mut ok, mut lost, mut last) = (0u32, 0u32, None);
-                // Bounded in count and time whatever happens.
-                for seq in 0..10_000 {
-                    if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(60) {
-                        break;
-                    }
-                    match client.ask(format!("c{i} #{seq}").as_bytes(), Duration::from_secs(1)) {
-                        Some(pid) => {
-                            ok += 1;
-                            last = Some(pid);
-                        }
-                        None => {
-                            lost += 1;
-                            eprintln!("client {i}: request #{seq} got no answer");
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                (ok, lost, last)
-            })
-        })
-        .collect();
+    let load = udp_load(port, 4, &stop);
     std::thread::sleep(Duration::from_millis(500));
     let (code, out, err) = b.cli(&["reload", "dns"]);
     assert_eq!(code, 0, "{out}{err}");

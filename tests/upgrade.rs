@@ -329,7 +329,7 @@ fn a_reuseport_group_keeps_steering_across_an_upgrade_and_after_it() {
 
 #[test]
 fn upgrade_under_udp_load_loses_no_request_and_flows_move_to_the_new_workers() {
-    use crate::udp::{Client, free_udp_port, udp_app};
+    use crate::udp::{free_udp_port, udp_app, udp_load};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -341,34 +341,7 @@ fn upgrade_under_udp_load_loses_no_request_and_flows_move_to_the_new_workers() {
     let first = b.pid();
     let old_workers = worker_pids(&home);
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..3)
-        .map(|i| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let client = Client::new(port);
-                let started = Instant::now();
-                let (mut ok, mut lost, mut last) = (0u32, 0u32, None);
-                // Bounded in count and time whatever happens.
-                for seq in 0..10_000 {
-                    if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(60) {
-                        break;
-                    }
-                    match client.ask(format!("c{i} #{seq}").as_bytes(), Duration::from_secs(1)) {
-                        Some(pid) => {
-                            ok += 1;
-                            last = Some(pid);
-                        }
-                        None => {
-                            lost += 1;
-                            eprintln!("client {i}: request #{seq} got no answer");
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                (ok, lost, last)
-            })
-        })
-        .collect();
+    let load = udp_load(port, 3, &stop);
     std::thread::sleep(Duration::from_millis(500));
     let (code, out, err) = b.cli(&["upgrade"]);
     assert_eq!(code, 0, "upgrade: {out}{err}");
