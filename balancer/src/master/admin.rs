@@ -222,31 +222,11 @@ async fn reload_with_progress(
     target: &str,
     out: &mut Out,
 ) -> Result<(), LinesCodecError> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let report = move |line: String| {
         let _ = tx.send(line);
     };
-    let work = master.reload_reporting(target, &report);
-    tokio::pin!(work);
-    let mut listening = true;
-    let result = loop {
-        tokio::select! {
-            result = &mut work => break result,
-            Some(line) = rx.recv() => {
-                if listening && send(out, &Reply::Progress(line)).await.is_err() {
-                    listening = false;
-                }
-            }
-        }
-    };
-    while let Ok(line) = rx.try_recv() {
-        if listening && send(out, &Reply::Progress(line)).await.is_err() {
-            listening = false;
-        }
-    }
-    if !listening {
-        return Err(LinesCodecError::Io(io::ErrorKind::BrokenPipe.into()));
-    }
+    let result = with_progress(out, rx, master.reload_reporting(target, &report)).await?;
     send(out, &outcome(result)).await
 }
 
@@ -258,25 +238,36 @@ async fn upgrade_with_progress(
     timeout_ms: Option<u64>,
     out: &mut Out,
 ) -> Result<(), LinesCodecError> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let report = move |line: String| {
         let _ = tx.send(line);
     };
     let timeout = Duration::from_millis(timeout_ms.unwrap_or(crate::protocol::UPGRADE_TIMEOUT_MS));
-    let work = master.upgrade(binary, timeout, &report);
+    let result = with_progress(out, rx, master.upgrade(binary, timeout, &report)).await?;
+    send(out, &outcome(result)).await
+}
+
+/// Runs `work` to its end, sending each line it reports on `lines` as a progress reply as it
+/// comes. A client that hangs up stops getting lines, but `work` is never cut short: the
+/// error comes back only once it is done.
+async fn with_progress<T>(
+    out: &mut Out,
+    mut lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, LinesCodecError> {
     tokio::pin!(work);
     let mut listening = true;
     let result = loop {
         tokio::select! {
             result = &mut work => break result,
-            Some(line) = rx.recv() => {
+            Some(line) = lines.recv() => {
                 if listening && send(out, &Reply::Progress(line)).await.is_err() {
                     listening = false;
                 }
             }
         }
     };
-    while let Ok(line) = rx.try_recv() {
+    while let Ok(line) = lines.try_recv() {
         if listening && send(out, &Reply::Progress(line)).await.is_err() {
             listening = false;
         }
@@ -284,7 +275,7 @@ async fn upgrade_with_progress(
     if !listening {
         return Err(LinesCodecError::Io(io::ErrorKind::BrokenPipe.into()));
     }
-    send(out, &outcome(result)).await
+    Ok(result)
 }
 
 async fn next_line(lines: &mut Lines) {
