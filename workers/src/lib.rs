@@ -6,6 +6,7 @@
 //! map of which module owns which part of it.
 
 pub mod capture;
+mod cbpf;
 pub mod children;
 pub mod error;
 pub mod health;

@@ -17,13 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use nix::libc;
 
-const BPF_LD: u16 = 0x00;
-const BPF_JMP: u16 = 0x05;
-const BPF_RET: u16 = 0x06;
-const BPF_W: u16 = 0x00;
-const BPF_ABS: u16 = 0x20;
-const BPF_JEQ: u16 = 0x10;
-const BPF_K: u16 = 0x00;
+use crate::cbpf::*;
 
 /// `offsetof(struct seccomp_data, nr)` and `arch`.
 const NR_OFFSET: u32 = 0;
@@ -43,19 +37,6 @@ const ARCH: u32 = 0xC000_00B7;
 const NR_BIND: u32 = 200;
 #[cfg(target_arch = "aarch64")]
 const NR_BIND_X32: Option<u32> = None;
-
-fn stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
-}
-
-fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
 
 /// The program: another arch → allow; `bind` (or x32 `bind`) → notify; anything else → allow.
 pub fn program() -> Vec<libc::sock_filter> {

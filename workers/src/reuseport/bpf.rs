@@ -13,44 +13,15 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use nix::libc;
 
+use crate::cbpf::*;
+
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; not exported by libc for every target).
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
-const BPF_LD: u16 = 0x00;
-const BPF_ALU: u16 = 0x04;
-const BPF_JMP: u16 = 0x05;
-const BPF_RET: u16 = 0x06;
-const BPF_MISC: u16 = 0x07;
-const BPF_W: u16 = 0x00;
-const BPF_H: u16 = 0x08;
-const BPF_B: u16 = 0x10;
-const BPF_ABS: u16 = 0x20;
-const BPF_IND: u16 = 0x40;
-const BPF_AND: u16 = 0x50;
-const BPF_LSH: u16 = 0x60;
-const BPF_RSH: u16 = 0x70;
-const BPF_MOD: u16 = 0x90;
-const BPF_JA: u16 = 0x00;
-const BPF_JEQ: u16 = 0x10;
-const BPF_K: u16 = 0x00;
-const BPF_TAX: u16 = 0x00;
 /// Loads at this offset are relative to the network (IP) header.
 const NET: u32 = libc::SKF_NET_OFF as u32;
 /// `SKF_AD_OFF + SKF_AD_RANDOM`: a pseudo-random u32.
 const RANDOM: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32;
-
-fn stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
-}
-
-fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
 
 /// Builds the steering program.
 ///

@@ -252,15 +252,7 @@ async fn take_over_on_runtime(
         Ok(done) => done,
         Err(error) => {
             tracing::error!("cannot take over: {error}");
-            let _ = send(
-                &mut write,
-                &Message::Failed {
-                    error: error.clone(),
-                },
-            )
-            .await;
-            master.shutdown().await;
-            return Err(MasterError::TakeOver(error));
+            return Err(give_up(&master, &mut write, error).await);
         }
     };
     let _ = send(&mut write, &Message::Progress { line: done }).await;
@@ -290,15 +282,7 @@ async fn take_over_on_runtime(
         Ok(admin) => admin,
         Err(e) => {
             let error = format!("cannot bind the admin socket {}: {e}", path.display());
-            let _ = send(
-                &mut write,
-                &Message::Failed {
-                    error: error.clone(),
-                },
-            )
-            .await;
-            master.shutdown().await;
-            return Err(MasterError::TakeOver(error));
+            return Err(give_up(&master, &mut write, error).await);
         }
     };
     let mut lock = HomeLock::inherit(&home, lock)?;
@@ -382,4 +366,22 @@ fn old_master_alive(pid: u32) -> bool {
         return false;
     };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Tells the old master this one cannot take over (it carries on), stops what this master
+/// started, and gives the error its exit reports.
+async fn give_up(
+    master: &Master,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    error: String,
+) -> MasterError {
+    let _ = send(
+        write,
+        &Message::Failed {
+            error: error.clone(),
+        },
+    )
+    .await;
+    master.shutdown().await;
+    MasterError::TakeOver(error)
 }
