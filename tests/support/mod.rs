@@ -447,8 +447,14 @@ impl Load {
                                 ok.fetch_add(1, Ordering::Relaxed);
                                 *seen.entry(pid).or_default() += 1;
                             }
-                            Err(_) => {
+                            Err(e) => {
                                 failed.fetch_add(1, Ordering::Relaxed);
+                                // When and how, so a failure in CI says which step lost it.
+                                eprintln!(
+                                    "load: connection failed at {:?} ({}): {e}",
+                                    started.elapsed(),
+                                    chrono_now()
+                                );
                             }
                         }
                         std::thread::sleep(Duration::from_millis(2));
@@ -480,4 +486,19 @@ impl Load {
             seen,
         )
     }
+}
+
+/// The wall clock as UTC `HH:MM:SS.ffffff`, to line a test's events up with the master's log.
+pub fn chrono_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = now.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        now.subsec_micros()
+    )
 }

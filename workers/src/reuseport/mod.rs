@@ -227,6 +227,8 @@ impl Group {
     /// duplicate, with a program valid before and after the kernel reorders the group.
     pub async fn leave(self: &Arc<Self>, key: MemberKey, takeover: Option<Takeover>) {
         let takeover = takeover.or_else(|| self.start_leaving(key));
+        // This clone must be gone before the close below: the socket leaves the group when
+        // its last duplicate closes, and that has to happen between the two programs.
         let socket = self.members().socket(key);
         if let Some(socket) = socket
             && self.listener.proto != Proto::Udp
@@ -259,7 +261,17 @@ impl Group {
             if i != last {
                 self.steer(&members, Some(last));
             }
-            members.list.swap_remove(i);
+            let gone = members.list.swap_remove(i);
+            // Ours is the last duplicate (the worker has exited, the takeover has ended): the
+            // kernel moves the group's last socket into the gap now, under the program that
+            // avoids both. Closed any later, the program for the new order would already send
+            // connections to the closing socket, which resets them.
+            debug_assert_eq!(
+                Arc::strong_count(&gone.socket),
+                1,
+                "a duplicate outlives the close"
+            );
+            drop(gone);
             self.steer(&members, None);
         }
     }
@@ -466,6 +478,71 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("fd 3"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_leaving_under_a_connection_storm_reset_nothing() {
+        use std::sync::atomic::AtomicU64;
+        let port = free_port();
+        let group = Group::new(tcp_listener(port), rescue());
+        // A "worker" that accepts until told to exit, then closes its socket.
+        let worker = |fd: OwnedFd| {
+            let exit = Arc::new(AtomicBool::new(false));
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true).unwrap();
+            let flag = exit.clone();
+            let thread = std::thread::spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.write_all(b"w");
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                    }
+                }
+            });
+            (exit, thread)
+        };
+        let (first, fd) = group.join().unwrap();
+        let mut workers = vec![(first, worker(fd))];
+        group.set_ready(first, true);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut out = String::new();
+                        let answered = std::net::TcpStream::connect(("127.0.0.1", port))
+                            .and_then(|mut s| s.read_to_string(&mut out));
+                        match answered {
+                            Ok(_) if out == "w" => ok.fetch_add(1, Ordering::Relaxed),
+                            _ => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+            })
+            .collect();
+        // Each round: a member joins at the end, serves, and an earlier one leaves, so the
+        // kernel moves the last socket into the gap while connections keep arriving.
+        for _ in 0..8 {
+            let (key, fd) = group.join().unwrap();
+            workers.push((key, worker(fd)));
+            group.set_ready(key, true);
+            let (leaving, (exit, thread)) = workers.remove(0);
+            let takeover = group.start_leaving(leaving);
+            exit.store(true, Ordering::Relaxed);
+            thread.join().unwrap();
+            group.leave(leaving, takeover).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            c.join().unwrap();
+        }
+        let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+        assert!(ok > 100, "the storm really ran: {ok}");
+        assert_eq!(failed, 0, "{failed} of {} connections failed", ok + failed);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
