@@ -285,7 +285,7 @@ fn workers_text(master: &Master, out: &mut String) {
     let apps = master.apps();
     let rows: Vec<Row<'_>> = apps
         .iter()
-        .flat_map(|(_, statuses)| statuses.iter())
+        .flat_map(|(_, statuses)| one_per_slot(statuses))
         .map(|s| {
             let labels = format!(
                 "app=\"{}\",worker=\"{}\",instance=\"{}\"",
@@ -350,6 +350,30 @@ fn workers_text(master: &Master, out: &mut String) {
         }
     }
     out.push('\n');
+}
+
+/// One status per worker slot. During a reload a slot has two (the draining process and its
+/// replacement), and two samples with the same labels would make the exposition invalid: the
+/// slot is its replacement, the incarnation not on its way out (or the last listed).
+fn one_per_slot(statuses: &[WorkerStatus]) -> Vec<&WorkerStatus> {
+    let leaving = |s: &WorkerStatus| {
+        matches!(
+            s.state,
+            WorkerState::Draining | WorkerState::Stopping | WorkerState::Stopped
+        )
+    };
+    let mut slots: Vec<&WorkerStatus> = Vec::with_capacity(statuses.len());
+    for s in statuses {
+        match slots
+            .iter_mut()
+            .find(|kept| kept.app == s.app && kept.id == s.id)
+        {
+            Some(kept) if leaving(kept) || !leaving(s) => *kept = s,
+            Some(_) => {}
+            None => slots.push(s),
+        }
+    }
+    slots
 }
 
 /// One worker row: its labels, status and last usage sample.
@@ -476,6 +500,35 @@ mod tests {
         let mut out = String::new();
         process_text(&mut out);
         assert!(out.contains("# TYPE process_cpu_seconds_total counter\n"));
+    }
+
+    #[test]
+    fn a_slot_mid_reload_is_one_series_its_replacement() {
+        let status = |id: u32, state: WorkerState, pid: u32| WorkerStatus {
+            id,
+            app: "a".into(),
+            instance: id,
+            state,
+            pid: Some(pid),
+            addrs: Vec::new(),
+            since: None,
+            restarts: 0,
+            restarts_by: Default::default(),
+            last_restart: None,
+            last_exit: None,
+            reason: None,
+            handle: None,
+            usage: None,
+        };
+        let statuses = [
+            status(0, WorkerState::Ready, 10),
+            status(1, WorkerState::Draining, 11),
+            status(1, WorkerState::Starting, 12),
+            status(2, WorkerState::Starting, 13),
+            status(2, WorkerState::Stopping, 14),
+        ];
+        let pids: Vec<Option<u32>> = one_per_slot(&statuses).iter().map(|s| s.pid).collect();
+        assert_eq!(pids, [Some(10), Some(12), Some(13)]);
     }
 
     #[test]
