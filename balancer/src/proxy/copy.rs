@@ -62,17 +62,25 @@ impl Drop for Loan {
 /// connection ends at once (an [`io::ErrorKind::ConnectionAborted`] error), rather than
 /// waiting on the other side (a worker that accepts and never answers would otherwise hold
 /// both descriptors until it closes).
+///
+/// The caller closes both sockets as soon as it returns: that close is what sends the FIN of
+/// the direction that ended last.
 pub async fn bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    let moved = std::sync::atomic::AtomicBool::new(false);
-    tokio::try_join!(one_way(a, b, &moved), one_way(b, a, &moved))
+    let state = Shared::default();
+    tokio::try_join!(one_way(a, b, &state), one_way(b, a, &state))
+}
+
+/// What the two directions of one connection know of each other.
+#[derive(Default)]
+struct Shared {
+    /// A byte has moved, either way.
+    moved: std::sync::atomic::AtomicBool,
+    /// One direction has seen its EOF (and passed it on).
+    one_done: std::sync::atomic::AtomicBool,
 }
 
 /// Copies `from` → `to` until EOF on `from`, then shuts down `to`'s write side.
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: &std::sync::atomic::AtomicBool,
-) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result<u64> {
     use std::sync::atomic::Ordering;
     let mut total = 0u64;
     loop {
@@ -83,13 +91,20 @@ async fn one_way(
         let mut loan = Loan::take();
         loop {
             let (n, drained) = match read_some(from, loan.buf()) {
-                Ok((0, _)) if !moved.load(Ordering::Relaxed) => {
+                Ok((0, _)) if !state.moved.load(Ordering::Relaxed) => {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
                         "closed before anything was sent either way",
                     ));
                 }
                 Ok((0, _)) => {
+                    // The second EOF: both directions are over and the caller closes both
+                    // sockets now, and the close sends `to` its FIN (everything `to` sent was
+                    // read, to its EOF). A shutdown first would be one more syscall for the
+                    // same FIN.
+                    if state.one_done.swap(true, Ordering::Relaxed) {
+                        return Ok(total);
+                    }
                     // Not connected any more (the other side reset) is a normal end here.
                     match SockRef::from(to).shutdown(Shutdown::Write) {
                         Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
@@ -101,7 +116,7 @@ async fn one_way(
                 Err(e) => return Err(e),
             };
             if total == 0 {
-                moved.store(true, Ordering::Relaxed);
+                state.moved.store(true, Ordering::Relaxed);
             }
             let mut written = 0;
             while written < n {

@@ -131,7 +131,7 @@ pub async fn proxy(
         connected = connect(route, &settings, shutdown, source.ip(), header.as_deref()) => connected?,
         () = hung_up(&client) => return Err(TcpProxyError::ClientGone),
     };
-    let _ = client.set_nodelay(true);
+    // The client has TCP_NODELAY from the listener (`listener::tcp::bind`).
     let _ = upstream.set_nodelay(true);
     // Each EOF shuts down the other side's write half and the other direction goes on:
     // half-close passes through in both directions. Buffers are borrowed only while bytes move.

@@ -45,7 +45,11 @@ impl StdSocket {
     /// On the runtime.
     fn into_bound(self) -> io::Result<Bound> {
         Ok(match self {
-            StdSocket::Stream(l) => Bound::Stream(tokio::net::TcpListener::from_std(l)?),
+            StdSocket::Stream(l) => {
+                let l = tokio::net::TcpListener::from_std(l)?;
+                crate::listener::tcp::nodelay(&l)?;
+                Bound::Stream(l)
+            }
             StdSocket::Datagram(s) => Bound::Datagram(tokio::net::UdpSocket::from_std(s)?),
         })
     }

@@ -70,7 +70,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Ht
     let local = stream.local_addr().unwrap_or(peer);
     let (stop, abort) = (proxy.stop.clone(), proxy.abort.clone());
     let accepted = Instant::now();
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY comes with the accept, from the listener (`listener::tcp::bind`).
     let route = Arc::clone(proxy.route());
     let limits = route.settings().http;
     let h2 = tokio::select! {
