@@ -112,7 +112,7 @@ pub fn accept_queue_len(socket: BorrowedFd<'_>) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use socket2::{Domain, Socket, Type};
+    use socket2::{Domain, SockRef, Socket, Type};
     use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::os::fd::AsFd;
 
@@ -177,6 +177,26 @@ mod tests {
         drop(all.remove(1));
         let moved = all.pop().unwrap();
         all.insert(1, moved);
+        assert_order(addr, &all);
+    }
+
+    #[test]
+    fn a_shut_down_listener_leaves_its_group_though_a_duplicate_is_open() {
+        let (addr, mut all) = group(4);
+        let leaving = all.remove(1);
+        let still_open = leaving.try_clone().unwrap();
+        SockRef::from(&leaving)
+            .shutdown(std::net::Shutdown::Read)
+            .unwrap();
+        // Gone from the group at once, as at its last close: the last moves into its slot.
+        let moved = all.pop().unwrap();
+        all.insert(1, moved);
+        assert_order(addr, &all);
+        assert!(still_open.accept().is_err(), "it listens no more");
+    }
+
+    /// The kernel's order of the group is `all`'s: a program naming index i reaches `all[i]`.
+    fn assert_order(addr: SocketAddr, all: &[TcpListener]) {
         for (index, listener) in all.iter().enumerate() {
             attach(all[0].as_fd(), &program(&[], &[index as u32])).unwrap();
             let before = accept_queue_len(listener.as_fd()).unwrap();

@@ -262,15 +262,23 @@ impl Group {
                 self.steer(&members, Some(last));
             }
             let gone = members.list.swap_remove(i);
-            // Ours is the last duplicate (the worker has exited, the takeover has ended): the
-            // kernel moves the group's last socket into the gap now, under the program that
-            // avoids both. Closed any later, the program for the new order would already send
-            // connections to the closing socket, which resets them.
             debug_assert_eq!(
                 Arc::strong_count(&gone.socket),
                 1,
-                "a duplicate outlives the close"
+                "a duplicate of ours outlives the close"
             );
+            // The socket must leave the group here, under the program that avoids both moving
+            // slots: the kernel moves the last socket into the gap at that moment, and once the
+            // program for the new order is in, a connection sent to a socket still closing is
+            // reset. A close alone is not enough: the socket leaves only when its last
+            // descriptor closes, and another process may hold one a while longer (a child
+            // between fork and exec in another slot's spawn, a worker's own child). Shutting
+            // down a listener's read side stops it listening for every descriptor at once.
+            // Not on a frozen group: its sockets are the next master's too, and it says when
+            // they leave.
+            if self.listener.proto != Proto::Udp && !self.frozen.load(Ordering::SeqCst) {
+                let _ = socket2::SockRef::from(&*gone.socket).shutdown(std::net::Shutdown::Read);
+            }
             drop(gone);
             self.steer(&members, None);
         }
