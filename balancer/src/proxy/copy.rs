@@ -4,9 +4,11 @@
 //! idle connection (a keep-alive client between requests, a WebSocket, a stuck worker) costs
 //! 32 KiB, and freeing and reallocating them per connection fragments the heap, so RSS does not
 //! come back after a burst. Here a direction waits for readiness holding nothing, borrows a
-//! buffer from a small per-thread pool for one read and its write, and gives it back: idle
-//! connections cost only their sockets and task, and the same few buffers serve every
-//! connection of a thread.
+//! buffer from a small per-thread pool for one burst of reads and their writes, and gives it
+//! back: idle connections cost only their sockets and task, and the same few buffers serve
+//! every connection of a thread. A burst starts with a 16 KiB buffer and moves to a 64 KiB one
+//! when a read fills it (a bulk transfer), as HAProxy's `splice-auto` switches only flowing
+//! streams to its faster path.
 //!
 //! Half-close is exact: EOF on one side shuts down the write side of the other, and the other
 //! direction goes on until its own EOF.
@@ -18,35 +20,59 @@ use std::net::Shutdown;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-/// One read's worth: HAProxy's default `tune.bufsize`.
+/// A burst's first read: HAProxy's default `tune.bufsize`. Requests and replies of most
+/// protocols fit; a read that fills it means a stream is flowing.
 pub const BUFFER_SIZE: usize = 16 * 1024;
-/// Buffers kept per thread for reuse; more in use at once are allocated and dropped.
+/// What the rest of a burst reads with once a read filled [`BUFFER_SIZE`]: a quarter of the
+/// syscalls for bulk transfers. Idle connections still hold nothing.
+pub const BULK_BUFFER_SIZE: usize = 64 * 1024;
+/// Buffers of each size kept per thread for reuse; more in use at once are allocated and
+/// dropped.
 const POOL_MAX: usize = 64;
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static BULK_POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A buffer on loan from this thread's pool; it goes back (on whichever thread drops it).
+/// A buffer on loan from this thread's pool of its size; it goes back (on whichever thread
+/// drops it).
 struct Loan(Option<Box<[u8]>>);
 
 impl Loan {
     fn take() -> Loan {
-        let buf = POOL
+        Loan::from(&POOL, BUFFER_SIZE)
+    }
+
+    fn take_bulk() -> Loan {
+        Loan::from(&BULK_POOL, BULK_BUFFER_SIZE)
+    }
+
+    fn from(pool: &'static std::thread::LocalKey<RefCell<Vec<Box<[u8]>>>>, size: usize) -> Loan {
+        let buf = pool
             .with_borrow_mut(Vec::pop)
-            .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+            .unwrap_or_else(|| vec![0u8; size].into_boxed_slice());
         Loan(Some(buf))
     }
 
     fn buf(&mut self) -> &mut [u8] {
         self.0.as_deref_mut().unwrap_or_default()
     }
+
+    fn is_bulk(&self) -> bool {
+        self.0.as_ref().is_some_and(|b| b.len() == BULK_BUFFER_SIZE)
+    }
 }
 
 impl Drop for Loan {
     fn drop(&mut self) {
         if let Some(buf) = self.0.take() {
-            POOL.with_borrow_mut(|pool| {
+            let pool = if buf.len() == BULK_BUFFER_SIZE {
+                &BULK_POOL
+            } else {
+                &POOL
+            };
+            pool.with_borrow_mut(|pool| {
                 if pool.len() < POOL_MAX {
                     pool.push(buf);
                 }
@@ -130,6 +156,10 @@ async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result
             if drained {
                 break;
             }
+            // The read filled the buffer: a stream is flowing, read the rest with a big one.
+            if !loan.is_bulk() {
+                loan = Loan::take_bulk();
+            }
         }
     }
 }
@@ -200,7 +230,7 @@ mod tests {
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"request", "the client's FIN reached the server");
         // The other direction still works after the half-close.
-        let big = vec![7u8; 3 * BUFFER_SIZE + 5];
+        let big = vec![7u8; 3 * BULK_BUFFER_SIZE + BUFFER_SIZE + 5];
         server.write_all(&big).await.unwrap();
         server.shutdown().await.unwrap();
         let mut back = Vec::new();
