@@ -9,7 +9,7 @@
 //! - a worker leaving (drained, crashed, scaled down) is first steered away from; the master
 //!   then accepts whatever is still queued on its socket (through its duplicate) and proxies it
 //!   to the public address, where the program sends it to a live worker; only when that queue
-//!   has stayed empty does the master close its duplicate;
+//!   has stayed empty does the master take the socket out of the group (shutdown, then close);
 //! - the group's socket order is mirrored here (the kernel numbers sockets in `listen` order
 //!   and moves the last into a closed one's slot), and the program installed around a close is
 //!   valid for the order before and after it.
