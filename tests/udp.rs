@@ -15,10 +15,9 @@ use crate::support::*;
 
 /// A loopback UDP port that was free a moment ago.
 pub(crate) fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free udp port")
+    crate::support::test_port(|port| {
+        UdpSocket::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("0.0.0.0", port)).is_ok()
+    })
 }
 
 fn public(port: u16) -> SocketAddr {

@@ -78,12 +78,42 @@ pub fn loopback(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
-/// A loopback port that was free a moment ago.
+/// Public ports for tests are handed out from here, below the masters' private ports (20000 up
+/// to the kernel's ephemeral range, see `balancer_workers::spawn`) and so below the ephemeral
+/// range too: a port the kernel gave out (`bind(:0)`) can be taken a moment later as the source
+/// port of another test's outgoing connection, and the master's bind of it then fails with
+/// EADDRINUSE (seen in CI: a learned capture address).
+const TEST_PORTS: std::ops::Range<u32> = 10_000..20_000;
+/// The next candidate, shared by TCP and UDP so no two tests of this binary get the same port.
+static NEXT_TEST_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A test port that is free (for `free`, on loopback and the wildcard) now, and that no other
+/// test of this run was given.
+pub fn test_port(free: impl Fn(u16) -> bool) -> u16 {
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    // Different runs start at different places.
+    let _ = NEXT_TEST_PORT.compare_exchange(
+        0,
+        (std::process::id().wrapping_mul(2_654_435_761) % span) | 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let step = NEXT_TEST_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = (TEST_PORTS.start + step % span) as u16;
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("no free test port in {TEST_PORTS:?}");
+}
+
+/// A TCP port for a test's public listener.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    test_port(|port| {
+        TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("0.0.0.0", port)).is_ok()
+    })
 }
 
 /// Locks `m` even if a test panicked while holding it (a failed `wait_for` assertion), so one
