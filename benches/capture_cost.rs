@@ -215,19 +215,9 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("worker_round_trip_64B");
     for (name, addr) in targets {
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        let mut line = String::new();
-        BufReader::new(&mut stream)
-            .read_line(&mut line)
-            .expect("greeting");
-        let payload = [7u8; 64];
-        let mut back = [0u8; 64];
+        let mut stream = connect(addr);
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                stream.write_all(&payload).expect("write");
-                stream.read_exact(&mut back).expect("read");
-            })
+            b.iter(|| round_trip(&mut stream))
         });
     }
     group.finish();

@@ -79,8 +79,10 @@ impl Loads {
         }
     }
 
-    /// (tcp ok, tcp failed, http ok, http failed), after asserting nothing failed.
+    /// (tcp ok, tcp failed, http ok, http failed), after asserting nothing failed. The loads
+    /// run on a moment first, so they also cover the last master serving alone.
     fn finish(self, what: &str) -> (u64, u64, u64, u64) {
+        std::thread::sleep(Duration::from_millis(300));
         let (tok, tfailed, _) = self.tcp.finish();
         let (hok, hfailed, seen, errors) = self.http.finish();
         eprintln!(
@@ -92,6 +94,13 @@ impl Loads {
         assert!(tok > 50 && hok > 50, "{what}: the load really ran");
         (tok, tfailed, hok, hfailed)
     }
+}
+
+/// `balancer kill`, then the master `last` gone.
+fn kill_and_wait(home: &std::path::Path, last: u32) {
+    let (code, _, err) = cli(home, &["kill"]);
+    assert_eq!(code, 0, "kill: {err}");
+    assert_eq!(wait_dead(&[last], PATIENCE), Vec::<u32>::new());
 }
 
 /// Waits until the master answering on `home` is not `old`; returns it.
@@ -201,12 +210,9 @@ fn upgrade_then_sigusr2_under_load_fail_no_request_and_leave_no_orphan() {
     let third = wait_new_master(&home, second);
     reap.0.push(third);
     handed_over(&home, second, &second_workers, third);
-    std::thread::sleep(Duration::from_millis(300));
     loads.finish("upgrade, then SIGUSR2");
 
-    let (code, _, err) = cli(&home, &["kill"]);
-    assert_eq!(code, 0, "kill: {err}");
-    assert_eq!(wait_dead(&[third], PATIENCE), Vec::<u32>::new());
+    kill_and_wait(&home, third);
 }
 
 #[test]
@@ -261,12 +267,9 @@ fn upgrade_to_a_copied_binary_and_two_that_fail_keep_every_request() {
     assert_eq!(exe, copy, "the new master runs the copy");
     assert_eq!(b.wait_exit().code(), Some(0));
     handed_over(&home, first, &first_workers, second);
-    std::thread::sleep(Duration::from_millis(300));
     loads.finish("two failed upgrades, then --binary COPY");
 
-    let (code, _, err) = cli(&home, &["kill"]);
-    assert_eq!(code, 0, "kill: {err}");
-    assert_eq!(wait_dead(&[second], PATIENCE), Vec::<u32>::new());
+    kill_and_wait(&home, second);
 }
 
 #[test]
@@ -430,7 +433,5 @@ fn a_daemon_is_upgraded_to_a_daemon_that_keeps_its_command_line_app_and_scale() 
     assert_eq!(failed, 0, "failed connections");
     assert!(ok > 50, "the load really ran: {ok}");
 
-    let (code, _, err) = cli(&home, &["kill"]);
-    assert_eq!(code, 0, "kill: {err}");
-    assert_eq!(wait_dead(&[new], PATIENCE), Vec::<u32>::new());
+    kill_and_wait(&home, new);
 }

@@ -264,11 +264,6 @@ mod tests {
         assert!(!home.join(PID_FILE).exists());
         HomeLock::acquire(&home).expect("free again");
     }
-}
-
-#[cfg(test)]
-mod handover_tests {
-    use super::*;
 
     #[test]
     fn a_duplicate_of_the_lock_holds_it_across_a_hand_over() {

@@ -483,7 +483,7 @@ impl Load {
                                 eprintln!(
                                     "load: connection failed at {:?} ({}): {e}",
                                     started.elapsed(),
-                                    chrono_now()
+                                    utc_time_of_day()
                                 );
                             }
                         }
@@ -519,7 +519,7 @@ impl Load {
 }
 
 /// The wall clock as UTC `HH:MM:SS.ffffff`, to line a test's events up with the master's log.
-pub fn chrono_now() -> String {
+pub fn utc_time_of_day() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
