@@ -319,7 +319,8 @@ pub struct Master {
 }
 
 /// Descriptors kept out of the connection budget: the admin socket and its clients, health
-/// probes, log files opened for spawns, listeners, the runtime's own.
+/// probes, log files opened for spawns, listeners, the runtime's own, the splice pipes of
+/// bulk transfers (at most 64, `proxy/splice.rs`).
 const RESERVED_FDS: u64 = 256;
 /// The smallest connection budget, however low the limit (in descriptors).
 const MIN_BUDGET_FDS: u64 = 32;

@@ -6,9 +6,10 @@
 //! come back after a burst. Here a direction waits for readiness holding nothing, borrows a
 //! buffer from a small per-thread pool for one burst of reads and their writes, and gives it
 //! back: idle connections cost only their sockets and task, and the same few buffers serve
-//! every connection of a thread. A burst starts with a 16 KiB buffer and moves to a 64 KiB one
-//! when a read fills it (a bulk transfer), as HAProxy's `splice-auto` switches only flowing
-//! streams to its faster path.
+//! every connection of a thread. A burst starts with a 16 KiB buffer; when a read fills it (a
+//! bulk transfer), the rest of the burst goes socket → pipe → socket with splice(2), through a
+//! pipe lent the same way, as HAProxy's `splice-auto` switches only flowing streams to its
+//! faster path (or with a 64 KiB buffer, when no pipe is to be had).
 //!
 //! Half-close is exact: EOF on one side shuts down the write side of the other, and the other
 //! direction goes on until its own EOF.
@@ -19,6 +20,8 @@ use std::net::Shutdown;
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
+
+use super::splice::{self, Burst, Pipe};
 
 /// A burst's first read: HAProxy's default `tune.bufsize`. Requests and replies of most
 /// protocols fit; a read that fills it means a stream is flowing.
@@ -123,20 +126,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result
                         "closed before anything was sent either way",
                     ));
                 }
-                Ok((0, _)) => {
-                    // The second EOF: both directions are over and the caller closes both
-                    // sockets now, and the close sends `to` its FIN (everything `to` sent was
-                    // read, to its EOF). A shutdown first would be one more syscall for the
-                    // same FIN.
-                    if state.one_done.swap(true, Ordering::Relaxed) {
-                        return Ok(total);
-                    }
-                    // Not connected any more (the other side reset) is a normal end here.
-                    match SockRef::from(to).shutdown(Shutdown::Write) {
-                        Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                        _ => return Ok(total),
-                    }
-                }
+                Ok((0, _)) => return pass_eof(to, state).map(|()| total),
                 Ok(read) => read,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -156,11 +146,35 @@ async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result
             if drained {
                 break;
             }
-            // The read filled the buffer: a stream is flowing, read the rest with a big one.
+            // The read filled the buffer: a stream is flowing. The rest of the burst goes
+            // through a pipe, or with a big buffer when no pipe is to be had.
             if !loan.is_bulk() {
+                if let Some(mut pipe) = Pipe::take() {
+                    drop(loan);
+                    match splice::burst(from, to, &mut pipe, &mut total).await? {
+                        Burst::Drained => break,
+                        Burst::Eof => return pass_eof(to, state).map(|()| total),
+                    }
+                }
                 loan = Loan::take_bulk();
             }
         }
+    }
+}
+
+/// Passes on an EOF read from one direction's source to its destination `to`.
+fn pass_eof(to: &TcpStream, state: &Shared) -> io::Result<()> {
+    use std::sync::atomic::Ordering;
+    // The second EOF: both directions are over and the caller closes both sockets now, and
+    // the close sends `to` its FIN (everything `to` sent was read, to its EOF). A shutdown
+    // first would be one more syscall for the same FIN.
+    if state.one_done.swap(true, Ordering::Relaxed) {
+        return Ok(());
+    }
+    // Not connected any more (the other side reset) is a normal end here.
+    match SockRef::from(to).shutdown(Shutdown::Write) {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -297,5 +311,94 @@ mod tests {
         let pooled = POOL.with_borrow(Vec::len);
         assert!(pooled <= 2, "{pooled}");
         copy.abort();
+    }
+
+    /// `len` bytes of a pattern that a shifted or repeated piece would break.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+            .collect()
+    }
+
+    /// Reads to EOF in small pieces with pauses, so the writer meets a full socket.
+    async fn read_slowly(stream: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut piece = vec![0u8; 48 * 1024];
+        loop {
+            let n = stream.read(&mut piece).await.unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&piece[..n]);
+            if got.len() % 7 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    // One thread, so the pipes come back to the pool this test looks at.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_bulk_stream_goes_through_a_pipe_byte_exact_both_ways_at_once() {
+        splice::clear_pool();
+        let (client, server, copy) = chain().await;
+        let (up, down) = (pattern(6 << 20, 1), pattern(5 << 20, 2));
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let send_up = async {
+            client_write.write_all(&up).await.unwrap();
+            client_write.shutdown().await.unwrap();
+        };
+        let send_down = async {
+            server_write.write_all(&down).await.unwrap();
+            server_write.shutdown().await.unwrap();
+        };
+        let (_, _, got_up, got_down) = tokio::join!(
+            send_up,
+            send_down,
+            read_slowly(&mut server_read),
+            read_slowly(&mut client_read)
+        );
+        assert!(got_up == up, "client → server: {} bytes", got_up.len());
+        assert!(
+            got_down == down,
+            "server → client: {} bytes",
+            got_down.len()
+        );
+        assert_eq!(
+            copy.await.unwrap().unwrap(),
+            (up.len() as u64, down.len() as u64)
+        );
+        let pooled = splice::pooled();
+        assert!((1..=2).contains(&pooled), "spliced, pipes back: {pooled}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_reset_mid_splice_leaves_no_stale_bytes_for_the_next_connection() {
+        splice::clear_pool();
+        let (mut client, server, copy) = chain().await;
+        // The server reads nothing, so the copy's writes block with bytes in its pipe; then it
+        // resets the connection.
+        let flood = tokio::spawn(async move {
+            let chunk = pattern(256 * 1024, 3);
+            while client.write_all(&chunk).await.is_ok() {}
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        socket2::SockRef::from(&server)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(server);
+        assert!(copy.await.unwrap().is_err(), "the reset ends the copy");
+        flood.await.unwrap();
+        // The next bulk stream on this thread gets a clean pipe.
+        let (mut client, mut server, copy) = chain().await;
+        let data = pattern(3 << 20, 4);
+        let send = async {
+            client.write_all(&data).await.unwrap();
+            client.shutdown().await.unwrap();
+        };
+        let (_, got) = tokio::join!(send, read_slowly(&mut server));
+        assert!(got == data, "{} bytes, {} sent", got.len(), data.len());
+        drop((client, server));
+        copy.await.unwrap().unwrap();
     }
 }

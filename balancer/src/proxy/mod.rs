@@ -25,6 +25,7 @@ pub mod copy;
 pub mod http;
 pub mod metrics;
 pub mod proxy_protocol;
+mod splice;
 pub mod tcp;
 pub mod udp;
 
