@@ -154,6 +154,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result
                     match splice::burst(from, to, &mut pipe, &mut total).await? {
                         Burst::Drained => break,
                         Burst::Eof => return pass_eof(to, state).map(|()| total),
+                        Burst::Unsupported => {}
                     }
                 }
                 loan = Loan::take_bulk();
@@ -398,6 +399,72 @@ mod tests {
         };
         let (_, got) = tokio::join!(send, read_slowly(&mut server));
         assert!(got == data, "{} bytes, {} sent", got.len(), data.len());
+        drop((client, server));
+        copy.await.unwrap().unwrap();
+    }
+
+    /// Makes splice(2) fail with ENOSYS on this thread only, as a sandbox's seccomp policy
+    /// would (a filter without TSYNC binds only the thread that installs it).
+    fn refuse_splice_on_this_thread() {
+        use nix::libc;
+        // seccomp_data: the syscall number at offset 0.
+        let filter = [
+            libc::sock_filter {
+                code: 0x20,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            }, // ld [0]
+            libc::sock_filter {
+                code: 0x15,
+                jt: 0,
+                jf: 1,
+                k: libc::SYS_splice as u32,
+            }, // jeq
+            libc::sock_filter {
+                code: 0x06,
+                jt: 0,
+                jf: 0,
+                k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+            },
+            libc::sock_filter {
+                code: 0x06,
+                jt: 0,
+                jf: 0,
+                k: libc::SECCOMP_RET_ALLOW,
+            },
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: prctl takes integers and, for PR_SET_SECCOMP, a pointer to `prog`, which
+        // points into `filter`; both outlive the call (the kernel copies the program).
+        #[allow(unsafe_code)]
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+            assert_eq!(
+                libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog),
+                0,
+                "{}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    // One thread, which the filter binds: the copy task runs on it too.
+    #[tokio::test(flavor = "current_thread")]
+    async fn where_splice_is_refused_bulk_streams_use_buffers() {
+        refuse_splice_on_this_thread();
+        let (mut client, mut server, copy) = chain().await;
+        let data = pattern(4 << 20, 5);
+        let send = async {
+            client.write_all(&data).await.unwrap();
+            client.shutdown().await.unwrap();
+        };
+        let (_, got) = tokio::join!(send, read_slowly(&mut server));
+        assert!(got == data, "{} bytes, {} sent", got.len(), data.len());
+        assert!(splice::refused_here(), "the splice was tried, and refused");
         drop((client, server));
         copy.await.unwrap().unwrap();
     }

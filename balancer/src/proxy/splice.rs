@@ -18,6 +18,22 @@ pub enum Burst {
     Drained,
     /// `from` reached its EOF; everything before it was written to `to`.
     Eof,
+    /// This system refuses splice(2) on these sockets (a sandbox's seccomp policy, an
+    /// emulated kernel): nothing moved, and no burst on this thread splices again.
+    Unsupported,
+}
+
+/// Errors that say splice(2) cannot work here at all, rather than that this connection failed.
+fn is_unsupported(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    [
+        Errno::EINVAL,
+        Errno::ENOSYS,
+        Errno::EPERM,
+        Errno::EOPNOTSUPP,
+    ]
+    .iter()
+    .any(|errno| e.raw_os_error() == Some(*errno as i32))
 }
 
 /// Moves a flowing stream `from` → `to` through `pipe` with splice(2), until `from` has
@@ -45,6 +61,11 @@ pub async fn burst(
             Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(e) if is_unsupported(&e) => {
+                tracing::info!("splice(2) refused ({e}): bulk transfers use buffers");
+                UNSUPPORTED.set(true);
+                return Ok(Burst::Unsupported);
+            }
             Err(e) => return Err(e),
         };
         pipe.held = n;
@@ -75,6 +96,10 @@ static PIPES_OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 
 thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    /// Set once splice(2) was refused as unsupported on this thread; its bursts then use
+    /// buffers. Per thread, as a seccomp filter may be (a policy for the whole process costs
+    /// one refused call per runtime thread).
+    static UNSUPPORTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A pipe for splicing bursts through. Its descriptors close when it drops.
@@ -88,10 +113,13 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    /// A pooled pipe, or a new one; `None` past [`PIPES_MAX`] or when the system has none to
-    /// give (out of descriptors or of pipe memory).
+    /// A pooled pipe, or a new one; `None` past [`PIPES_MAX`], when the system has none to
+    /// give (out of descriptors or of pipe memory), or where splice(2) is refused.
     pub fn take() -> Option<PipeLoan> {
         use std::sync::atomic::Ordering;
+        if UNSUPPORTED.get() {
+            return None;
+        }
         if let Some(pipe) = PIPES.with_borrow_mut(Vec::pop) {
             return Some(PipeLoan(Some(pipe)));
         }
@@ -171,4 +199,10 @@ pub fn clear_pool() {
 #[cfg(test)]
 pub fn pooled() -> usize {
     PIPES.with_borrow(Vec::len)
+}
+
+/// Whether splice(2) was refused on this thread (tests).
+#[cfg(test)]
+pub fn refused_here() -> bool {
+    UNSUPPORTED.get()
 }
