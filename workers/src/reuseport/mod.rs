@@ -173,9 +173,13 @@ impl Group {
     /// A new socket in the group for a starting worker: returns its key and a duplicate to
     /// hand to the worker.
     pub fn join(&self) -> io::Result<(MemberKey, OwnedFd)> {
+        // The socket joins the kernel's group at its `listen`, and the mirror must take it in
+        // that same order: two slots spawning at once would otherwise listen in one order and
+        // push in the other, and every program after would name the wrong sockets (the swap
+        // shows only once a member leaves and the kernel moves the last into its slot).
+        let mut members = self.members();
         let socket = Arc::new(new_socket(&self.listener)?);
         let for_worker = socket.try_clone()?;
-        let mut members = self.members();
         let key = members.push(socket);
         self.steer(&members, None);
         Ok((key, for_worker))
@@ -474,6 +478,38 @@ mod tests {
         group.set_ready(b, true);
         let answers: Vec<String> = (0..40).map(|_| hello(port)).collect();
         assert!(answers.contains(&"a".into()) && answers.contains(&"b".into()));
+    }
+
+    #[test]
+    fn members_joining_at_once_are_mirrored_in_the_kernels_order() {
+        let port = free_port();
+        let group = Group::new(tcp_listener(port), rescue());
+        let start = std::sync::Barrier::new(8);
+        // Worker descriptors stay open, as the workers' would.
+        let fds: Vec<OwnedFd> = std::thread::scope(|scope| {
+            let joins: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        (0..4).map(|_| group.join().unwrap().1).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            joins.into_iter().flat_map(|j| j.join().unwrap()).collect()
+        });
+        assert_eq!(fds.len(), 32);
+        let members = group.members();
+        let anchor = members.list[0].socket.as_fd();
+        for (index, member) in members.list.iter().enumerate() {
+            bpf::attach(anchor, &bpf::program(&[], &[index as u32])).unwrap();
+            let before = bpf::accept_queue_len(member.socket.as_fd()).unwrap();
+            let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            assert_eq!(
+                bpf::accept_queue_len(member.socket.as_fd()).unwrap(),
+                before + 1,
+                "the program's index {index} reaches the mirror's member {index}"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
