@@ -21,7 +21,8 @@ fn sigterm_drains_stops_every_worker_and_exits_zero() {
     let status = b.wait_exit();
     assert_eq!(status.code(), Some(0), "clean exit");
     assert_eq!(wait_dead(&pids, Duration::from_secs(5)), Vec::<u32>::new());
-    assert!(b.log.all().iter().any(|l| l.contains("master stopped")));
+    b.log
+        .wait_for(1, "master stopped", |l| l.contains("master stopped"));
 }
 
 #[test]

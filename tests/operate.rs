@@ -147,7 +147,8 @@ fn a_draining_worker_keeps_its_connections_until_drain_timeout_then_stops() {
     );
     let mut rest = Vec::new();
     let _ = reader.read_to_end(&mut rest);
-    assert!(b.log.all().iter().any(|l| l.contains("drain_timeout")));
+    b.log
+        .wait_for(1, "drain_timeout", |l| l.contains("drain_timeout"));
 }
 
 /// Sends raw bytes to the admin socket and reads one reply line (or EOF).

@@ -209,6 +209,7 @@ fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -375,15 +376,40 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_reset_mid_splice_leaves_no_stale_bytes_for_the_next_connection() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
         splice::clear_pool();
         let (mut client, server, copy) = chain().await;
         // The server reads nothing, so the copy's writes block with bytes in its pipe; then it
         // resets the connection.
-        let flood = tokio::spawn(async move {
-            let chunk = pattern(256 * 1024, 3);
-            while client.write_all(&chunk).await.is_ok() {}
+        let sent = Arc::new(AtomicUsize::new(0));
+        let flood = tokio::spawn({
+            let sent = Arc::clone(&sent);
+            async move {
+                let chunk = pattern(64 * 1024, 3);
+                while client.write_all(&chunk).await.is_ok() {
+                    sent.fetch_add(chunk.len(), Relaxed);
+                }
+            }
         });
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Blocked all the way back to the client (nothing sent for 100 ms) means the copy is
+        // waiting to write with bytes in its pipe: the server's queue is full, then the pipe.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut still = 0;
+        while still < 10 {
+            let before = sent.load(Relaxed);
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            still = if sent.load(Relaxed) == before {
+                still + 1
+            } else {
+                0
+            };
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flood never stalled"
+            );
+        }
+        // Past the copy's first 16 KiB read: the stream went on through the pipe.
+        assert!(sent.load(Relaxed) > 1 << 20, "{} bytes", sent.load(Relaxed));
         socket2::SockRef::from(&server)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
@@ -464,5 +490,10 @@ mod tests {
         refuse_splice_on_this_thread();
         one_stream_arrives_whole(4 << 20).await;
         assert!(splice::refused_here(), "the splice was tried, and refused");
+        assert_eq!(
+            splice::pooled(),
+            0,
+            "no pipe is kept where none will be used"
+        );
     }
 }

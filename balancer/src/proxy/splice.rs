@@ -64,6 +64,9 @@ pub async fn burst(
             Err(e) if is_unsupported(&e) => {
                 tracing::info!("splice(2) refused ({e}): bulk transfers use buffers");
                 UNSUPPORTED.set(true);
+                // No burst on this thread takes a pipe again: close the pooled ones, and this
+                // burst's own when its loan drops.
+                PIPES.with_borrow_mut(Vec::clear);
                 return Ok(Burst::Unsupported);
             }
             Err(e) => return Err(e),
@@ -179,6 +182,9 @@ impl std::ops::DerefMut for PipeLoan {
 
 impl Drop for PipeLoan {
     fn drop(&mut self) {
+        if UNSUPPORTED.get() {
+            return;
+        }
         if let Some(pipe) = self.0.take().filter(|pipe| pipe.held == 0) {
             PIPES.with_borrow_mut(|pool| {
                 if pool.len() < PIPE_POOL_MAX {

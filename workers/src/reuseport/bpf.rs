@@ -109,6 +109,22 @@ pub fn accept_queue_len(socket: BorrowedFd<'_>) -> io::Result<u32> {
     }
 }
 
+/// Asserts that the kernel's order of the group listening on `addr` is `all`'s: a program
+/// naming index i sends a connection to `all[i]` (tests; leaves the last program attached).
+#[cfg(test)]
+pub(super) fn assert_order(addr: std::net::SocketAddr, all: &[impl std::os::fd::AsFd]) {
+    for (index, socket) in all.iter().enumerate() {
+        attach(all[0].as_fd(), &program(&[], &[index as u32])).unwrap();
+        let before = accept_queue_len(socket.as_fd()).unwrap();
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        assert_eq!(
+            accept_queue_len(socket.as_fd()).unwrap(),
+            before + 1,
+            "index {index}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,19 +209,5 @@ mod tests {
         all.insert(1, moved);
         assert_order(addr, &all);
         assert!(still_open.accept().is_err(), "it listens no more");
-    }
-
-    /// The kernel's order of the group is `all`'s: a program naming index i reaches `all[i]`.
-    fn assert_order(addr: SocketAddr, all: &[TcpListener]) {
-        for (index, listener) in all.iter().enumerate() {
-            attach(all[0].as_fd(), &program(&[], &[index as u32])).unwrap();
-            let before = accept_queue_len(listener.as_fd()).unwrap();
-            let _c = TcpStream::connect(addr).unwrap();
-            assert_eq!(
-                accept_queue_len(listener.as_fd()).unwrap(),
-                before + 1,
-                "index {index}"
-            );
-        }
     }
 }

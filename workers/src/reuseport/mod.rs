@@ -498,18 +498,13 @@ mod tests {
             joins.into_iter().flat_map(|j| j.join().unwrap()).collect()
         });
         assert_eq!(fds.len(), 32);
-        let members = group.members();
-        let anchor = members.list[0].socket.as_fd();
-        for (index, member) in members.list.iter().enumerate() {
-            bpf::attach(anchor, &bpf::program(&[], &[index as u32])).unwrap();
-            let before = bpf::accept_queue_len(member.socket.as_fd()).unwrap();
-            let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            assert_eq!(
-                bpf::accept_queue_len(member.socket.as_fd()).unwrap(),
-                before + 1,
-                "the program's index {index} reaches the mirror's member {index}"
-            );
-        }
+        let mirror: Vec<Arc<OwnedFd>> = group
+            .members()
+            .list
+            .iter()
+            .map(|m| Arc::clone(&m.socket))
+            .collect();
+        bpf::assert_order(SocketAddr::from(([127, 0, 0, 1], port)), &mirror);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
