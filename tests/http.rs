@@ -631,7 +631,7 @@ fn a_large_post_body_streams_through_intact() {
 }
 
 /// SHA-256 by `sha256sum`, so the test needs no hashing crate.
-fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     let mut child = std::process::Command::new("sha256sum")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -8,6 +8,7 @@ mod config_errors;
 mod deploy;
 mod hardening;
 mod http;
+mod http_wire;
 mod lifecycle;
 mod logs;
 mod metrics;

@@ -40,10 +40,10 @@ thread_local! {
 
 /// A buffer on loan from this thread's pool of its size; it goes back (on whichever thread
 /// drops it).
-struct Loan(Option<Box<[u8]>>);
+pub(crate) struct Loan(Option<Box<[u8]>>);
 
 impl Loan {
-    fn take() -> Loan {
+    pub(crate) fn take() -> Loan {
         Loan::from(&POOL, BUFFER_SIZE)
     }
 
@@ -58,8 +58,12 @@ impl Loan {
         Loan(Some(buf))
     }
 
-    fn buf(&mut self) -> &mut [u8] {
+    pub(crate) fn buf(&mut self) -> &mut [u8] {
         self.0.as_deref_mut().unwrap_or_default()
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
     }
 
     fn is_bulk(&self) -> bool {

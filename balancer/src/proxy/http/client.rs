@@ -54,7 +54,7 @@ pub fn close_keep_alive_on_stop() {
     CLOSE_ON_NEXT_RESPONSE.store(true, Ordering::SeqCst);
 }
 
-fn closing_on_next_response() -> bool {
+pub(super) fn closing_on_next_response() -> bool {
     CLOSE_ON_NEXT_RESPONSE.load(Ordering::SeqCst)
 }
 
@@ -91,10 +91,26 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Ht
         _ = stop.cancelled(), if !closing_on_next_response() => return,
         _ = abort.cancelled() => return,
     };
+    // HTTP/1.1 goes the fast path until a request it does not carry; hyper serves the rest,
+    // from the bytes the fast path read, timing that request's head from where it began.
+    let (stream, prefix, origin) = if h2 {
+        (stream, Vec::new(), accepted)
+    } else {
+        let served = tokio::select! {
+            handoff = super::fast::serve(&proxy, stream, peer, local, accepted) => handoff,
+            _ = abort.cancelled() => None,
+        };
+        match served {
+            Some(handoff) => (handoff.stream, handoff.buffered, handoff.head_started),
+            None => return,
+        }
+    };
     // HTTP/2 clients send frames (pings, settings) between requests: only HTTP/1 heads are timed.
-    let activity = Arc::new(Activity::new(accepted, !h2));
+    let activity = Arc::new(Activity::new(origin, !h2));
     let io = TokioIo::new(Watched {
         stream,
+        prefix,
+        taken: 0,
         activity: Arc::clone(&activity),
     });
     let service = {
@@ -347,9 +363,12 @@ impl Body for Tracked {
     }
 }
 
-/// The client's socket, telling its connection's [`Activity`] when bytes arrive.
+/// The client's socket, telling its connection's [`Activity`] when bytes arrive, and reading
+/// first what the fast path read and left (`prefix`, of which `taken` bytes are read).
 struct Watched {
     stream: TcpStream,
+    prefix: Vec<u8>,
+    taken: usize,
     activity: Arc<Activity>,
 }
 
@@ -360,6 +379,18 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.taken < this.prefix.len() {
+            let left = &this.prefix[this.taken..];
+            let n = left.len().min(buf.remaining());
+            buf.put_slice(&left[..n]);
+            this.taken += n;
+            if this.taken == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.taken = 0;
+            }
+            this.activity.on_read();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {

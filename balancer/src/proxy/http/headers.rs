@@ -139,7 +139,7 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 }
 
 /// A `for=` node (RFC 7239 §6): IPv6 addresses are bracketed and so must be quoted.
-fn forwarded_node(ip: IpAddr) -> String {
+pub(super) fn forwarded_node(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
@@ -147,7 +147,7 @@ fn forwarded_node(ip: IpAddr) -> String {
 }
 
 /// Appends `value` as a token if it is one, else as a quoted-string (RFC 7230 §3.2.6).
-fn push_token_or_quoted(out: &mut String, value: &str) {
+pub(super) fn push_token_or_quoted(out: &mut String, value: &str) {
     let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if !value.is_empty() && value.chars().all(is_tchar) {
         out.push_str(value);

@@ -39,6 +39,7 @@ use upstream::{ConnectError, IdlePool, Key, Lease, connect};
 
 mod body;
 mod client;
+mod fast;
 mod headers;
 mod upstream;
 
@@ -68,9 +69,36 @@ pub enum HttpProxyError {
         #[source]
         source: hyper::Error,
     },
+    /// The worker failed after the request was sent, before a response head arrived (fast
+    /// path), or sent a head that cannot be passed on.
+    #[error("worker {worker} failed before answering")]
+    Worker {
+        /// The worker's id.
+        worker: u32,
+        /// What the fast path saw.
+        #[source]
+        source: WorkerFailure,
+    },
     /// The worker answered 101 to a request that asked for no upgrade.
     #[error("worker {0} switched protocols unasked")]
     UnexpectedUpgrade(u32),
+}
+
+/// How a worker failed a request on the fast path.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerFailure {
+    /// The connection failed.
+    #[error("connection failed")]
+    Io(#[source] std::io::Error),
+    /// The worker closed the connection without a byte of response.
+    #[error("the worker closed the connection without answering")]
+    Closed,
+    /// The worker closed the connection in the middle of its response head.
+    #[error("the worker closed the connection in its response head")]
+    Cut,
+    /// The response head cannot be passed on.
+    #[error(transparent)]
+    Bad(fast::BadResponse),
 }
 
 impl HttpProxyError {
@@ -80,19 +108,24 @@ impl HttpProxyError {
             HttpProxyError::NoWorker(_) | HttpProxyError::Shutdown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            HttpProxyError::Upstream { .. } | HttpProxyError::UnexpectedUpgrade(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            HttpProxyError::Upstream { .. }
+            | HttpProxyError::Worker { .. }
+            | HttpProxyError::UnexpectedUpgrade(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The text of the response the client gets.
+    fn text(&self) -> &'static str {
+        match self.status() {
+            StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable: no worker is ready\n",
+            _ => "502 bad gateway: the worker failed to answer\n",
         }
     }
 
     /// The short plain-text response the client gets.
     pub fn response(&self) -> Response<ProxyBody> {
         let status = self.status();
-        let text = match status {
-            StatusCode::SERVICE_UNAVAILABLE => "503 service unavailable: no worker is ready\n",
-            _ => "502 bad gateway: the worker failed to answer\n",
-        };
+        let text = self.text();
         let mut response = Response::new(ProxyBody::text(text));
         *response.status_mut() = status;
         let headers = response.headers_mut();
@@ -105,6 +138,30 @@ impl HttpProxyError {
         }
         response
     }
+
+    /// The same response as HTTP/1.1 bytes, into `out` (cleared first), saying
+    /// `Connection: close` if `close`.
+    fn write_raw(&self, close: bool, out: &mut Vec<u8>) {
+        use std::io::Write;
+        let status = self.status();
+        let text = self.text();
+        out.clear();
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            text.len()
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            out.extend_from_slice(b"retry-after: 1\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(text.as_bytes());
+    }
 }
 
 /// One HTTP listener's proxy: its route, and the idle connections it keeps to the workers.
@@ -112,7 +169,9 @@ impl HttpProxyError {
 pub struct HttpProxy {
     route: Arc<Route>,
     meters: super::metrics::HttpMeters,
-    idle: Arc<IdlePool>,
+    idle: Arc<IdlePool<SendRequest<UpstreamBody>>>,
+    /// The fast path's kept worker connections.
+    raw: IdlePool<tokio::net::TcpStream>,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -127,6 +186,7 @@ impl HttpProxy {
             route: Arc::clone(&ctx.route),
             meters: super::metrics::HttpMeters::new(&ctx.route.meters),
             idle: Arc::default(),
+            raw: IdlePool::default(),
             stop: ctx.stop.clone(),
             abort: ctx.abort.clone(),
             tracker: ctx.tracker.clone(),
@@ -141,7 +201,9 @@ impl HttpProxy {
     /// Closes the kept connections of workers that left the pool or are draining, so a
     /// stopping worker is not held open by connections nobody will use. Call on pool changes.
     pub fn forget_departed(&self) {
-        self.idle.retain(&self.route.pool.load());
+        let snapshot = self.route.pool.load();
+        self.idle.retain(&snapshot);
+        self.raw.retain(&snapshot);
     }
 
     /// Proxies one request from `peer`; every outcome is a response (502 and 503 included).

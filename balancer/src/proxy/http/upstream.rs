@@ -41,6 +41,26 @@ pub(super) enum ConnectError {
     Handshake(#[source] hyper::Error),
 }
 
+/// Opens a connection to a worker within `connect_timeout`, with TCP_NODELAY, and writes the
+/// PROXY `header` first if there is one (before any HTTP byte, as the protocol requires).
+pub(super) async fn open(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    header: Option<&[u8]>,
+) -> Result<TcpStream, ConnectError> {
+    let mut stream = timeout(connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout(connect_timeout))?
+        .map_err(ConnectError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    if let Some(header) = header {
+        tokio::io::AsyncWriteExt::write_all(&mut stream, header)
+            .await
+            .map_err(ConnectError::Connect)?;
+    }
+    Ok(stream)
+}
+
 /// Opens a new HTTP/1.1 connection to a worker; its driver task ends when the last sender is
 /// dropped, on a connection error, or on `abort`.
 pub(super) async fn connect(
@@ -49,17 +69,7 @@ pub(super) async fn connect(
     abort: &CancellationToken,
     header: Option<&[u8]>,
 ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
-    let mut stream = timeout(connect_timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| ConnectError::Timeout(connect_timeout))?
-        .map_err(ConnectError::Connect)?;
-    if let Some(header) = header {
-        // Before any HTTP byte, as the PROXY protocol requires.
-        tokio::io::AsyncWriteExt::write_all(&mut stream, header)
-            .await
-            .map_err(ConnectError::Connect)?;
-    }
-    let _ = stream.set_nodelay(true);
+    let stream = open(addr, connect_timeout, header).await?;
     let (sender, conn) = client_http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -88,46 +98,91 @@ pub(super) struct Key {
     pub(super) client: Option<SocketAddr>,
 }
 
-/// Idle keep-alive connections to workers, most recently used last.
-#[derive(Debug, Default)]
-pub(super) struct IdlePool {
-    conns: Mutex<HashMap<Key, Vec<Idle>>>,
+/// A kept connection to a worker: whether it can still carry a request.
+pub(super) trait Kept {
+    /// False once the worker closed it (or sent something unasked).
+    fn usable(&mut self) -> bool;
+}
+
+impl Kept for SendRequest<UpstreamBody> {
+    fn usable(&mut self) -> bool {
+        !self.is_closed()
+    }
+}
+
+/// A raw connection (the fast path's) is usable while the worker has sent nothing: neither
+/// bytes nor its FIN. The reactor's readiness tells without a syscall in the common case; a
+/// readiness left over from the last response is checked with a peek, which clears it.
+impl Kept for TcpStream {
+    fn usable(&mut self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if self.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        matches!(
+            self.try_io(tokio::io::Interest::READABLE, || {
+                nix::sys::socket::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&*self),
+                    &mut byte,
+                    nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(io::Error::from)
+            }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+}
+
+/// Idle keep-alive connections to workers, most recently used last: hyper's senders for the
+/// hyper path, raw sockets for the fast path.
+#[derive(Debug)]
+pub(super) struct IdlePool<C> {
+    conns: Mutex<HashMap<Key, Vec<Idle<C>>>>,
+}
+
+impl<C> Default for IdlePool<C> {
+    fn default() -> Self {
+        IdlePool {
+            conns: Mutex::default(),
+        }
+    }
 }
 
 #[derive(Debug)]
-struct Idle {
-    sender: SendRequest<UpstreamBody>,
+struct Idle<C> {
+    conn: C,
     since: std::time::Instant,
 }
 
-impl IdlePool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
+impl<C: Kept> IdlePool<C> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle<C>>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The most recently used connection to `key` that is open and not too old.
-    pub(super) fn checkout(&self, key: Key) -> Option<SendRequest<UpstreamBody>> {
+    pub(super) fn checkout(&self, key: Key) -> Option<C> {
         let mut conns = self.lock();
         let list = conns.get_mut(&key)?;
-        while let Some(idle) = list.pop() {
-            if !idle.sender.is_closed() && idle.since.elapsed() < UPSTREAM_IDLE {
-                return Some(idle.sender);
+        while let Some(mut idle) = list.pop() {
+            if idle.since.elapsed() < UPSTREAM_IDLE && idle.conn.usable() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
-    pub(super) fn checkin(&self, key: Key, sender: SendRequest<UpstreamBody>) {
+    pub(super) fn checkin(&self, key: Key, conn: C) {
         let mut conns = self.lock();
         let list = conns.entry(key).or_default();
         if list.len() >= MAX_IDLE_PER_WORKER {
-            list.retain(|i| !i.sender.is_closed() && i.since.elapsed() < UPSTREAM_IDLE);
+            list.retain_mut(|i| i.since.elapsed() < UPSTREAM_IDLE && i.conn.usable());
             if list.len() >= MAX_IDLE_PER_WORKER {
                 list.remove(0);
             }
         }
         list.push(Idle {
-            sender,
+            conn,
             since: std::time::Instant::now(),
         });
     }
@@ -150,7 +205,7 @@ pub(super) struct Lease {
     pub(super) guard: ConnGuard,
     /// `None` when the connection must not be reused (a refused upgrade).
     pub(super) conn: Option<(Key, SendRequest<UpstreamBody>)>,
-    pub(super) idle: Arc<IdlePool>,
+    pub(super) idle: Arc<IdlePool<SendRequest<UpstreamBody>>>,
 }
 
 impl Lease {
