@@ -192,7 +192,7 @@ fn pass_eof(to: &TcpStream, state: &Shared) -> io::Result<()> {
 /// readiness seen *before* it (tokio's `try_io` clears only if no newer event arrived), so
 /// bytes that arrive after the read still wake the task; a FIN stays visible too (tokio keeps
 /// the closed state through a clear).
-fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+pub(crate) fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
     use std::io::Read;
     let mut short = 0;
     let read = from.try_io(tokio::io::Interest::READABLE, || {

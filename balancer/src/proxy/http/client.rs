@@ -35,7 +35,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::{HttpProxy, ProxyBody};
@@ -60,51 +60,31 @@ pub(super) fn closing_on_next_response() -> bool {
 
 /// hyper refuses a smaller read buffer.
 const MIN_BUF_SIZE: usize = 8192;
-/// What an HTTP/2 client sends first (RFC 9113 §3.4); no HTTP/1 method starts with it.
-const H2_PREFACE_START: &[u8] = b"PRI";
 
 /// Serves one accepted client connection until it closes, times out, or is aborted: the
 /// proxy's `stop` closes it gracefully (requests in flight finish), its `abort` drops it.
 pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<HttpProxy>) {
-    // Where the client connected to: the destination of a PROXY header to the worker.
-    let local = stream.local_addr().unwrap_or(peer);
     let (stop, abort) = (proxy.stop.clone(), proxy.abort.clone());
     let accepted = Instant::now();
     // TCP_NODELAY comes with the accept, from the listener (`listener::tcp::bind`).
     let route = Arc::clone(proxy.route());
+    // Every connection starts on the fast path, which serves HTTP/1.1 until a request it
+    // does not carry, or an HTTP/2 preface; hyper serves the rest from the bytes it read,
+    // timing that request's head from where it began.
+    let served = tokio::select! {
+        handoff = super::fast::serve(&proxy, stream, peer, accepted) => handoff,
+        _ = abort.cancelled() => None,
+    };
+    let Some(handoff) = served else { return };
+    let (stream, prefix, origin, h2) = (
+        handoff.stream,
+        handoff.buffered,
+        handoff.head_started,
+        handoff.h2,
+    );
     let limits = route.settings().http;
-    let h2 = tokio::select! {
-        sniffed = timeout(limits.header_timeout, is_h2(&stream)) => match sniffed {
-            Ok(Ok(Some(h2))) => h2,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, "client connection: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "client sent nothing within http_header_timeout");
-                return;
-            }
-        },
-        // A connection that has said nothing yet has nothing in flight (after an upgrade it
-        // is about to: its request gets an answer).
-        _ = stop.cancelled(), if !closing_on_next_response() => return,
-        _ = abort.cancelled() => return,
-    };
-    // HTTP/1.1 goes the fast path until a request it does not carry; hyper serves the rest,
-    // from the bytes the fast path read, timing that request's head from where it began.
-    let (stream, prefix, origin) = if h2 {
-        (stream, Vec::new(), accepted)
-    } else {
-        let served = tokio::select! {
-            handoff = super::fast::serve(&proxy, stream, peer, local, accepted) => handoff,
-            _ = abort.cancelled() => None,
-        };
-        match served {
-            Some(handoff) => (handoff.stream, handoff.buffered, handoff.head_started),
-            None => return,
-        }
-    };
+    // Where the client connected to: the destination of a PROXY header to the worker.
+    let local = stream.local_addr().unwrap_or(peer);
     // HTTP/2 clients send frames (pings, settings) between requests: only HTTP/1 heads are timed.
     let activity = Arc::new(Activity::new(origin, !h2));
     let io = TokioIo::new(Watched {
@@ -162,27 +142,6 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, proxy: Arc<Ht
             .serve_connection(io, service)
             .with_upgrades();
         watch.drive(pin!(conn), |c| c.graceful_shutdown()).await;
-    }
-}
-
-/// Whether the client speaks HTTP/2 with prior knowledge (`None`: it closed before a byte).
-/// Peeks, so hyper still reads everything.
-async fn is_h2(stream: &TcpStream) -> io::Result<Option<bool>> {
-    let mut buf = [0; H2_PREFACE_START.len()];
-    loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if buf[..n] != H2_PREFACE_START[..n] {
-            return Ok(Some(false));
-        }
-        if n == buf.len() {
-            return Ok(Some(true));
-        }
-        // "P" or "PR" so far: rare (a head split after its first bytes); peek would return at
-        // once with the same bytes, so wait a little for the rest.
-        sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -41,29 +41,32 @@ pub use head::BadResponse;
 /// A worker's response head may be this long (hyper's client allows about as much).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
+/// What an HTTP/2 client sends first (RFC 9113 §3.4); no HTTP/1 method starts with it.
+const H2_PREFACE_START: &[u8] = b"PRI";
+
 /// A connection the fast path leaves to hyper: the socket, the bytes read and not served
-/// (the start of the request it does not carry), and when that request's head started.
+/// (the start of the request it does not carry), when that request's head started, and
+/// whether the client speaks HTTP/2 (with prior knowledge: "h2c").
 pub(super) struct Handoff {
     pub(super) stream: TcpStream,
     pub(super) buffered: Vec<u8>,
     pub(super) head_started: Instant,
+    pub(super) h2: bool,
 }
 
-/// Serves HTTP/1.1 requests on `stream` from `peer` (which connected to `local`), accepted at
-/// `accepted`, until the connection closes, times out or stops (`None`), or until a request
-/// the fast path does not carry (the [`Handoff`]). The caller ends it on `abort`.
+/// Serves HTTP/1.1 requests on `stream` from `peer`, accepted at `accepted`, until the
+/// connection closes, times out or stops (`None`), or until a request the fast path does not
+/// carry (the [`Handoff`]). The caller ends it on `abort`.
 pub(super) async fn serve(
     proxy: &HttpProxy,
     stream: TcpStream,
     peer: SocketAddr,
-    local: SocketAddr,
     accepted: Instant,
 ) -> Option<Handoff> {
     let mut conn = Conn {
         proxy,
         stream,
         peer,
-        local,
         window: Window::new(),
         request: Vec::new(),
         response: Vec::new(),
@@ -85,6 +88,7 @@ pub(super) async fn serve(
                     head_started: head_started.unwrap_or_else(Instant::now),
                     buffered: conn.window.into_vec(),
                     stream: conn.stream,
+                    h2: why == H2,
                 });
             }
         };
@@ -105,7 +109,6 @@ struct Conn<'p> {
     proxy: &'p HttpProxy,
     stream: TcpStream,
     peer: SocketAddr,
-    local: SocketAddr,
     /// What the client sent and was not served yet.
     window: Window,
     /// The request as the worker gets it (head written anew, then the body).
@@ -119,16 +122,19 @@ enum Next {
     Head(RequestHead),
     /// The client closed or went quiet, or the listener stopped: close.
     Close,
-    /// A request for hyper (the reason, for the log).
+    /// A request for hyper (the reason, for the log; [`H2`] for an HTTP/2 client).
     Hyper(&'static str),
 }
 
+/// Why a connection goes to hyper's HTTP/2 server.
+const H2: &str = "HTTP/2 preface";
+
 impl Conn<'_> {
     /// Reads until a whole request head is at the start of the window. `head_started` is when
-    /// the head began (the header timeout runs from there); with none begun, the connection
-    /// is idle since `idle_since` (the idle timeout) and closes on `stop`, unless its master
-    /// handed over to a successor: then it answers its next request and closes
-    /// (`close_keep_alive_on_stop`).
+    /// the head began (the header timeout runs from there; the first one from the accept);
+    /// with none begun, the connection is idle since `idle_since` (the idle timeout). Before
+    /// the first byte of a head it closes on `stop`, unless its master handed over to a
+    /// successor: then it answers its next request and closes (`close_keep_alive_on_stop`).
     async fn next_head(
         &mut self,
         head_started: &mut Option<Instant>,
@@ -139,29 +145,34 @@ impl Conn<'_> {
         loop {
             if !self.window.is_empty() {
                 head_started.get_or_insert_with(Instant::now);
-                match parse_request(self.window.bytes(), self.peer.ip(), &mut self.request) {
+                let bytes = self.window.bytes();
+                if bytes.starts_with(H2_PREFACE_START) {
+                    return Next::Hyper(H2);
+                }
+                match parse_request(bytes, self.peer.ip(), &mut self.request) {
                     Parsed::Fast(head) => return Next::Head(head),
                     Parsed::Hyper(why) => return Next::Hyper(why),
                     Parsed::Partial => {}
                 }
             }
             let limits = proxy.route.settings().http;
-            let (deadline, idle) = match *head_started {
-                Some(at) => (at + limits.header_timeout, false),
-                None => (idle_since + limits.idle_timeout, true),
+            let (deadline, timed) = match *head_started {
+                Some(at) => (at + limits.header_timeout, "http_header_timeout"),
+                None => (idle_since + limits.idle_timeout, ""),
             };
+            let quiet = self.window.is_empty();
             // Readiness first, a buffer after: a connection waiting for its client holds none.
             tokio::select! {
                 ready = self.stream.readable() => if ready.is_err() {
                     return Next::Close;
                 },
                 _ = sleep_until(deadline) => {
-                    if !idle {
-                        tracing::debug!(peer = %self.peer, "request head not received within http_header_timeout; closing");
+                    if !timed.is_empty() {
+                        tracing::debug!(peer = %self.peer, "request head not received within {timed}; closing");
                     }
                     return Next::Close;
                 }
-                _ = proxy.stop.cancelled(), if idle && !*stopped => {
+                _ = proxy.stop.cancelled(), if quiet && !*stopped => {
                     *stopped = true;
                     if !super::client::closing_on_next_response() {
                         return Next::Close;
@@ -174,9 +185,10 @@ impl Conn<'_> {
             let Some(room) = self.window.spare(BUFFER_SIZE) else {
                 return Next::Hyper("long head");
             };
-            match self.stream.try_read(room) {
-                Ok(0) => return Next::Close,
-                Ok(n) => self.window.filled(n),
+            // A short read clears the readiness it saw: no read that only says EAGAIN later.
+            match crate::proxy::copy::read_some(&self.stream, room) {
+                Ok((0, _)) => return Next::Close,
+                Ok((n, _)) => self.window.filled(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if self.window.is_empty() {
                         self.window.clear();
@@ -212,9 +224,11 @@ impl Conn<'_> {
         let method = Method(std::str::from_utf8(&self.window.bytes()[..head.method]).unwrap_or(""));
         let label = crate::proxy::metrics::method_label(method.0);
         let settings = proxy.route.settings();
-        let header = settings
-            .proxy_protocol
-            .map(|version| crate::proxy::proxy_protocol::encode(version, self.peer, self.local));
+        // Where the client connected to is asked of the socket only for a PROXY header.
+        let header = settings.proxy_protocol.map(|version| {
+            let local = self.stream.local_addr().unwrap_or(self.peer);
+            crate::proxy::proxy_protocol::encode(version, self.peer, local)
+        });
         let close = head.close || proxy.stop.is_cancelled();
         let outgoing = Outgoing {
             bytes: &self.request,
@@ -474,7 +488,7 @@ impl HttpProxy {
             return Attempt::Next(resends);
         }
         let mut buf = Window::new();
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(512);
         let read = read_response_head(&mut stream, &mut buf, req.head_only, req.close, &mut out);
         let failure = match read.await {
             Ok(head) if head.status == 101 => {
