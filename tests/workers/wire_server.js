@@ -13,6 +13,7 @@
 'use strict';
 const http = require('http');
 const crypto = require('crypto');
+const answerBodySum = require('./body_sum');
 
 const id = `${process.env.BALANCER_INSTANCE}/${process.pid}`;
 
@@ -28,16 +29,7 @@ const server = http.createServer((req, res) => {
   res.on('error', () => {});
   const url = new URL(req.url, 'http://worker');
   if (url.pathname === '/echo') {
-    const hash = crypto.createHash('sha256');
-    let bytes = 0;
-    req.on('data', (chunk) => {
-      bytes += chunk.length;
-      hash.update(chunk);
-    });
-    req.on('end', () => {
-      res.writeHead(200, { 'content-type': 'text/plain' });
-      res.end(`${bytes} ${hash.digest('hex')}`);
-    });
+    answerBodySum(req, res);
     return;
   }
   req.resume();

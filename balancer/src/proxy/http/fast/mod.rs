@@ -21,6 +21,9 @@ mod framing;
 mod head;
 mod window;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::net::SocketAddr;
 
@@ -294,13 +297,21 @@ impl Conn<'_> {
                 return (worker.head.status, false);
             }
             worker.buf.consume(worker.head.len);
-            match worker.read_head().await {
-                Ok(next) => worker.head = next,
-                Err(e) => {
-                    tracing::debug!(app = %proxy.route.app, "worker failed after a 1xx: {e}");
-                    return (502, false);
+            let id = worker.pick.worker().id;
+            let e = match worker.read_head().await {
+                Ok(next) if next.status != 101 => {
+                    worker.head = next;
+                    continue;
                 }
-            }
+                Ok(_) => HttpProxyError::UnexpectedUpgrade(id),
+                Err(source) => HttpProxyError::Worker { worker: id, source },
+            };
+            // A final response may still follow the 1xx: the client gets its 502.
+            tracing::warn!(app = %proxy.route.app, peer = %self.peer, status = 502, "after a 1xx: {}", balancer_workers::Chain(&e));
+            proxy.meters.upstream_errors.increment(1);
+            e.write_raw(true, &mut self.response);
+            let _ = self.stream.write_all(&self.response).await;
+            return (502, false);
         }
         let head = worker.head;
         match self.pass_body(&mut worker).await {
