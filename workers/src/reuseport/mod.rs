@@ -419,12 +419,24 @@ mod tests {
         Listener::new(Proto::Tcp, SocketAddr::from(([127, 0, 0, 1], port)), "PORT")
     }
 
+    /// A port free now, taken below the ephemeral range: a port `bind(:0)` gave out can be
+    /// taken a moment later as the source port of another test's connection, and the group's
+    /// bind of it would then fail (as the integration tests' `test_port` explains).
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        const PORTS: std::ops::Range<u32> = 10_000..20_000;
+        let span = PORTS.end - PORTS.start;
+        let _ = NEXT.compare_exchange(
+            0,
+            (std::process::id().wrapping_mul(2_654_435_761) % span) | 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        (0..span)
+            .map(|_| (PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16)
+            .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+            .expect("a free test port")
     }
 
     /// A "worker": accepts on its socket and greets with its name.
