@@ -114,16 +114,6 @@ const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
 ];
 
-/// The label a request's method is counted under: its own if the metrics know it, else
-/// "other" (so a client cannot make up label values).
-pub fn method_label(method: &str) -> &'static str {
-    METHODS
-        .iter()
-        .find(|k| **k == method)
-        .copied()
-        .unwrap_or("other")
-}
-
 /// Counters of one HTTP listener. The request counters are resolved on first use of each
 /// (method, status class) pair and kept, so a request costs an index and an increment.
 #[derive(Debug)]

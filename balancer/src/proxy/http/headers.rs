@@ -9,11 +9,21 @@ use hyper::http::request;
 use hyper::{Method, Request, Uri, Version};
 
 // Names hyper has no constant for; statics so that no lookup or allocation happens per request.
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The fields that concern one connection only (RFC 9110 §7.6.1), never passed on; both paths
+/// strip them, and those a `Connection` field names.
+pub(super) const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and friends).
 pub(super) fn wants_upgrade<B>(req: &Request<B>) -> bool {
@@ -73,15 +83,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     if let Some(upgrade_to) = upgrade_to {

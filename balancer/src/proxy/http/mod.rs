@@ -101,6 +101,17 @@ pub enum WorkerFailure {
     Bad(fast::BadResponse),
 }
 
+/// How the pick-and-connect loop ended without a worker, as both paths answer it.
+impl From<PickError<HttpProxyError>> for HttpProxyError {
+    fn from(e: PickError<HttpProxyError>) -> Self {
+        match e {
+            PickError::NoWorker(waited) => HttpProxyError::NoWorker(waited),
+            PickError::Stopped => HttpProxyError::Shutdown,
+            PickError::GaveUp(e) => e,
+        }
+    }
+}
+
 impl HttpProxyError {
     /// The status the client gets.
     pub fn status(&self) -> StatusCode {
@@ -234,18 +245,23 @@ impl HttpProxy {
             Err(e) => Err(e),
         };
         let response = result.unwrap_or_else(|e| {
-            tracing::warn!(app = %self.route.app, %peer, status = e.status().as_u16(), "{}", Chain(&e));
-            match e.status() {
-                StatusCode::BAD_GATEWAY => self.meters.upstream_errors.increment(1),
-                StatusCode::SERVICE_UNAVAILABLE => self.meters.no_worker.increment(1),
-                _ => {}
-            }
+            self.failed(&e, peer);
             e.response()
         });
         self.meters
             .request(method.as_str(), response.status().as_u16());
         self.meters.duration.record(started.elapsed().as_secs_f64());
         response
+    }
+
+    /// Logs and counts a request that got no response from a worker (both paths).
+    fn failed(&self, e: &HttpProxyError, peer: SocketAddr) {
+        tracing::warn!(app = %self.route.app, %peer, status = e.status().as_u16(), "{}", Chain(e));
+        match e.status() {
+            StatusCode::BAD_GATEWAY => self.meters.upstream_errors.increment(1),
+            StatusCode::SERVICE_UNAVAILABLE => self.meters.no_worker.increment(1),
+            _ => {}
+        }
     }
 
     /// Sends `req` to a worker through the one pick-and-connect loop
@@ -279,11 +295,7 @@ impl HttpProxy {
             |pick, pending| self.attempt(pick, pending, replay, &settings, origin),
         )
         .await
-        .map_err(|e| match e {
-            PickError::NoWorker(waited) => HttpProxyError::NoWorker(waited),
-            PickError::Stopped => HttpProxyError::Shutdown,
-            PickError::GaveUp(e) => e,
-        })
+        .map_err(HttpProxyError::from)
     }
 
     /// One try at a picked worker. A connect failure, or a kept connection the worker closed

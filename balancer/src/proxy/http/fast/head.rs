@@ -10,31 +10,13 @@ use std::mem::MaybeUninit;
 use std::net::IpAddr;
 
 use super::framing::Framing;
-use crate::proxy::http::headers::push_forwarded_element;
+use crate::proxy::http::headers::{HOP_BY_HOP, push_forwarded_element};
 
 /// Fields a head may have before the fast path leaves it to hyper (hyper's own limit).
 const MAX_FIELDS: usize = 100;
 /// Request bodies the fast path buffers whole before it picks a worker; a longer one goes to
 /// hyper, which streams it.
 pub(crate) const MAX_BUFFERED_BODY: u64 = 16 * 1024;
-
-/// The methods the metrics know, and whether a request may be sent again after a worker
-/// failed on it (RFC 9110 §9.2.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Method<'a>(pub(crate) &'a str);
-
-impl Method<'_> {
-    pub(crate) fn is_idempotent(self) -> bool {
-        matches!(
-            self.0,
-            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-        )
-    }
-
-    pub(crate) fn is_head(self) -> bool {
-        self.0 == "HEAD"
-    }
-}
 
 /// What parsing the start of the client's buffer came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,7 +31,7 @@ pub(crate) enum Parsed {
 }
 
 /// A request the fast path carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RequestHead {
     /// Bytes of the head in the client's buffer.
     pub(crate) len: usize,
@@ -57,8 +39,7 @@ pub(crate) struct RequestHead {
     pub(crate) body: usize,
     /// The client asked to close after this response (`Connection: close`).
     pub(crate) close: bool,
-    /// Where the method's name is in the head (`&buf[..method]`).
-    pub(crate) method: usize,
+    pub(crate) method: hyper::Method,
 }
 
 /// Parses the request head at the start of `buf` and, if the fast path carries it, writes the
@@ -83,6 +64,10 @@ pub(crate) fn parse_request(buf: &[u8], client: IpAddr, out: &mut Vec<u8>) -> Pa
     if !path.starts_with('/') || method == "CONNECT" {
         return Parsed::Hyper("not origin-form");
     }
+    // Standard methods (and short extension ones) are not allocated.
+    let Ok(method) = hyper::Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Hyper("unusual method");
+    };
     let fields = &*req.headers;
     let mut body = 0u64;
     let mut lengths = 0;
@@ -108,7 +93,7 @@ pub(crate) fn parse_request(buf: &[u8], client: IpAddr, out: &mut Vec<u8>) -> Pa
     let connection = Connection::of(fields);
 
     out.clear();
-    out.extend_from_slice(method.as_bytes());
+    out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
@@ -129,7 +114,7 @@ pub(crate) fn parse_request(buf: &[u8], client: IpAddr, out: &mut Vec<u8>) -> Pa
         len,
         body: body as usize,
         close: connection.close,
-        method: method.len(),
+        method,
     })
 }
 
@@ -250,52 +235,40 @@ fn itoa3(status: u16) -> [u8; 3] {
     ]
 }
 
-/// The options of a head's `Connection` fields (RFC 9110 §7.6.1).
-struct Connection<'a> {
+/// The options of a head's `Connection` fields (RFC 9110 §7.6.1), read where they stand:
+/// no list is built per head.
+struct Connection<'h, 'b> {
     close: bool,
-    /// Every option, for the fields it names.
-    options: Vec<&'a str>,
+    fields: &'h [httparse::Header<'b>],
 }
 
-impl<'a> Connection<'a> {
-    fn of(fields: &[httparse::Header<'a>]) -> Self {
-        let mut close = false;
-        let mut options = Vec::new();
-        for f in fields
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-        {
-            let Ok(value) = std::str::from_utf8(f.value) else {
-                continue;
-            };
-            for option in value.split(',').map(str::trim).filter(|o| !o.is_empty()) {
-                close |= option.eq_ignore_ascii_case("close");
-                options.push(option);
-            }
-        }
-        Connection { close, options }
+impl<'h, 'b> Connection<'h, 'b> {
+    fn of(fields: &'h [httparse::Header<'b>]) -> Self {
+        let close = options(fields).any(|o| o.eq_ignore_ascii_case("close"));
+        Connection { close, fields }
     }
 
     /// Whether `name` is one of the fields the `Connection` options name.
     fn names(&self, name: &str) -> bool {
-        self.options.iter().any(|o| o.eq_ignore_ascii_case(name))
+        options(self.fields).any(|o| o.eq_ignore_ascii_case(name))
     }
 }
 
-/// Fields about one connection only, never passed on (RFC 9110 §7.6.1), as the hyper path's
-/// `strip_hop_by_hop` has them.
+/// Every option of every `Connection` field, trimmed (several fields and comma lists are the
+/// same thing on the wire).
+fn options<'h, 'b>(fields: &'h [httparse::Header<'b>]) -> impl Iterator<Item = &'b str> + 'h {
+    fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|f| std::str::from_utf8(f.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+}
+
+/// Fields about one connection only, never passed on (the hyper path's list).
 fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// The fields the proxy writes itself.
@@ -402,7 +375,10 @@ mod tests {
             panic!("{parsed:?}")
         };
         assert_eq!(head.len, raw.len() - "GET /next".len());
-        assert_eq!((head.body, head.close, head.method), (0, false, 3));
+        assert_eq!(
+            (head.body, head.close, head.method),
+            (0, false, hyper::Method::GET)
+        );
         assert_eq!(
             out,
             "GET /a?b=c HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\n\
@@ -448,7 +424,7 @@ mod tests {
                 len: raw.len() - 5,
                 body: 5,
                 close: true,
-                method: 4
+                method: hyper::Method::POST
             })
         );
         assert!(out.contains("Content-Length: 5\r\n"), "{out}");

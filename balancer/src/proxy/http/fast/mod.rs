@@ -34,9 +34,9 @@ use tokio::time::{Instant, sleep_until};
 use super::upstream::{Key, open};
 use super::{HttpProxy, HttpProxyError, MAX_RESENDS, Origin, WorkerFailure};
 use crate::proxy::copy::BUFFER_SIZE;
-use crate::proxy::{Attempt, Pick, PickError, RouteSettings, pick_and_connect};
+use crate::proxy::{Attempt, Pick, RouteSettings, pick_and_connect};
 use framing::{BodyScan, Framing};
-use head::{Method, Parsed, RequestHead, ResponseHead, parse_request};
+use head::{Parsed, RequestHead, ResponseHead, parse_request};
 use window::Window;
 
 pub use head::BadResponse;
@@ -224,8 +224,7 @@ impl Conn<'_> {
     async fn exchange(&mut self, head: &RequestHead) -> bool {
         let started = Instant::now();
         let proxy = self.proxy;
-        let method = Method(std::str::from_utf8(&self.window.bytes()[..head.method]).unwrap_or(""));
-        let label = crate::proxy::metrics::method_label(method.0);
+        let method = &head.method;
         let settings = proxy.route.settings();
         // Where the client connected to is asked of the socket only for a PROXY header.
         let header = settings.proxy_protocol.map(|version| {
@@ -235,8 +234,8 @@ impl Conn<'_> {
         let close = head.close || proxy.stop.is_cancelled();
         let outgoing = Outgoing {
             bytes: &self.request,
-            idempotent: method.is_idempotent(),
-            head_only: method.is_head(),
+            idempotent: super::is_idempotent(method),
+            head_only: *method == hyper::Method::HEAD,
             close,
             origin: Origin {
                 client: header.as_ref().map(|_| self.peer),
@@ -252,11 +251,7 @@ impl Conn<'_> {
             |pick, resends| proxy.attempt_raw(pick, resends, &outgoing, &settings),
         )
         .await
-        .map_err(|e| match e {
-            PickError::NoWorker(waited) => HttpProxyError::NoWorker(waited),
-            PickError::Stopped => HttpProxyError::Shutdown,
-            PickError::GaveUp(e) => e,
-        });
+        .map_err(HttpProxyError::from);
         let (status, keep) = match picked {
             Ok(worker) => {
                 proxy
@@ -266,11 +261,7 @@ impl Conn<'_> {
                 self.respond(worker, close).await
             }
             Err(e) => {
-                tracing::warn!(app = %proxy.route.app, peer = %self.peer, status = e.status().as_u16(), "{}", balancer_workers::Chain(&e));
-                match e.status() {
-                    hyper::StatusCode::BAD_GATEWAY => proxy.meters.upstream_errors.increment(1),
-                    _ => proxy.meters.no_worker.increment(1),
-                }
+                proxy.failed(&e, self.peer);
                 proxy
                     .meters
                     .duration
@@ -280,7 +271,7 @@ impl Conn<'_> {
                 (e.status().as_u16(), written && !close)
             }
         };
-        proxy.meters.request(label, status);
+        proxy.meters.request(method.as_str(), status);
         if !keep {
             let _ = self.stream.shutdown().await;
         }
@@ -307,8 +298,7 @@ impl Conn<'_> {
                 Err(source) => HttpProxyError::Worker { worker: id, source },
             };
             // A final response may still follow the 1xx: the client gets its 502.
-            tracing::warn!(app = %proxy.route.app, peer = %self.peer, status = 502, "after a 1xx: {}", balancer_workers::Chain(&e));
-            proxy.meters.upstream_errors.increment(1);
+            proxy.failed(&e, self.peer);
             e.write_raw(true, &mut self.response);
             let _ = self.stream.write_all(&self.response).await;
             return (502, false);

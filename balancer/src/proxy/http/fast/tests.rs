@@ -68,6 +68,8 @@ struct Stand {
     mode: Mutex<Mode>,
     /// Connections accepted.
     accepts: AtomicUsize,
+    /// Connections this side closed.
+    closed: AtomicUsize,
     /// Every request read, head and body, as the proxy sent it.
     requests: Mutex<Vec<Vec<u8>>>,
     arrived: Notify,
@@ -83,6 +85,7 @@ impl Stand {
             addr: listener.local_addr().unwrap(),
             mode: Mutex::new(mode),
             accepts: AtomicUsize::new(0),
+            closed: AtomicUsize::new(0),
             requests: Mutex::default(),
             arrived: Notify::new(),
             release: Notify::new(),
@@ -91,7 +94,11 @@ impl Stand {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 serving.accepts.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(Arc::clone(&serving).connection(stream));
+                let serving = Arc::clone(&serving);
+                tokio::spawn(async move {
+                    Arc::clone(&serving).connection(stream).await;
+                    serving.closed.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
         stand
@@ -113,6 +120,19 @@ impl Stand {
 
     fn accepts(&self) -> usize {
         self.accepts.load(Ordering::SeqCst)
+    }
+
+    /// Waits until this side has closed `n` connections: their FINs are then on the proxy's
+    /// sockets (loopback delivers at the close), and one more park lets the reactor see them.
+    async fn closed(&self, n: usize) {
+        timeout(WAIT, async {
+            while self.closed.load(Ordering::SeqCst) < n {
+                sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the stand-in closed its connection");
+        sleep(Duration::from_millis(1)).await;
     }
 
     fn requests(&self) -> Vec<Vec<u8>> {
@@ -498,7 +518,7 @@ async fn a_worker_connection_is_reused_and_one_the_worker_closed_is_not() {
     let response = client.ask(GET).await;
     assert_eq!((response.status(), response.body()), (200, "w0"));
     stand.set(Mode::Answer);
-    sleep(Duration::from_millis(50)).await;
+    stand.closed(1).await;
 
     // A POST is not sent again after a failure, so it shows whether the pool handed out the
     // closed connection: a 502 if it did.
