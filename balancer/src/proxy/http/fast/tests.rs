@@ -314,6 +314,17 @@ impl Client {
 }
 
 /// A proxy over `workers`, as an HTTP listener builds it.
+/// Stand-in workers 0, 1, … in `modes`, their pool handles, and a proxy over them.
+async fn stands_in(modes: &[Mode]) -> (Vec<Arc<Stand>>, Vec<Arc<WorkerHandle>>, Arc<HttpProxy>) {
+    let mut stands = Vec::new();
+    for (id, mode) in (0..).zip(modes) {
+        stands.push(Stand::start(id, *mode).await);
+    }
+    let workers: Vec<_> = stands.iter().map(|s| s.handle()).collect();
+    let proxy = proxy_over(&workers);
+    (stands, workers, proxy)
+}
+
 fn proxy_over(workers: &[Arc<WorkerHandle>]) -> Arc<HttpProxy> {
     let pool = Arc::new(Pool::new());
     for worker in workers {
@@ -371,13 +382,7 @@ const POST: &str = "POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhell
 
 #[tokio::test]
 async fn a_get_two_workers_dropped_unanswered_is_sent_again_and_answered_by_the_third() {
-    let stands = [
-        Stand::start(0, Mode::Close).await,
-        Stand::start(1, Mode::Close).await,
-        Stand::start(2, Mode::Answer).await,
-    ];
-    let workers: Vec<_> = stands.iter().map(|s| s.handle()).collect();
-    let proxy = proxy_over(&workers);
+    let (stands, workers, proxy) = stands_in(&[Mode::Close, Mode::Close, Mode::Answer]).await;
     let (mut client, _served) = connect(&proxy).await;
 
     let response = client.ask(GET).await;
@@ -390,14 +395,8 @@ async fn a_get_two_workers_dropped_unanswered_is_sent_again_and_answered_by_the_
 
 #[tokio::test]
 async fn a_get_three_workers_dropped_is_a_raw_502_and_the_connection_serves_on() {
-    let stands = [
-        Stand::start(0, Mode::Close).await,
-        Stand::start(1, Mode::Close).await,
-        Stand::start(2, Mode::Close).await,
-        Stand::start(3, Mode::Answer).await,
-    ];
-    let workers: Vec<_> = stands.iter().map(|s| s.handle()).collect();
-    let proxy = proxy_over(&workers);
+    let (stands, workers, proxy) =
+        stands_in(&[Mode::Close, Mode::Close, Mode::Close, Mode::Answer]).await;
     let (mut client, _served) = connect(&proxy).await;
 
     // Round robin starts at worker 0: 0, 1 and 2 fail it, and MAX_RESENDS is spent before 3.
@@ -418,12 +417,7 @@ async fn a_get_three_workers_dropped_is_a_raw_502_and_the_connection_serves_on()
 
 #[tokio::test]
 async fn a_post_a_worker_dropped_unanswered_is_a_502_and_never_sent_again() {
-    let stands = [
-        Stand::start(0, Mode::Close).await,
-        Stand::start(1, Mode::Answer).await,
-    ];
-    let workers: Vec<_> = stands.iter().map(|s| s.handle()).collect();
-    let proxy = proxy_over(&workers);
+    let (stands, workers, proxy) = stands_in(&[Mode::Close, Mode::Answer]).await;
     let (mut client, _served) = connect(&proxy).await;
 
     let response = client.ask(POST).await;
