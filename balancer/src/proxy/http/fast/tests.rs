@@ -382,7 +382,7 @@ const POST: &str = "POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhell
 
 #[tokio::test]
 async fn a_get_two_workers_dropped_unanswered_is_sent_again_and_answered_by_the_third() {
-    let (stands, workers, proxy) = stands_in(&[Mode::Close, Mode::Close, Mode::Answer]).await;
+    let (stands, _workers, proxy) = stands_in(&[Mode::Close, Mode::Close, Mode::Answer]).await;
     let (mut client, _served) = connect(&proxy).await;
 
     let response = client.ask(GET).await;
