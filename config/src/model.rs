@@ -28,6 +28,31 @@ pub struct Global {
     pub metrics: Option<SocketAddr>,
     /// `sample_interval = "1s"`: how often every worker's CPU and memory are sampled.
     pub sample_interval: Duration,
+    /// `io = "auto"`: how the master moves the bytes of its established `tcp://` connections.
+    pub io: Io,
+}
+
+/// `[balancer] io`: the I/O path of established `tcp://` connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Io {
+    /// io_uring where the kernel allows it (checked at start), epoll otherwise.
+    #[default]
+    Auto,
+    /// Readiness (epoll) and read/write/splice syscalls on the async runtime's threads.
+    Epoll,
+    /// io_uring rings, one per core; the master refuses to start where the kernel refuses them.
+    IoUring,
+}
+
+impl Io {
+    /// The name used in `balancer.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Io::Auto => "auto",
+            Io::Epoll => "epoll",
+            Io::IoUring => "io_uring",
+        }
+    }
 }
 
 impl Default for Global {
@@ -35,6 +60,7 @@ impl Default for Global {
         Global {
             metrics: None,
             sample_interval: crate::defaults::SAMPLE_INTERVAL,
+            io: Io::default(),
         }
     }
 }

@@ -138,6 +138,7 @@ fn defaults_are_applied() {
     let config = p.parse(&format!("[[app]]\nname = \"web\"\n{CMD}")).unwrap();
     assert_eq!(config.balancer.sample_interval, Duration::from_secs(1));
     assert_eq!(Global::default().sample_interval, Duration::from_secs(1));
+    assert_eq!(config.balancer.io, Io::Auto);
 }
 
 #[test]
@@ -149,6 +150,7 @@ fn every_key_is_read() {
             r#"
 [balancer]
 sample_interval = "250ms"
+io = "epoll"
 
 [[app]]
 name = "web"
@@ -178,6 +180,7 @@ max_memory_restart = "300M"
     assert_eq!(config.source, p.path("balancer.toml"));
     assert_eq!(config.balancer.metrics, None);
     assert_eq!(config.balancer.sample_interval, Duration::from_millis(250));
+    assert_eq!(config.balancer.io, Io::Epoll);
     let app = &config.apps[0];
     let script = p.path("node/server.js").to_string_lossy().into_owned();
     assert_eq!(app.program, "node");
@@ -418,6 +421,24 @@ fn bad_listen_address() {
         "2:19",
         "`sample_interval`: must be longer than 0",
     );
+    assert_one(
+        &global("io = \"kqueue\""),
+        "2:6",
+        "unknown io \"kqueue\"; expected \"auto\", \"epoll\" or \"io_uring\"",
+    );
+    for (text, io) in [
+        ("auto", Io::Auto),
+        ("epoll", Io::Epoll),
+        ("io_uring", Io::IoUring),
+    ] {
+        let config = p
+            .parse(&format!(
+                "[balancer]\nio = \"{text}\"\n[[app]]\nname = \"web\"\n{CMD}"
+            ))
+            .unwrap();
+        assert_eq!(config.balancer.io, io);
+        assert_eq!(io.as_str(), text);
+    }
 }
 
 #[test]

@@ -68,7 +68,7 @@ const APP_KEYS: &[&str] = &[
     "max_conns",
     "capture",
 ];
-const BALANCER_KEYS: &[&str] = &["metrics", "sample_interval"];
+const BALANCER_KEYS: &[&str] = &["metrics", "sample_interval", "io"];
 /// The shortest `sample_interval`.
 const MIN_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// PM2 keys of `[[app]]` whose behaviour is not built yet: refused where they are written,
@@ -232,9 +232,11 @@ fn global(r: &mut Reader<'_, '_, '_, '_>, taken: &mut Taken) -> Global {
         (d, _) => d,
     }
     .unwrap_or(defaults::SAMPLE_INTERVAL);
+    let io = r.parsed("io", str::parse).unwrap_or_default();
     Global {
         metrics,
         sample_interval,
+        io,
     }
 }
 

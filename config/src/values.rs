@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::model::{Balance, Instances, Policy, Proto, ProxyVersion, Signal};
+use crate::model::{Balance, Instances, Io, Policy, Proto, ProxyVersion, Signal};
 
 /// Parses a duration: `"1s"`, `"500ms"`, `"2m"`, `"1h30m"` (humantime), or a bare integer meaning
 /// milliseconds, as PM2's ecosystem files write them.
@@ -201,6 +201,22 @@ impl FromStr for Balance {
             "source" => Ok(Balance::Source),
             _ => Err(format!(
                 "unknown balance \"{}\"; expected \"round_robin\", \"least_conn\", \"p2c\" or \"source\"",
+                s.trim()
+            )),
+        }
+    }
+}
+
+impl FromStr for Io {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Io::Auto),
+            "epoll" => Ok(Io::Epoll),
+            "io_uring" | "iouring" | "uring" => Ok(Io::IoUring),
+            _ => Err(format!(
+                "unknown io \"{}\"; expected \"auto\", \"epoll\" or \"io_uring\"",
                 s.trim()
             )),
         }
