@@ -160,6 +160,7 @@ impl Master {
         }
         // Master-wide settings: the file applied last sets them. A file that names no metrics
         // address leaves the endpoint another one started.
+        crate::proxy::uring::set(config.balancer.io).map_err(ControlError::Uring)?;
         if let Some(addr) = config.balancer.metrics {
             self.serve_metrics(addr)
                 .map_err(|source| ControlError::Metrics { addr, source })?;

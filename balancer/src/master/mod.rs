@@ -76,6 +76,9 @@ pub enum MasterError {
     /// The metrics endpoint could not listen; nothing was started.
     #[error("cannot serve metrics on {0}")]
     Metrics(std::net::SocketAddr, #[source] io::Error),
+    /// `io = "io_uring"` where the kernel refuses io_uring; nothing was started.
+    #[error("io = \"io_uring\": the kernel refuses io_uring (use io = \"auto\" or \"epoll\")")]
+    Uring(#[source] &'static io::Error),
     /// A new master (`take-over`) could not take over; the old one serves on.
     #[error("cannot take over from the old master: {0}")]
     TakeOver(String),
@@ -157,6 +160,9 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    /// `io = "io_uring"` where the kernel refuses io_uring; nothing changed.
+    #[error("io = \"io_uring\": the kernel refuses io_uring (use io = \"auto\" or \"epoll\")")]
+    Uring(#[source] &'static io::Error),
     /// A log file could not be emptied.
     #[error("cannot empty {}", path.display())]
     Flush {

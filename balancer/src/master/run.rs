@@ -63,6 +63,7 @@ pub async fn run(config: Config, source: Source, opts: MasterOptions) -> Result<
         .spawn
         .sampler
         .set_interval(config.balancer.sample_interval);
+    crate::proxy::uring::set(config.balancer.io).map_err(MasterError::Uring)?;
     let bound = bind_all(&config.apps)?;
     if let Some(origin) = &opts.origin {
         master.remember(config.apps.iter().map(|a| a.name.clone()), origin);

@@ -99,8 +99,74 @@ impl Drop for Loan {
 /// The caller closes both sockets as soon as it returns: that close is what sends the FIN of
 /// the direction that ended last.
 pub async fn bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    let state = Shared::default();
-    tokio::try_join!(one_way(a, b, &state), one_way(b, a, &state))
+    match until(a, b, Carry::Never).await? {
+        Copied::Done(a_to_b, b_to_a) | Copied::Carry(a_to_b, b_to_a) => Ok((a_to_b, b_to_a)),
+    }
+}
+
+/// Whether a connection may leave this copy for another I/O path ([`Copied::Carry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carry {
+    /// Copy to the end.
+    Never,
+    /// Stop once the connection has gone back and forth: each direction has moved
+    /// [`CARRY_AFTER_BURSTS`] bursts, none of them filling a read (bulk stays here, for
+    /// splice), no EOF has been seen, and both directions wait for bytes holding none.
+    Interactive,
+}
+
+/// Bursts each way before a connection counts as interactive: a client that sends one request
+/// and closes (a new connection per request) never qualifies, a keep-alive client after its
+/// second exchange.
+pub const CARRY_AFTER_BURSTS: u32 = 2;
+
+/// How [`until`] ended, with the bytes moved each way (`a` to `b`, `b` to `a`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// Both directions saw their EOF.
+    Done(u64, u64),
+    /// [`Carry::Interactive`] was met: nothing is buffered or half-sent either way, and the
+    /// sockets are ready for another copier.
+    Carry(u64, u64),
+}
+
+/// [`bidirectional`], which may stop early for another copier as `carry` says.
+pub async fn until(a: &TcpStream, b: &TcpStream, carry: Carry) -> io::Result<Copied> {
+    let state = Shared {
+        carry: carry == Carry::Interactive,
+        ..Shared::default()
+    };
+    let forth = std::pin::pin!(one_way(a, b, &state, 0));
+    let back = std::pin::pin!(one_way(b, a, &state, 1));
+    let (mut forth, mut back) = (forth, back);
+    let (mut forth_done, mut back_done) = (None, None);
+    loop {
+        tokio::select! {
+            r = &mut forth, if forth_done.is_none() => match r? {
+                Way::Eof(n) => forth_done = Some(n),
+                Way::Carry => break,
+            },
+            r = &mut back, if back_done.is_none() => match r? {
+                Way::Eof(n) => back_done = Some(n),
+                Way::Carry => break,
+            },
+        }
+        if let (Some(a_to_b), Some(b_to_a)) = (forth_done, back_done) {
+            return Ok(Copied::Done(a_to_b, b_to_a));
+        }
+    }
+    // The direction that asked found the other waiting for bytes, holding nothing.
+    use std::sync::atomic::Ordering;
+    Ok(Copied::Carry(
+        state.totals[0].load(Ordering::Relaxed),
+        state.totals[1].load(Ordering::Relaxed),
+    ))
+}
+
+/// How one direction ended.
+enum Way {
+    Eof(u64),
+    Carry,
 }
 
 /// What the two directions of one connection know of each other.
@@ -110,14 +176,48 @@ struct Shared {
     moved: std::sync::atomic::AtomicBool,
     /// One direction has seen its EOF (and passed it on).
     one_done: std::sync::atomic::AtomicBool,
+    /// [`Carry::Interactive`] applies.
+    carry: bool,
+    /// A read filled its buffer: a stream flowed, and the connection stays.
+    flowed: std::sync::atomic::AtomicBool,
+    /// Bursts completed, per direction (counted only while `carry`).
+    bursts: [std::sync::atomic::AtomicU32; 2],
+    /// The direction waits for readiness holding no bytes.
+    waiting: [std::sync::atomic::AtomicBool; 2],
+    /// Bytes moved so far, per direction (kept only while `carry`).
+    totals: [std::sync::atomic::AtomicU64; 2],
+}
+
+impl Shared {
+    /// Direction `dir` finished a burst, having moved `total` so far: whether the connection
+    /// should now leave for another copier.
+    fn burst_done(&self, dir: usize, total: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.carry {
+            return false;
+        }
+        self.totals[dir].store(total, Ordering::Relaxed);
+        let bursts = self.bursts[dir].fetch_add(1, Ordering::Relaxed) + 1;
+        bursts >= CARRY_AFTER_BURSTS
+            && self.bursts[1 - dir].load(Ordering::Relaxed) >= CARRY_AFTER_BURSTS
+            && self.waiting[1 - dir].load(Ordering::Relaxed)
+            && !self.flowed.load(Ordering::Relaxed)
+            && !self.one_done.load(Ordering::Relaxed)
+    }
 }
 
 /// Copies `from` → `to` until EOF on `from`, then shuts down `to`'s write side.
-async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared, dir: usize) -> io::Result<Way> {
     use std::sync::atomic::Ordering;
     let mut total = 0u64;
     loop {
-        from.readable().await?;
+        if state.carry {
+            state.waiting[dir].store(true, Ordering::Relaxed);
+            from.readable().await?;
+            state.waiting[dir].store(false, Ordering::Relaxed);
+        } else {
+            from.readable().await?;
+        }
         // One burst: read while bytes are there, with one borrowed buffer, then give it back
         // and wait holding nothing. Syscalls are tried first; readiness is awaited only after
         // a WouldBlock.
@@ -130,7 +230,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result
                         "closed before anything was sent either way",
                     ));
                 }
-                Ok((0, _)) => return pass_eof(to, state).map(|()| total),
+                Ok((0, _)) => return pass_eof(to, state).map(|()| Way::Eof(total)),
                 Ok(read) => read,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -150,6 +250,9 @@ async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result
             if drained {
                 break;
             }
+            if state.carry {
+                state.flowed.store(true, Ordering::Relaxed);
+            }
             // The read filled the buffer: a stream is flowing. The rest of the burst goes
             // through a pipe, or with a big buffer when no pipe is to be had.
             if !loan.is_bulk() {
@@ -157,12 +260,15 @@ async fn one_way(from: &TcpStream, to: &TcpStream, state: &Shared) -> io::Result
                     drop(loan);
                     match splice::burst(from, to, &mut pipe, &mut total).await? {
                         Burst::Drained => break,
-                        Burst::Eof => return pass_eof(to, state).map(|()| total),
+                        Burst::Eof => return pass_eof(to, state).map(|()| Way::Eof(total)),
                         Burst::Unsupported => {}
                     }
                 }
                 loan = Loan::take_bulk();
             }
+        }
+        if state.burst_done(dir, total) {
+            return Ok(Way::Carry);
         }
     }
 }

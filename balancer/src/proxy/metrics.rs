@@ -24,6 +24,8 @@ pub struct ListenerMeters {
     pub queue_wait: Histogram,
     /// Connections that waited `queue_timeout` and got no worker.
     pub queue_timeouts: Counter,
+    /// Connections handed to an io_uring ring once they went back and forth (`[balancer] io`).
+    pub carried: Counter,
 }
 
 impl ListenerMeters {
@@ -39,6 +41,7 @@ impl ListenerMeters {
             queued: gauge!("balancer_tcp_queued_connections", &labels),
             queue_wait: histogram!("balancer_tcp_queue_wait_seconds", &labels),
             queue_timeouts: counter!("balancer_tcp_queue_timeouts_total", &labels),
+            carried: counter!("balancer_tcp_io_uring_connections_total", &labels),
         }
     }
 
@@ -52,6 +55,7 @@ impl ListenerMeters {
             queued: Gauge::noop(),
             queue_wait: Histogram::noop(),
             queue_timeouts: Counter::noop(),
+            carried: Counter::noop(),
         }
     }
 
@@ -300,6 +304,10 @@ pub fn describe() {
     describe_counter!(
         "balancer_tcp_connect_retries_total",
         "Connects to a worker that failed, after which the pick went on to another try"
+    );
+    describe_counter!(
+        "balancer_tcp_io_uring_connections_total",
+        "Connections handed from epoll to an io_uring ring once they went back and forth"
     );
     describe_gauge!(
         "balancer_tcp_queued_connections",

@@ -28,6 +28,7 @@ pub mod proxy_protocol;
 mod splice;
 pub mod tcp;
 pub mod udp;
+pub mod uring;
 
 /// After every ready worker refused, wait this long (or for a pool change) before trying again.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);

@@ -137,7 +137,7 @@ pub async fn proxy(
     // half-close passes through in both directions. Buffers are borrowed only while bytes move.
     let meters = route.meters.worker(guard.worker(), settings.listener_index);
     let _active = meters.map(Active::enter);
-    let (to_worker, to_client) = match super::copy::bidirectional(&client, &upstream).await {
+    let (to_worker, to_client) = match carry(client, upstream, route).await {
         Ok(moved) => moved,
         // One side left having sent nothing either way: nothing to carry.
         Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => (0, 0),
@@ -154,6 +154,32 @@ pub async fn proxy(
         to_worker,
         to_client,
     })
+}
+
+/// Copies an established connection both ways to its end: on the runtime's epoll, and, with
+/// [`uring::on`](super::uring::on), on an io_uring ring once it has gone back and forth.
+async fn carry(client: TcpStream, upstream: TcpStream, route: &Route) -> io::Result<(u64, u64)> {
+    use super::copy::{self, Carry, Copied};
+    use super::uring::{self, NotCarried};
+    if !uring::on() {
+        return copy::bidirectional(&client, &upstream).await;
+    }
+    let (early_in, early_out) = match copy::until(&client, &upstream, Carry::Interactive).await? {
+        Copied::Done(to_worker, to_client) => return Ok((to_worker, to_client)),
+        Copied::Carry(to_worker, to_client) => (to_worker, to_client),
+    };
+    let (to_worker, to_client) = match uring::carry(client, upstream, || {
+        route.meters.carried.increment(1);
+    })
+    .await
+    {
+        Ok(moved) => moved?,
+        Err(NotCarried::NoRing(client, upstream)) => {
+            copy::bidirectional(&client, &upstream).await?
+        }
+        Err(NotCarried::Lost(e)) => return Err(e),
+    };
+    Ok((early_in + to_worker, early_out + to_client))
 }
 
 /// Counts a failed connect against the worker and as a retry of the listener.
