@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 
 use balancer::proxy::Route;
-use balancer_config::Proto;
+use balancer_config::{Io, Proto};
 use balancer_workers::WorkerHandle;
 use balancer_workers::reuseport::Group;
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -176,15 +176,33 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
-    // Round trips on one established connection: the copy loop's latency.
+    // Round trips on one established connection: the copy loop's latency. With `io_uring`
+    // the connection is handed to a ring after its first exchanges (`[balancer] io`); only
+    // this group has such a row, since a connection per request and a bulk stream stay on
+    // epoll.
     let mut group = c.benchmark_group("roundtrip_64B");
-    for (name, addr) in targets {
+    let uring = balancer::proxy::uring::available().is_ok();
+    let with_uring = targets
+        .iter()
+        .copied()
+        .chain(uring.then_some(("balancer_rr_io_uring", s.proxied)));
+    for (name, addr) in with_uring {
+        let io = if name.ends_with("io_uring") {
+            Io::IoUring
+        } else {
+            Io::Epoll
+        };
+        balancer::proxy::uring::set(io).expect("io_uring was available");
         let mut stream = connect(addr);
+        let mut back = [0u8; 64];
+        for _ in 0..balancer::proxy::copy::CARRY_AFTER_BURSTS + 1 {
+            exchange(&mut stream, &[7u8; 64], &mut back);
+        }
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
-            let mut back = [0u8; 64];
             b.iter(|| exchange(&mut stream, &[7u8; 64], &mut back))
         });
     }
+    balancer::proxy::uring::set(Io::Epoll).expect("epoll");
     group.finish();
 
     // Bulk transfer on one connection: the copy loop's throughput.
@@ -219,6 +237,11 @@ fn main() {
         started,
         &["connection_per_request", "roundtrip_64B", "bulk_1MiB"],
         "direct",
-        &["reuseport", "balancer_rr", "balancer_rr_metrics"],
+        &[
+            "reuseport",
+            "balancer_rr",
+            "balancer_rr_metrics",
+            "balancer_rr_io_uring",
+        ],
     );
 }

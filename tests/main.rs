@@ -9,6 +9,7 @@ mod deploy;
 mod hardening;
 mod http;
 mod http_wire;
+mod io_paths;
 mod lifecycle;
 mod logs;
 mod metrics;
