@@ -317,18 +317,16 @@ pub(crate) fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A client ↔ proxy ↔ server chain over loopback, copied by [`bidirectional`].
-    async fn chain() -> (
-        TcpStream,
-        TcpStream,
-        tokio::task::JoinHandle<io::Result<(u64, u64)>>,
-    ) {
+    /// The four sockets of a client ↔ proxy ↔ server chain over loopback: the client, the
+    /// proxy's accepted and upstream sockets, and the server's, all with `TCP_NODELAY`, as the
+    /// proxy sets them (small writes go out at once).
+    pub(crate) async fn loopback_chain() -> [TcpStream; 4] {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(front.local_addr().unwrap())
@@ -339,10 +337,19 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = back.accept().await.unwrap();
-        // As the proxy sets them: small writes go out at once.
         for s in [&client, &accepted, &upstream, &server] {
             s.set_nodelay(true).unwrap();
         }
+        [client, accepted, upstream, server]
+    }
+
+    /// A client ↔ proxy ↔ server chain over loopback, copied by [`bidirectional`].
+    async fn chain() -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<io::Result<(u64, u64)>>,
+    ) {
+        let [client, accepted, upstream, server] = loopback_chain().await;
         let copy = tokio::spawn(async move { bidirectional(&accepted, &upstream).await });
         (client, server, copy)
     }

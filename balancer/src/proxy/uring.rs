@@ -869,7 +869,6 @@ mod tests {
     use crate::proxy::copy::{self, Carry, Copied};
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     /// A client ↔ proxy ↔ server chain over loopback: the proxy side copies on epoll until
     /// the connection has gone back and forth, then carries it on a ring. `None` where the
@@ -883,19 +882,7 @@ mod tests {
             eprintln!("io_uring not available here ({e}): not testing the ring path");
             return None;
         }
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(front.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = front.accept().await.unwrap();
-        let upstream = TcpStream::connect(back.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = back.accept().await.unwrap();
-        for s in [&client, &accepted, &upstream, &server] {
-            s.set_nodelay(true).unwrap();
-        }
+        let [client, accepted, upstream, server] = copy::tests::loopback_chain().await;
         let proxy = tokio::spawn(async move {
             let early = match copy::until(&accepted, &upstream, Carry::Interactive).await? {
                 Copied::Carry(a, b) => (a, b),
@@ -1012,10 +999,15 @@ mod tests {
             .expect("the ring ended the connection")
             .unwrap();
         assert!(result.is_err(), "a reset is an error: {result:?}");
+        sees_the_end(&mut client).await;
+    }
+
+    /// `side` reads EOF or an error, within 10 s.
+    async fn sees_the_end(side: &mut TcpStream) {
         let mut byte = [0u8; 1];
-        let end = tokio::time::timeout(Duration::from_secs(10), client.read(&mut byte))
+        let end = tokio::time::timeout(Duration::from_secs(10), side.read(&mut byte))
             .await
-            .expect("the client saw the end");
+            .expect("the end reached this side");
         assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
     }
 
@@ -1028,13 +1020,8 @@ mod tests {
         // Carried and idle: the owner goes away, as at the end of a shutdown's abort.
         proxy.abort();
         let _ = proxy.await;
-        for side in [&mut client, &mut server] {
-            let mut byte = [0u8; 1];
-            let end = tokio::time::timeout(Duration::from_secs(10), side.read(&mut byte))
-                .await
-                .expect("the abort reached both sides");
-            assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
-        }
+        sees_the_end(&mut client).await;
+        sees_the_end(&mut server).await;
     }
 
     #[tokio::test]
@@ -1043,16 +1030,7 @@ mod tests {
             return;
         }
         // One request and its reply, then the client's FIN: a new connection per request.
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let back = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(front.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = front.accept().await.unwrap();
-        let upstream = TcpStream::connect(back.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut server, _) = back.accept().await.unwrap();
+        let [mut client, accepted, upstream, mut server] = copy::tests::loopback_chain().await;
         let proxy =
             tokio::spawn(
                 async move { copy::until(&accepted, &upstream, Carry::Interactive).await },
