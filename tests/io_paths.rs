@@ -13,13 +13,13 @@ use nix::unistd::Pid;
 
 use crate::support::*;
 
-/// Whether this kernel gives rings to this process (the master checks the same way, and more:
-/// it also registers provided buffers).
+/// Whether this kernel gives this process rings the master can use: the master's own check
+/// (rings, provided buffers, a multishot receive).
 fn uring_here() -> bool {
-    match io_uring::IoUring::new(8) {
-        Ok(_) => true,
+    match balancer::proxy::uring::available() {
+        Ok(()) => true,
         Err(e) => {
-            eprintln!("io_uring is refused here ({e}): checking the refusal instead");
+            eprintln!("io_uring is refused here ({e}): the io_uring runs are skipped");
             false
         }
     }
