@@ -47,23 +47,26 @@ measure() {
   python3 -c "r = $rate; n = r * 4; print(f'  {\"$name\":9} {r:9.0f}/s  cpu {$cpu * 1000 / n:5.1f} us  ctxsw {$cs / n:.3f}')"
 }
 
+# rotate TITLE BASE_PORT CMD... : ROUNDS rounds of each front (ports BASE+1..3), CMD with the
+# front's address for @.
+rotate() {
+  local title=$1 base=$2; shift 2
+  local r n port i
+  for r in $(seq "$rounds"); do
+    echo "$title, round $r"
+    i=1
+    for n in epoll io_uring haproxy; do
+      port=$((base + i)); i=$((i + 1))
+      measure $n "${@/@/127.0.0.1:$port}"
+    done
+  done
+}
+
 app=$peers/app.js echo=$peers/tcp-echo.js
 front epoll 18181 "$app"; front io_uring 18182 "$app"; front haproxy 18183 "$app" 3181 3182
 sleep 4
-for r in $(seq "$rounds"); do
-  echo "keep-alive requests, round $r"
-  for n in epoll io_uring haproxy; do
-    case $n in epoll) port=18181 ;; io_uring) port=18182 ;; haproxy) port=18183 ;; esac
-    measure $n wrk -t1 -c50 -d8s "http://127.0.0.1:$port/"
-  done
-done
+rotate "keep-alive requests" 18180 wrk -t1 -c50 -d8s "http://@/"
 kill "${pids[@]}" 2>/dev/null; pids=(); sleep 2
 front epoll 18191 "$echo"; front io_uring 18192 "$echo"; front haproxy 18193 "$echo" 4181 4182
 sleep 4
-for r in $(seq "$rounds"); do
-  echo "echo ping-pong messages, round $r"
-  for n in epoll io_uring haproxy; do
-    case $n in epoll) port=18191 ;; io_uring) port=18192 ;; haproxy) port=18193 ;; esac
-    measure $n "$bench" pingpong "127.0.0.1:$port" 50 8 64
-  done
-done
+rotate "echo ping-pong messages" 18190 "$bench" pingpong @ 50 8 64

@@ -136,9 +136,8 @@ pub async fn until(a: &TcpStream, b: &TcpStream, carry: Carry) -> io::Result<Cop
         carry: carry == Carry::Interactive,
         ..Shared::default()
     };
-    let forth = std::pin::pin!(one_way(a, b, &state, 0));
-    let back = std::pin::pin!(one_way(b, a, &state, 1));
-    let (mut forth, mut back) = (forth, back);
+    let mut forth = std::pin::pin!(one_way(a, b, &state, 0));
+    let mut back = std::pin::pin!(one_way(b, a, &state, 1));
     let (mut forth_done, mut back_done) = (None, None);
     loop {
         tokio::select! {
