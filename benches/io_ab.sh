@@ -4,9 +4,12 @@
 # -c50 keep-alive through tcp://) and per message (echo-bench ping-pong, 50 x 64 B), from
 # `perf stat` on the front's process. By hand, not part of CI; needs wrk, haproxy, perf, node
 # and the peers harness's echo-bench (`../shared/peers`, copied to $PEERS with setup.sh run).
-#   benches/io_ab.sh [ROUNDS]        BALANCER_BIN=... PEERS=/tmp/peers
+# With SCHEME=http the fronts are balancer's http:// listener and HAProxy in http mode, and
+# only the keep-alive rotation runs.
+#   benches/io_ab.sh [ROUNDS]        BALANCER_BIN=... PEERS=/tmp/peers SCHEME=tcp|http
 set -u
 rounds=${1:-3}
+scheme=${SCHEME:-tcp}
 bin=${BALANCER_BIN:-$(dirname "$0")/../target/release/balancer}
 peers=${PEERS:-/tmp/peers}
 bench=$peers/tools/echo-bench/target/release/echo-bench
@@ -21,13 +24,13 @@ front() {
   if [ "$name" = haproxy ]; then
     local p i=1
     for p in "$@"; do PORT=$p setsid node "$script" > /dev/null 2>&1 & pids+=($!); done
-    { printf 'defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n'
+    { printf 'defaults\n  mode %s\n' "$scheme"; printf '  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n'
       printf 'frontend ft\n  bind 127.0.0.1:%s\n  default_backend bk\nbackend bk\n  balance roundrobin\n' "$port"
       for p in "$@"; do printf '  server s%s 127.0.0.1:%s\n' $i "$p"; i=$((i + 1)); done; } > "$run/$name/cfg"
     setsid haproxy -f "$run/$name/cfg" > /dev/null 2>&1 &
   else
-    printf '[balancer]\nio = "%s"\n[[app]]\nname = "lb"\ncommand = ["node", "%s"]\ninstances = 2\nlisten = ["tcp://127.0.0.1:%s"]\n' \
-      "$name" "$script" "$port" > "$run/$name/balancer.toml"
+    printf '[balancer]\nio = "%s"\n[[app]]\nname = "lb"\ncommand = ["node", "%s"]\ninstances = 2\nlisten = ["%s://127.0.0.1:%s"]\n' \
+      "$name" "$script" "$scheme" "$port" > "$run/$name/balancer.toml"
     BALANCER_HOME=$run/$name setsid "$bin" run "$run/$name/balancer.toml" > "$run/$name/log" 2>&1 &
   fi
   pids+=($!); echo $! > "$run/$name/pid"
@@ -65,7 +68,8 @@ rotate() {
 app=$peers/app.js echo=$peers/tcp-echo.js
 front epoll 18181 "$app"; front io_uring 18182 "$app"; front haproxy 18183 "$app" 3181 3182
 sleep 4
-rotate "keep-alive requests" 18180 wrk -t1 -c50 -d8s "http://@/"
+rotate "keep-alive requests ($scheme://)" 18180 wrk -t1 -c50 -d8s "http://@/"
+[ "$scheme" = http ] && exit 0
 kill "${pids[@]}" 2>/dev/null; pids=(); sleep 2
 front epoll 18191 "$echo"; front io_uring 18192 "$echo"; front haproxy 18193 "$echo" 4181 4182
 sleep 4

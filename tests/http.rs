@@ -689,8 +689,12 @@ fn h2c_prior_knowledge_is_proxied_to_http1_workers() {
 
 #[test]
 fn reload_and_scale_under_http_load_fail_no_request() {
-    let port = free_port();
-    let b = Balancer::start(&http_app("web", port, 2, ""));
+    on_both_paths(reload_and_scale_on);
+}
+
+fn reload_and_scale_on(io: &str) {
+    let (port, metrics) = (free_port(), free_port());
+    let b = Balancer::start(&with_io(io, metrics, &http_app("web", port, 2, "")));
     b.wait_ready("web", 2);
     b.wait_running();
     let load = HttpLoad::start(
@@ -738,12 +742,17 @@ fn reload_and_scale_under_http_load_fail_no_request() {
         seen.len() >= 2 + 2 + 2 + 2,
         "answers from every generation: {seen:?}"
     );
+    assert_moved(io, metrics, 1);
 }
 
 #[test]
 fn a_worker_killed_under_get_load_costs_no_request() {
-    let port = free_port();
-    let b = Balancer::start(&http_app("web", port, 2, ""));
+    on_both_paths(a_worker_killed_on);
+}
+
+fn a_worker_killed_on(io: &str) {
+    let (port, metrics) = (free_port(), free_port());
+    let b = Balancer::start(&with_io(io, metrics, &http_app("web", port, 2, "")));
     let pids = b.wait_ready("web", 2);
     let load = HttpLoad::start(
         addr(port),
@@ -766,16 +775,25 @@ fn a_worker_killed_under_get_load_costs_no_request() {
     assert_eq!(failed, 0, "failed requests: {errors:?}");
     assert!(seen.contains_key(&pids[0].to_string()), "{seen:?}");
     assert!(seen.len() >= 3, "the replacement served too: {seen:?}");
+    assert_moved(io, metrics, 1);
 }
 
 #[test]
 fn sigterm_lets_a_request_in_flight_finish_then_closes_its_connection() {
-    let port = free_port();
-    let mut b = Balancer::start(&http_app("web", port, 1, ""));
+    on_both_paths(sigterm_in_flight_on);
+}
+
+fn sigterm_in_flight_on(io: &str) {
+    let (port, metrics) = (free_port(), free_port());
+    let mut b = Balancer::start(&with_io(io, metrics, &http_app("web", port, 1, "")));
     let pid = b.wait_ready("web", 1)[0];
     b.wait_running();
     let mut client = Client::connect(addr(port)).unwrap();
-    assert_eq!(client.get("/pid").unwrap().status, 200);
+    // Two requests served: with io_uring the connection is on a ring for the slow one.
+    for _ in 0..2 {
+        assert_eq!(client.get("/pid").unwrap().status, 200);
+    }
+    assert_moved(io, metrics, 1);
     let slow = std::thread::spawn(move || {
         let reply = client.get("/slow?ms=1500");
         // After the response, the proxy closes the connection it no longer serves.

@@ -304,8 +304,12 @@ fn wire_app(port: u16, instances: u32) -> String {
 
 #[test]
 fn every_response_framing_arrives_whole_and_keeps_the_connection() {
-    let port = free_port();
-    let b = Balancer::start(&wire_app(port, 2));
+    on_both_paths(every_framing_on);
+}
+
+fn every_framing_on(io: &str) {
+    let (port, metrics) = (free_port(), free_port());
+    let b = Balancer::start(&with_io(io, metrics, &wire_app(port, 2)));
     let pids = b.wait_ready("wire", 2);
     let mut conn = Conn::open(port);
 
@@ -453,17 +457,46 @@ fn every_response_framing_arrives_whole_and_keeps_the_connection() {
         2,
         "both workers answered after closing: {seen:?}"
     );
+    assert_moved(io, metrics, 1);
+}
+
+/// Two requests, after which a keep-alive connection moves to a ring (with io_uring).
+fn warm(conn: &mut Conn, pids: &[u32]) {
+    for round in 0..2 {
+        let r = conn.get("/warm");
+        assert_eq!(r.head.status, 200, "warm-up #{round}: {r:?}");
+        r.assert_kept_alive("warm-up");
+        worker_of(&r.text(), pids);
+    }
 }
 
 #[test]
 fn request_bodies_reach_the_worker_intact() {
-    let port = free_port();
-    let b = Balancer::start(&wire_app(port, 2));
+    on_both_paths(request_bodies_on);
+}
+
+fn request_bodies_on(io: &str) {
+    let (port, metrics) = (free_port(), free_port());
+    let b = Balancer::start(&with_io(io, metrics, &wire_app(port, 2)));
     let pids = b.wait_ready("wire", 2);
     let body: Vec<u8> = (0..100 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
     let mut conn = Conn::open(port);
+    warm(&mut conn, &pids);
+
+    // A short body, read whole before the request goes to a worker.
+    let short = &body[..5000];
+    conn.write(&request(
+        "POST",
+        "/echo",
+        &format!("Content-Length: {}\r\n", short.len()),
+    ));
+    conn.write(short);
+    let r = conn.response("POST", "POST /echo, a short body");
+    assert_eq!(r.head.status, 200, "{r:?}");
+    r.assert_kept_alive("POST with a short body");
+    assert_eq!(r.text(), format!("{} {}", short.len(), sha256_hex(short)));
 
     // Content-Length: head and body in separate writes.
     conn.write(&request(
@@ -518,11 +551,16 @@ fn request_bodies_reach_the_worker_intact() {
     assert_eq!(r.head.status, 200, "{r:?}");
     assert!(r.text().starts_with("ok "), "{r:?}");
     worker_of(&r.text(), &pids);
+    assert_moved(io, metrics, 1);
 }
 
 #[test]
 fn connections_close_when_the_client_or_the_request_says_so() {
-    let (port, raw_port) = (free_port(), free_port());
+    on_both_paths(connections_close_on);
+}
+
+fn connections_close_on(io: &str) {
+    let (port, raw_port, metrics) = (free_port(), free_port(), free_port());
     let toml = wire_app(port, 2)
         + &app_toml(
             "raw",
@@ -531,12 +569,19 @@ fn connections_close_when_the_client_or_the_request_says_so() {
             1,
             "",
         );
-    let b = Balancer::start(&toml);
+    let b = Balancer::start(&with_io(io, metrics, &toml));
     let pids = b.wait_ready("wire", 2);
     b.wait_ready("raw", 1);
 
-    // `Connection: close` from the client: one response, then EOF.
+    // `Connection: close` from the client: one response, then EOF; on a fresh connection and
+    // on one that has served (with io_uring, moved to a ring).
     let mut conn = Conn::open(port);
+    conn.write(&request("GET", "/bye", "Connection: close\r\n"));
+    let r = conn.response("GET", "Connection: close, first request");
+    assert_eq!(r.head.status, 200, "{r:?}");
+    conn.assert_eof("after Connection: close, first request");
+    let mut conn = Conn::open(port);
+    warm(&mut conn, &pids);
     conn.write(&request("GET", "/bye", "Connection: close\r\n"));
     let r = conn.response("GET", "Connection: close");
     assert_eq!(r.head.status, 200, "{r:?}");
@@ -545,9 +590,12 @@ fn connections_close_when_the_client_or_the_request_says_so() {
 
     // HTTP/1.0 without keep-alive: an HTTP/1.x response, never chunked (RFC 9112 §6.1), then
     // EOF; a chunked worker response is re-framed for it.
-    for path in ["/old", "/chunked"] {
-        let what = format!("HTTP/1.0 GET {path}");
+    for (path, served) in [("/old", false), ("/chunked", false), ("/chunked", true)] {
+        let what = format!("HTTP/1.0 GET {path}, after HTTP/1.1 requests: {served}");
         let mut conn = Conn::open(port);
+        if served {
+            warm(&mut conn, &pids);
+        }
         conn.write(format!("GET {path} HTTP/1.0\r\nHost: wire.test\r\n\r\n").as_bytes());
         let r = conn.response("GET", &what);
         assert_eq!(r.head.status, 200, "{what}: {r:?}");
@@ -566,16 +614,21 @@ fn connections_close_when_the_client_or_the_request_says_so() {
         }
     }
 
-    // Not HTTP at all: 400, then the connection closes.
-    let mut conn = Conn::open(port);
-    conn.write(b"GARBAGE\r\n\r\n");
-    let r = conn.response("GET", "garbage");
-    assert!(
-        r.head.status_line.starts_with("HTTP/1.1 400"),
-        "garbage: {r:?}"
-    );
-    if r.framing != Framing::Close {
-        conn.assert_eof("after the 400");
+    // Not HTTP at all: 400, then the connection closes; at once, or after requests served.
+    for served in [false, true] {
+        let mut conn = Conn::open(port);
+        if served {
+            warm(&mut conn, &pids);
+        }
+        conn.write(b"GARBAGE\r\n\r\n");
+        let r = conn.response("GET", "garbage");
+        assert!(
+            r.head.status_line.starts_with("HTTP/1.1 400"),
+            "garbage after requests: {served}: {r:?}"
+        );
+        if r.framing != Framing::Close {
+            conn.assert_eof("after the 400");
+        }
     }
 
     // A close-delimited worker response: the body is whole however the proxy frames it, and
@@ -596,4 +649,5 @@ fn connections_close_when_the_client_or_the_request_says_so() {
             conn = Conn::open(raw_port);
         }
     }
+    assert_moved(io, metrics, 3);
 }

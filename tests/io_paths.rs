@@ -13,31 +13,6 @@ use nix::unistd::Pid;
 
 use crate::support::*;
 
-/// Whether this kernel gives this process rings the master can use: the master's own check
-/// (rings, provided buffers, a multishot receive).
-fn uring_here() -> bool {
-    match balancer::proxy::uring::available() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("io_uring is refused here ({e}): the io_uring runs are skipped");
-            false
-        }
-    }
-}
-
-/// `toml` with `[balancer] io = "<io>"` in front, and a metrics endpoint on `metrics`.
-fn with_io(io: &str, metrics: u16, toml: &str) -> String {
-    format!("[balancer]\nio = \"{io}\"\nmetrics = \"127.0.0.1:{metrics}\"\n{toml}")
-}
-
-/// Runs `test` on each I/O path that this machine has.
-fn on_both_paths(test: impl Fn(&str)) {
-    test("epoll");
-    if uring_here() {
-        test("io_uring");
-    }
-}
-
 /// Builds `tests/workers/no_uring.c` (a wrapper under which io_uring_setup fails) into `dir`.
 fn build_no_uring(dir: &std::path::Path) -> String {
     let out = dir.join("no_uring");
@@ -135,15 +110,6 @@ impl Conn {
         }
         self
     }
-}
-
-/// `balancer_tcp_io_uring_connections_total` summed over listeners.
-fn carried(metrics: u16) -> u64 {
-    let text = http_get(loopback(metrics), "/metrics").unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with("balancer_tcp_io_uring_connections_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 #[test]

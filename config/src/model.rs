@@ -28,11 +28,12 @@ pub struct Global {
     pub metrics: Option<SocketAddr>,
     /// `sample_interval = "1s"`: how often every worker's CPU and memory are sampled.
     pub sample_interval: Duration,
-    /// `io = "auto"`: how the master moves the bytes of its established `tcp://` connections.
+    /// `io = "auto"`: how the master moves the bytes of its established `tcp://` connections
+    /// and keep-alive `http://` ones.
     pub io: Io,
 }
 
-/// `[balancer] io`: the I/O path of established `tcp://` connections.
+/// `[balancer] io`: the I/O path of established `tcp://` and keep-alive `http://` connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum Io {
     /// io_uring where the kernel allows it (checked at start), epoll otherwise.

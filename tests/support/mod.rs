@@ -532,3 +532,60 @@ pub fn utc_time_of_day() -> String {
         now.subsec_micros()
     )
 }
+
+/// Whether this kernel gives this process rings the master can use: the master's own check
+/// (rings, provided buffers, a multishot receive).
+pub fn uring_here() -> bool {
+    match balancer::proxy::uring::available() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("io_uring is refused here ({e}): the io_uring runs are skipped");
+            false
+        }
+    }
+}
+
+/// `toml` with `[balancer] io = "<io>"` in front, and a metrics endpoint on `metrics`.
+pub fn with_io(io: &str, metrics: u16, toml: &str) -> String {
+    format!("[balancer]\nio = \"{io}\"\nmetrics = \"127.0.0.1:{metrics}\"\n{toml}")
+}
+
+/// Runs `test` on each I/O path that this machine has.
+pub fn on_both_paths(test: impl Fn(&str)) {
+    test("epoll");
+    if uring_here() {
+        test("io_uring");
+    }
+}
+
+/// `balancer_tcp_io_uring_connections_total` summed over listeners: the
+/// connections (`tcp://` and `http://`) that moved to an io_uring ring.
+pub fn carried(metrics: u16) -> u64 {
+    let text = http_get(loopback(metrics), "/metrics").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("balancer_tcp_io_uring_connections_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Asserts that at least `at_least` connections moved to a ring with `io = "io_uring"` (within
+/// a few seconds: the count follows the response that made a connection move), and none with
+/// `io = "epoll"`.
+pub fn assert_moved(io: &str, metrics: u16, at_least: u64) {
+    if io == "epoll" {
+        assert_eq!(carried(metrics), 0, "io = epoll moves nothing");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let moved = carried(metrics);
+        if moved >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{io}: {moved} connections moved, not {at_least}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -183,6 +183,13 @@ pub struct HttpProxy {
     idle: Arc<IdlePool<SendRequest<UpstreamBody>>>,
     /// The fast path's kept worker connections.
     raw: IdlePool<tokio::net::TcpStream>,
+    /// The same on the io_uring threads: blocking sockets, off any epoll.
+    raw_ring: IdlePool<std::net::TcpStream>,
+    /// Whether keep-alive connections move to io_uring rings: `None` follows `[balancer] io`
+    /// ([`uring::on`](crate::proxy::uring::on)); tests pin it.
+    rings: Option<bool>,
+    /// Client connections moved to a ring so far.
+    moved: std::sync::atomic::AtomicU64,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -198,10 +205,26 @@ impl HttpProxy {
             meters: super::metrics::HttpMeters::new(&ctx.route.meters),
             idle: Arc::default(),
             raw: IdlePool::default(),
+            raw_ring: IdlePool::default(),
+            rings: None,
+            moved: std::sync::atomic::AtomicU64::new(0),
             stop: ctx.stop.clone(),
             abort: ctx.abort.clone(),
             tracker: ctx.tracker.clone(),
         }
+    }
+
+    /// Pins whether keep-alive connections move to io_uring rings, whatever `[balancer] io`
+    /// says (where the kernel has them).
+    #[cfg(test)]
+    pub(crate) fn pin_rings(mut self, on: bool) -> Self {
+        self.rings = Some(on);
+        self
+    }
+
+    /// How many client connections moved to an io_uring ring.
+    pub fn moved_to_rings(&self) -> u64 {
+        self.moved.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The route this proxy serves.
@@ -215,6 +238,7 @@ impl HttpProxy {
         let snapshot = self.route.pool.load();
         self.idle.retain(&snapshot);
         self.raw.retain(&snapshot);
+        self.raw_ring.retain(&snapshot);
     }
 
     /// Proxies one request from `peer`; every outcome is a response (502 and 503 included).

@@ -134,6 +134,21 @@ impl Kept for TcpStream {
     }
 }
 
+/// A raw connection kept for the io_uring threads: out of any epoll, so each check is a peek.
+impl Kept for std::net::TcpStream {
+    fn usable(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&*self),
+                &mut byte,
+                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ),
+            Err(nix::errno::Errno::EAGAIN)
+        )
+    }
+}
+
 /// Idle keep-alive connections to workers, most recently used last: hyper's senders for the
 /// hyper path, raw sockets for the fast path.
 #[derive(Debug)]

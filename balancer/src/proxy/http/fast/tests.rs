@@ -325,7 +325,22 @@ async fn stands_in(modes: &[Mode]) -> (Vec<Arc<Stand>>, Vec<Arc<WorkerHandle>>, 
     (stands, workers, proxy)
 }
 
+/// Keep-alive connections stay on epoll (see [`ring_proxy_over`]).
 fn proxy_over(workers: &[Arc<WorkerHandle>]) -> Arc<HttpProxy> {
+    Arc::new(proxy_with(workers).pin_rings(false))
+}
+
+/// A proxy whose keep-alive connections move to an io_uring ring after two requests; `None`
+/// (and says so) where the kernel refuses rings.
+fn ring_proxy_over(workers: &[Arc<WorkerHandle>]) -> Option<Arc<HttpProxy>> {
+    if let Err(e) = crate::proxy::uring::available() {
+        eprintln!("io_uring is refused here ({e}): skipped");
+        return None;
+    }
+    Some(Arc::new(proxy_with(workers).pin_rings(true)))
+}
+
+fn proxy_with(workers: &[Arc<WorkerHandle>]) -> HttpProxy {
     let pool = Arc::new(Pool::new());
     for worker in workers {
         pool.insert(Arc::clone(worker));
@@ -335,13 +350,13 @@ fn proxy_over(workers: &[Arc<WorkerHandle>]) -> Arc<HttpProxy> {
         queue_timeout: QUEUE_TIMEOUT,
         ..RouteSettings::default()
     };
-    Arc::new(HttpProxy::new(&ServeContext {
+    HttpProxy::new(&ServeContext {
         budget: crate::proxy::unlimited_budget(),
         route: Arc::new(Route::new("fast-test", pool, settings)),
         stop: CancellationToken::new(),
         abort: CancellationToken::new(),
         tracker: TaskTracker::new(),
-    }))
+    })
 }
 
 /// A client connected to the proxy, and the task running [`serve`] on the accepted end.
@@ -799,4 +814,168 @@ async fn connection_close_is_answered_with_it_and_the_connection_closed() {
         !got.to_ascii_lowercase().contains("\r\nconnection:"),
         "{got}"
     );
+}
+
+// On an io_uring ring: a keep-alive connection moves there after its second response, and
+// the same contract holds.
+
+/// Two GETs answered, after which the connection is on a ring.
+async fn warm(client: &mut Client, bodies: &[&str]) {
+    for body in bodies {
+        let response = client.ask(GET).await;
+        assert_eq!((response.status(), response.body()), (200, *body));
+    }
+}
+
+#[tokio::test]
+async fn on_a_ring_worker_connections_are_reused_and_one_the_worker_closed_is_not() {
+    let stand = Stand::start(0, Mode::Answer).await;
+    let Some(proxy) = ring_proxy_over(&[stand.handle()]) else {
+        return;
+    };
+    let (mut client, _served) = connect(&proxy).await;
+    warm(&mut client, &["w0", "w0"]).await;
+    for _ in 0..5 {
+        let response = client.ask(GET).await;
+        assert_eq!((response.status(), response.body()), (200, "w0"));
+    }
+    // One connection served the two requests on epoll, one the five on the ring.
+    assert_eq!(stand.accepts(), 2, "kept connections were not reused");
+    assert_eq!(proxy.moved_to_rings(), 1);
+
+    stand.set(Mode::AnswerThenClose);
+    let response = client.ask(GET).await;
+    assert_eq!((response.status(), response.body()), (200, "w0"));
+    stand.set(Mode::Answer);
+    stand.closed(1).await;
+    // A POST is never sent twice: a 502 would show the closed connection was handed out.
+    let response = client.ask(POST).await;
+    assert_eq!((response.status(), response.body()), (200, "w0"));
+    assert_eq!(stand.accepts(), 3);
+    let got = stand.requests();
+    assert_eq!(got.len(), 9);
+    assert!(got[8].starts_with(b"POST /p HTTP/1.1\r\n"));
+}
+
+#[tokio::test]
+async fn on_a_ring_a_dropped_get_is_sent_again_and_a_dropped_post_is_a_raw_502() {
+    let stands = [
+        Stand::start(0, Mode::Answer).await,
+        Stand::start(1, Mode::Answer).await,
+        Stand::start(2, Mode::Answer).await,
+    ];
+    let workers: Vec<_> = stands.iter().map(|s| s.handle()).collect();
+    let Some(proxy) = ring_proxy_over(&workers) else {
+        return;
+    };
+    let (mut client, _served) = connect(&proxy).await;
+    warm(&mut client, &["w0", "w1"]).await;
+    // Round robin goes on with worker 2: it and worker 0 drop the GET, worker 1 answers.
+    stands[2].set(Mode::Close);
+    stands[0].set(Mode::Close);
+    let response = client.ask(GET).await;
+    assert_eq!((response.status(), response.body()), (200, "w1"));
+    let counts: Vec<usize> = stands.iter().map(|s| s.requests().len()).collect();
+    assert_eq!(counts, [2, 2, 1], "one resend to each of two workers");
+
+    // Every worker drops a POST: one try, a 502, and the connection serves on.
+    for stand in &stands {
+        stand.set(Mode::Close);
+    }
+    let response = client.ask(POST).await;
+    assert_eq!(response.raw, BAD_GATEWAY);
+    let posts: usize = stands
+        .iter()
+        .flat_map(|s| s.requests())
+        .filter(|r| r.starts_with(b"POST"))
+        .count();
+    assert_eq!(posts, 1, "a POST is never sent again");
+    stands[1].set(Mode::Answer);
+    stands[2].set(Mode::Answer);
+    stands[0].set(Mode::Answer);
+    let response = client.ask(GET).await;
+    assert_eq!(response.status(), 200, "{:?}", response.raw);
+}
+
+#[tokio::test]
+async fn on_a_ring_chunked_and_long_bodies_pass_byte_for_byte() {
+    let stand = Stand::start(0, Mode::Answer).await;
+    let Some(proxy) = ring_proxy_over(&[stand.handle()]) else {
+        return;
+    };
+    let (mut client, _served) = connect(&proxy).await;
+    warm(&mut client, &["w0", "w0"]).await;
+    stand.set(Mode::Chunked);
+    client.send(GET.as_bytes()).await;
+    let whole: String = CHUNKED.concat();
+    let got = client.exact(whole.len()).await;
+    assert_eq!(String::from_utf8_lossy(&got), whole);
+
+    // A body past a provided buffer's 16 KiB, and a request body read whole.
+    let long = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{}",
+            "x".repeat(100_000)
+        )
+        .into_boxed_str(),
+    );
+    stand.set(Mode::Reply(long));
+    let response = client.ask(POST).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.body().len(), 100_000);
+    stand.set(Mode::Answer);
+    let response = client.ask(GET).await;
+    assert_eq!((response.status(), response.body()), (200, "w0"));
+    assert!(stand.requests()[3].ends_with(b"\r\n\r\nhello"));
+}
+
+#[tokio::test]
+async fn on_a_ring_a_request_for_hyper_comes_back_with_its_bytes_and_the_socket() {
+    let stand = Stand::start(0, Mode::Answer).await;
+    let Some(proxy) = ring_proxy_over(&[stand.handle()]) else {
+        return;
+    };
+    let (mut client, served_task) = connect(&proxy).await;
+    warm(&mut client, &["w0", "w0"]).await;
+    let old = "GET /old HTTP/1.0\r\n\r\n";
+    // Pipelined after a GET, as the ring reads them: the GET served there, the rest for hyper.
+    client.send(format!("{GET}{old}").as_bytes()).await;
+    let response = client.response().await;
+    assert_eq!((response.status(), response.body()), (200, "w0"));
+    let handoff = served(served_task).await.expect("no handoff");
+    assert_eq!(String::from_utf8_lossy(&handoff.buffered), old);
+    assert_eq!(
+        handoff.stream.peer_addr().unwrap(),
+        client.stream.local_addr().unwrap()
+    );
+    // The socket is the runtime's again: it reads what the client sends next.
+    let mut stream = handoff.stream;
+    client.send(b"more").await;
+    let mut more = [0u8; 4];
+    timeout(WAIT, stream.read_exact(&mut more))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&more, b"more");
+    assert_eq!(stand.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn on_a_ring_an_idle_connection_closes_on_stop_and_ends_when_its_owner_is_dropped() {
+    let stand = Stand::start(0, Mode::Answer).await;
+    let Some(proxy) = ring_proxy_over(&[stand.handle()]) else {
+        return;
+    };
+    let (mut stopped, stopped_task) = connect(&proxy).await;
+    warm(&mut stopped, &["w0", "w0"]).await;
+    let (mut dropped, dropped_task) = connect(&proxy).await;
+    warm(&mut dropped, &["w0", "w0"]).await;
+    eventually("both moved to the ring", || proxy.moved_to_rings() == 2).await;
+    // The owner's task dropped (the listener's abort): the ring's task ends, the socket closes.
+    dropped_task.abort();
+    dropped.expect_eof().await;
+    // The listener stops: an idle keep-alive connection closes.
+    proxy.stop.cancel();
+    assert!(served(stopped_task).await.is_none());
+    stopped.expect_eof().await;
 }

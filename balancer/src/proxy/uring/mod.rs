@@ -1,4 +1,5 @@
-//! The io_uring path for established `tcp://` connections (`[balancer] io`).
+//! The io_uring path for established `tcp://` connections (`[balancer] io`); `driver` is the
+//! same rings under async code, for keep-alive `http://` connections.
 //!
 //! A connection starts on the async runtime: accept, the PROXY header, the pick of a worker,
 //! the connect and its retries, and the first exchanges are the epoll path's
@@ -38,6 +39,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+
+pub(crate) mod driver;
+mod provided;
+
+use provided::Provided;
 
 /// The size of each provided buffer: the epoll path's first read.
 const BUF_SIZE: u32 = super::copy::BUFFER_SIZE as u32;
@@ -115,22 +121,20 @@ pub fn set(io: balancer_config::Io) -> Result<(), &'static io::Error> {
     let on = match io {
         Io::Epoll => false,
         Io::IoUring => available().map(|()| true)?,
-        Io::Auto => {
-            match available() {
-                Ok(()) => true,
-                Err(e) => {
-                    static SAID: std::sync::Once = std::sync::Once::new();
-                    SAID.call_once(|| {
-                    tracing::info!("io_uring is not available ({e}): tcp:// connections are copied with epoll");
+        Io::Auto => match available() {
+            Ok(()) => true,
+            Err(e) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::info!("io_uring is not available ({e}): tcp:// and http:// connections stay on epoll");
                 });
-                    false
-                }
+                false
             }
-        }
+        },
     };
     if ON.swap(on, Ordering::Relaxed) != on {
         tracing::info!(
-            "tcp:// connections that go back and forth are carried by {}",
+            "tcp:// connections that go back and forth, and keep-alive http:// ones, are carried by {}",
             if on { "io_uring" } else { "epoll" }
         );
     }
@@ -401,27 +405,17 @@ struct Session {
 
 struct Ring {
     ring: IoUring,
-    /// The provided-buffer ring (page-aligned entries) and the buffers themselves.
-    entries: *mut types::BufRingEntry,
-    entries_layout: std::alloc::Layout,
-    buffers: Box<[u8]>,
-    tail: u16,
+    /// Dropped after the ring, which maps them.
+    provided: Provided,
     sessions: Vec<Option<Session>>,
     free: Vec<usize>,
     by_id: HashMap<u64, usize>,
     wake_buf: Box<[u8; 8]>,
 }
 
-// SAFETY: the raw pointer is the ring's own allocation, used only by the thread that runs it.
+// SAFETY: the provided buffers' raw pointer is the ring's own allocation, used only by the
+// thread that runs it.
 unsafe impl Send for Ring {}
-
-impl Drop for Ring {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout. The kernel's mapping of it ends with the
-        // ring's descriptor, closed before (fields drop after this body).
-        unsafe { std::alloc::dealloc(self.entries.cast(), self.entries_layout) };
-    }
-}
 
 impl Ring {
     fn new() -> io::Result<Ring> {
@@ -449,41 +443,15 @@ impl Ring {
                 ));
             }
         }
-        let entries_layout = std::alloc::Layout::from_size_align(
-            usize::from(BUFFERS) * std::mem::size_of::<types::BufRingEntry>(),
-            4096,
-        )
-        .map_err(io::Error::other)?;
-        // SAFETY: a non-zero size; zeroed so the tail starts at 0.
-        let entries =
-            unsafe { std::alloc::alloc_zeroed(entries_layout) }.cast::<types::BufRingEntry>();
-        if entries.is_null() {
-            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
-        }
+        let provided = Provided::new(&ring, GROUP, BUFFERS, BUF_SIZE)?;
         let mut this = Ring {
             ring,
-            entries,
-            entries_layout,
-            buffers: vec![0u8; usize::from(BUFFERS) * BUF_SIZE as usize].into_boxed_slice(),
-            tail: 0,
+            provided,
             sessions: Vec::new(),
             free: Vec::new(),
             by_id: HashMap::new(),
             wake_buf: Box::new([0; 8]),
         };
-        // SAFETY: `entries` holds BUFFERS entries, page-aligned, and lives as long as the ring
-        // (dropped after it, in `Drop`).
-        unsafe {
-            this.ring.submitter().register_buf_ring_with_flags(
-                entries as u64,
-                BUFFERS,
-                GROUP,
-                0,
-            )?;
-        }
-        for bid in 0..BUFFERS {
-            this.offer(bid);
-        }
         this.self_test()?;
         Ok(this)
     }
@@ -531,23 +499,8 @@ impl Ring {
         self.offer(bid);
     }
 
-    /// Puts provided buffer `bid` in the kernel's reach.
     fn offer(&mut self, bid: u16) {
-        let mask = BUFFERS - 1;
-        // SAFETY: the index is masked into the entries; the buffer slice has BUFFERS buffers.
-        unsafe {
-            let entry = &mut *self.entries.add(usize::from(self.tail & mask));
-            let addr = self
-                .buffers
-                .as_ptr()
-                .add(usize::from(bid) * BUF_SIZE as usize);
-            entry.set_addr(addr as u64);
-            entry.set_len(BUF_SIZE);
-            entry.set_bid(bid);
-            self.tail = self.tail.wrapping_add(1);
-            let tail = types::BufRingEntry::tail(self.entries).cast_mut();
-            std::sync::atomic::AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
-        }
+        self.provided.offer(bid);
     }
 
     fn push(&mut self, entry: squeue::Entry) {
@@ -685,16 +638,17 @@ impl Ring {
     /// Sends the front of direction `dir`'s queue, unless a send is in the ring.
     fn send(&mut self, slot: usize, dir: usize) {
         let fd = types::Fd(self.fd(slot, 1 - dir));
-        let base = self.buffers.as_ptr();
-        let s = self.session(slot);
+        let provided = &self.provided;
+        let s = self.sessions[slot]
+            .as_mut()
+            .expect("a completion names a live session");
         let d = &mut s.dirs[dir];
         let Some(held) = d.queue.front() else { return };
         if d.sending || s.ending {
             return;
         }
         let start = match &held.buf {
-            // SAFETY: `bid` < BUFFERS (the kernel gives back ids we gave it).
-            Buf::Ring(bid) => unsafe { base.add(usize::from(*bid) * BUF_SIZE as usize) },
+            Buf::Ring(bid) => provided.start(*bid),
             Buf::Own(own) => own.as_ptr(),
         };
         // SAFETY: `sent` < `len` ≤ the buffer's size.
