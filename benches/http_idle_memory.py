@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 import os, socket, subprocess, sys, time, tempfile
-# Master RSS growth per idle http:// keep-alive connection, after one request on each (by hand;
-# not part of CI):  benches/http_idle_memory.py path/to/balancer 3000
+# Master RSS growth per idle http:// keep-alive connection, after REQUESTS requests on each
+# (default 1; from 3, a connection has moved to an io_uring ring where the kernel has them)
+# (by hand; not part of CI):  benches/http_idle_memory.py path/to/balancer 3000 [REQUESTS]
 # Needs node and the peers harness copied to /tmp/peers (its app.js is the worker).
 bin, n = sys.argv[1], int(sys.argv[2])
+requests = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 home = tempfile.mkdtemp()
 port = 8690 + (os.getpid() % 200)
 open(f"{home}/balancer.toml", "w").write(f'''[[app]]
@@ -31,15 +33,17 @@ try:
         cl = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0]
         while len(rest) < cl: rest += s.recv(4096)
     warm = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
-    for s in warm: one(s)
+    for s in warm:
+        for _ in range(requests): one(s)
     for s in warm: s.close()
     time.sleep(1)
     before = rss()
     conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
-    for s in conns: one(s)
+    for s in conns:
+        for _ in range(requests): one(s)
     time.sleep(1)
     after = rss()
-    print(f"{os.path.basename(bin)}: {n} idle keep-alive connections: RSS {before} -> {after} KiB, {(after-before)/n:.2f} KiB per connection")
+    print(f"{os.path.basename(bin)}: {n} idle keep-alive connections after {requests} requests each: RSS {before} -> {after} KiB, {(after-before)/n:.2f} KiB per connection")
     for s in conns: s.close()
 finally:
     p.terminate(); p.wait()

@@ -91,7 +91,12 @@ pub(super) async fn serve(
             stream: conn.stream,
             h2: why == H2,
         }),
-        Ended::Carry => carry_to_ring(proxy, conn.stream, peer, progress).await,
+        Ended::Carry => {
+            // Only the socket goes on: the buffers of the requests served here are freed
+            // before the wait, which lasts the connection's life.
+            let Conn { stream, .. } = conn;
+            carry_to_ring(proxy, stream, peer, progress).await
+        }
     }
 }
 
