@@ -119,16 +119,9 @@ impl Kept for TcpStream {
         if self.poll_read_ready(&mut cx).is_pending() {
             return true;
         }
-        let mut byte = [0u8; 1];
+        let stream = &*self;
         matches!(
-            self.try_io(tokio::io::Interest::READABLE, || {
-                nix::sys::socket::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(&*self),
-                    &mut byte,
-                    nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-                )
-                .map_err(io::Error::from)
-            }),
+            self.try_io(tokio::io::Interest::READABLE, || peek(stream)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock
         )
     }
@@ -137,16 +130,19 @@ impl Kept for TcpStream {
 /// A raw connection kept for the io_uring threads: out of any epoll, so each check is a peek.
 impl Kept for std::net::TcpStream {
     fn usable(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(
-            nix::sys::socket::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&*self),
-                &mut byte,
-                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            ),
-            Err(nix::errno::Errno::EAGAIN)
-        )
+        matches!(peek(&*self), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
+}
+
+/// Peeks at one byte without waiting: `WouldBlock` while the worker has sent nothing.
+fn peek(socket: &impl std::os::fd::AsRawFd) -> io::Result<usize> {
+    let mut byte = [0u8; 1];
+    nix::sys::socket::recv(
+        socket.as_raw_fd(),
+        &mut byte,
+        nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)
 }
 
 /// Idle keep-alive connections to workers, most recently used last: hyper's senders for the

@@ -65,7 +65,15 @@ struct Driver {
     free: Vec<usize>,
     /// Entries pushed and not submitted yet.
     unsubmitted: bool,
+    /// The wakers of a reap, kept for the next one.
+    woken: Vec<Waker>,
+    /// Send buffers given back, for the next sends.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Send buffers a thread keeps for reuse, and the largest one it keeps.
+const SPARE_MAX: usize = 64;
+const SPARE_CAPACITY_MAX: usize = 64 * 1024;
 
 thread_local! {
     static DRIVER: RefCell<Option<Driver>> = const { RefCell::new(None) };
@@ -91,6 +99,8 @@ impl Driver {
             slots: Vec::new(),
             free: Vec::new(),
             unsubmitted: false,
+            woken: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -132,7 +142,7 @@ impl Driver {
 
     /// Takes every completion: wakes the waiting futures, frees the orphans.
     fn reap(&mut self) {
-        let mut wake = Vec::new();
+        let mut wake = std::mem::take(&mut self.woken);
         for c in self.ring.completion() {
             let slot = c.user_data();
             if slot == IGNORED {
@@ -154,7 +164,20 @@ impl Driver {
             }
         }
         // Woken after the loop: a woken task runs later, on this thread, not inside it.
-        wake.into_iter().for_each(Waker::wake);
+        wake.drain(..).for_each(Waker::wake);
+        self.woken = wake;
+    }
+
+    /// A send buffer, empty: one given back if there is one.
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    fn give_back(&mut self, mut bytes: Vec<u8>) {
+        if self.spare.len() < SPARE_MAX && bytes.capacity() <= SPARE_CAPACITY_MAX {
+            bytes.clear();
+            self.spare.push(bytes);
+        }
     }
 }
 
@@ -297,28 +320,32 @@ pub(crate) enum Received {
 }
 
 impl Received {
-    /// Copies what is left into `to` and returns how much; the rest stays for the next call.
-    pub(crate) fn copy_to(&mut self, to: &mut [u8]) -> usize {
-        match self {
-            Received::Eof => 0,
+    /// Passes the next bytes, `max` at most, to `f`, and counts them used.
+    fn take(&mut self, max: usize, f: impl FnOnce(&[u8])) -> usize {
+        let (len, at) = match self {
+            Received::Eof => return 0,
             Received::Provided { bid, len, at } => {
-                let n = with(|d| {
-                    let bytes = &d.provided.bytes(*bid, *len)[*at..];
-                    let n = bytes.len().min(to.len());
-                    to[..n].copy_from_slice(&bytes[..n]);
-                    n
-                });
-                *at += n;
-                n
+                with(|d| f(rest(d.provided.bytes(*bid, *len), *at, max)));
+                (*len, at)
             }
             Received::Own { buf, len, at } => {
-                let bytes = &buf[*at..*len];
-                let n = bytes.len().min(to.len());
-                to[..n].copy_from_slice(&bytes[..n]);
-                *at += n;
-                n
+                f(rest(&buf[..*len], *at, max));
+                (*len, at)
             }
-        }
+        };
+        let n = (len - *at).min(max);
+        *at += n;
+        n
+    }
+
+    /// Copies what is left into `to` and returns how much; the rest stays for the next call.
+    pub(crate) fn copy_to(&mut self, to: &mut [u8]) -> usize {
+        self.take(to.len(), |bytes| to[..bytes.len()].copy_from_slice(bytes))
+    }
+
+    /// Appends all that is left to `to`.
+    fn append_to(&mut self, to: &mut Vec<u8>) {
+        self.take(usize::MAX, |bytes| to.extend_from_slice(bytes));
     }
 
     /// Nothing is left to copy (an EOF is never empty: it stays one).
@@ -328,6 +355,12 @@ impl Received {
             Received::Provided { len, at, .. } | Received::Own { len, at, .. } => at >= len,
         }
     }
+}
+
+/// `bytes[at..]`, `max` of them at most.
+fn rest(bytes: &[u8], at: usize, max: usize) -> &[u8] {
+    let rest = &bytes[at.min(bytes.len())..];
+    &rest[..rest.len().min(max)]
 }
 
 impl Drop for Received {
@@ -402,59 +435,60 @@ impl Stream {
         Ok(n)
     }
 
-    /// One receive, into a provided buffer, or into one of its own when they ran out.
+    /// One receive, into a provided buffer, or into one of its own when they ran out. The
+    /// receive in the ring (either kind) is resumed if a dropped future left one.
     async fn receive(&mut self) -> io::Result<Received> {
         let fd = types::Fd(self.socket.as_raw_fd());
-        let op = self.reading.get_or_insert_with(|| {
-            Op::start(
-                opcode::Recv::new(fd, std::ptr::null_mut(), BUF_SIZE)
-                    .buf_group(GROUP)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT),
-                None,
-            )
-        });
-        let (result, flags) = Pin::new(&mut *op).await;
-        let mut op = self.reading.take().expect("the receive waited on");
-        if result == -libc::ENOBUFS {
-            drop(op);
-            let mut buf = vec![0u8; BUF_SIZE as usize];
-            let entry = opcode::Recv::new(fd, buf.as_mut_ptr(), BUF_SIZE).build();
-            self.reading = Some(Op::start(entry, Some(buf)));
-            let (result, _) = Pin::new(self.reading.as_mut().expect("just set")).await;
-            let mut own = self.reading.take().expect("the receive waited on");
-            let buf = own.keep.take().expect("the receive's own buffer");
-            return received(result, |len| Received::Own { buf, len, at: 0 });
-        }
-        op.keep = None;
-        match cqueue::buffer_select(flags) {
-            Some(bid) => {
+        loop {
+            let op = self.reading.get_or_insert_with(|| {
+                Op::start(
+                    opcode::Recv::new(fd, std::ptr::null_mut(), BUF_SIZE)
+                        .buf_group(GROUP)
+                        .build()
+                        .flags(squeue::Flags::BUFFER_SELECT),
+                    None,
+                )
+            });
+            let (result, flags) = Pin::new(&mut *op).await;
+            let own = op.keep.take();
+            self.reading = None;
+            if let Some(buf) = own {
+                return received(result, |len| Received::Own { buf, len, at: 0 });
+            }
+            if let Some(bid) = cqueue::buffer_select(flags) {
+                // Made first, so that dropping it (an EOF, an error) offers the buffer again.
                 let got = Received::Provided {
                     bid,
                     len: result.max(0) as usize,
                     at: 0,
                 };
-                if result <= 0 {
-                    // Dropping `got` offers the buffer again.
-                    drop(got);
-                    return received(result, |_| Received::Eof);
-                }
-                Ok(got)
+                return if result > 0 {
+                    Ok(got)
+                } else {
+                    received(result, |_| Received::Eof)
+                };
             }
-            None => received(result, |_| Received::Eof),
+            if result != -libc::ENOBUFS {
+                return received(result, |_| Received::Eof);
+            }
+            let mut buf = vec![0u8; BUF_SIZE as usize];
+            let entry = opcode::Recv::new(fd, buf.as_mut_ptr(), BUF_SIZE).build();
+            self.reading = Some(Op::start(entry, Some(buf)));
         }
     }
 
-    /// Sends `parts` whole, in order (one copy of them, owned by the send).
+    /// Sends `parts` whole, in order (one copy of them, owned by the send, in a buffer the
+    /// thread reuses).
     pub(crate) async fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let mut bytes = with(Driver::buffer);
         for part in parts {
             bytes.extend_from_slice(part);
         }
         let fd = types::Fd(self.socket.as_raw_fd());
         let mut sent = 0;
+        let mut outcome = Ok(());
         while sent < bytes.len() {
-            // SAFETY of the pointer: `bytes` moves into the op, which keeps it until done.
+            // The pointer stays valid: `bytes` moves into the op, which keeps it until done.
             let ptr = bytes[sent..].as_ptr();
             let len = (bytes.len() - sent) as u32;
             let entry = opcode::Send::new(fd, ptr, len)
@@ -465,11 +499,15 @@ impl Stream {
             bytes = op.keep.take().expect("the send's bytes");
             match result {
                 n if n > 0 => sent += n as usize,
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                e => return Err(io::Error::from_raw_os_error(-e)),
+                0 => outcome = Err(io::ErrorKind::WriteZero.into()),
+                e => outcome = Err(io::Error::from_raw_os_error(-e)),
+            }
+            if outcome.is_err() {
+                break;
             }
         }
-        Ok(())
+        with(|d| d.give_back(bytes));
+        outcome
     }
 
     pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
@@ -494,30 +532,19 @@ impl Stream {
             });
             let (result, flags) = Pin::new(&mut op).await;
             if let Some(bid) = cqueue::buffer_select(flags) {
-                let mut got = Received::Provided {
+                Received::Provided {
                     bid,
                     len: result.max(0) as usize,
                     at: 0,
-                };
-                append(&mut got, &mut bytes);
+                }
+                .append_to(&mut bytes);
             }
         }
         if let Some(mut left) = left {
-            append(&mut left, &mut bytes);
+            left.append_to(&mut bytes);
         }
         socket.set_nonblocking(true)?;
         Ok((socket, bytes))
-    }
-}
-
-fn append(got: &mut Received, to: &mut Vec<u8>) {
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = got.copy_to(&mut chunk);
-        if n == 0 {
-            break;
-        }
-        to.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -541,27 +568,12 @@ struct Lane {
 
 struct Lanes {
     lanes: Vec<Lane>,
-    next: AtomicUsize,
 }
 
 fn lanes() -> &'static Lanes {
     static LANES: OnceLock<Lanes> = OnceLock::new();
-    LANES.get_or_init(|| {
-        let n = super::rings(std::thread::available_parallelism().map_or(1, usize::from));
-        let mut lanes = Vec::with_capacity(n);
-        for i in 0..n {
-            match Lane::start(i) {
-                Ok(lane) => lanes.push(lane),
-                Err(e) => {
-                    tracing::warn!("io_uring runtime {i} not started: {e}");
-                    break;
-                }
-            }
-        }
-        Lanes {
-            lanes,
-            next: AtomicUsize::new(0),
-        }
+    LANES.get_or_init(|| Lanes {
+        lanes: super::start_lanes("io_uring runtime", Lane::start),
     })
 }
 
@@ -576,13 +588,12 @@ pub(crate) fn run(job: Job) -> Result<(), Job> {
     if lanes.is_empty() {
         return Err(job);
     }
-    let i = lanes_next();
-    lanes[i % lanes.len()].jobs.send(job).map_err(|e| e.0)
+    let i = LANES_NEXT.fetch_add(1, Ordering::Relaxed) % lanes.len();
+    lanes[i].jobs.send(job).map_err(|e| e.0)
 }
 
-fn lanes_next() -> usize {
-    lanes().next.fetch_add(1, Ordering::Relaxed)
-}
+/// The lane the next job goes to (round robin).
+static LANES_NEXT: AtomicUsize = AtomicUsize::new(0);
 
 impl Lane {
     fn start(i: usize) -> io::Result<Lane> {

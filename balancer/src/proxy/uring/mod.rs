@@ -186,24 +186,29 @@ fn rings(cores: usize) -> usize {
 
 impl Lanes {
     fn start() -> Lanes {
-        let n = rings(std::thread::available_parallelism().map_or(1, usize::from));
-        let mut lanes = Vec::with_capacity(n);
-        for i in 0..n {
-            match Lane::start(i) {
-                Ok(lane) => lanes.push(lane),
-                Err(e) => {
-                    // `available()` said yes; a ring refused now (memlock, descriptors) leaves
-                    // the lanes that started, and with none the epoll path carries everything.
-                    tracing::warn!("io_uring ring {i} not started: {e}");
-                    break;
-                }
-            }
-        }
         Lanes {
-            lanes,
+            lanes: start_lanes("io_uring ring", Lane::start),
             next: AtomicUsize::new(0),
         }
     }
+}
+
+/// Starts `start(i)` for each ring this machine gets ([`rings`]), `what` naming them in the
+/// log. `available()` said yes; a ring refused now (memlock, descriptors) leaves the ones that
+/// started, and with none the epoll path carries everything.
+fn start_lanes<L>(what: &str, start: impl Fn(usize) -> io::Result<L>) -> Vec<L> {
+    let n = rings(std::thread::available_parallelism().map_or(1, usize::from));
+    let mut lanes = Vec::with_capacity(n);
+    for i in 0..n {
+        match start(i) {
+            Ok(lane) => lanes.push(lane),
+            Err(e) => {
+                tracing::warn!("{what} {i} not started: {e}");
+                break;
+            }
+        }
+    }
+    lanes
 }
 
 impl Lane {

@@ -57,21 +57,8 @@ impl Wire for TcpStream {
         self.readable().await?;
         let room = window.spare(limit).expect("a window with room");
         // A short read clears the readiness it saw: no read that only says EAGAIN later.
-        match crate::proxy::copy::read_some(self, room) {
-            Ok((n, _)) => {
-                window.filled(n);
-                if window.is_empty() {
-                    window.clear();
-                }
-                Ok(n)
-            }
-            Err(e) => {
-                if window.is_empty() {
-                    window.clear();
-                }
-                Err(e)
-            }
-        }
+        let read = crate::proxy::copy::read_some(self, room).map(|(n, _)| n);
+        filled(window, read)
     }
 
     async fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
@@ -115,6 +102,18 @@ impl Wire for TcpStream {
     }
 }
 
+/// Counts a read of `read` bytes into the room `window` gave; a window left empty (an EOF, an
+/// error, a readiness that held nothing) gives its buffer back.
+fn filled(window: &mut Window, read: io::Result<usize>) -> io::Result<usize> {
+    if let Ok(n) = read {
+        window.filled(n);
+    }
+    if window.is_empty() {
+        window.clear();
+    }
+    read
+}
+
 /// Writes `a` then `b`, in one `writev` when the socket takes it.
 async fn write_two(stream: &mut TcpStream, mut a: &[u8], b: &[u8]) -> io::Result<()> {
     let mut b = b;
@@ -140,14 +139,10 @@ impl Wire for driver::Stream {
     type Idle = std::net::TcpStream;
 
     async fn fill(&mut self, window: &mut Window, limit: usize) -> io::Result<usize> {
-        let n = self
+        let read = self
             .recv(|| window.spare(limit).expect("a window with room"))
-            .await?;
-        window.filled(n);
-        if window.is_empty() {
-            window.clear();
-        }
-        Ok(n)
+            .await;
+        filled(window, read)
     }
 
     async fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
